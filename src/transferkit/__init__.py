@@ -1,0 +1,17 @@
+"""transferkit: turn a pretrained model and a small labelled dataset into a strong, deployed model.
+
+The one-line API::
+
+    import transferkit
+    metrics = transferkit.finetune(model="minilm-l6", train="reviews.csv", out="runs/reviews")
+    model = transferkit.load_run("runs/reviews")
+    model.predict(["great value", "broke after a day"])
+"""
+
+from .config import RunConfig
+from .errors import UserError
+from .finetune import finetune
+from .saved_model import FineTunedModel, load_run
+
+__all__ = ["FineTunedModel", "RunConfig", "UserError", "finetune", "load_run"]
+__version__ = "0.1.0"

@@ -1,0 +1,56 @@
+"""The Backbone interface: a pretrained feature extractor that carries its own preprocessing.
+
+Like timm's ``pretrained_cfg``, everything needed to turn raw inputs into the tensors these weights
+expect (tokenizer, max length, image size, normalisation) travels with the backbone and is saved
+with it, so a reloaded model preprocesses exactly as it did in training.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+
+class Backbone(nn.Module, ABC):
+    """A pretrained network mapping a batch to features of shape (batch, ``feature_dim``).
+
+    Subclasses set ``modality`` ("text" or "image"), ``feature_dim`` and ``spec`` (a JSON-able dict
+    from which ``rebuild`` recreates the architecture and preprocessing without the original weights).
+    """
+
+    modality: str
+    feature_dim: int
+    spec: dict[str, Any]
+
+    @abstractmethod
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """Features for a collated batch."""
+
+    @abstractmethod
+    def layer_groups(self) -> list[nn.Module]:
+        """The backbone's layers from bottom (input side) to top, for freezing and per-layer LRs."""
+
+    @abstractmethod
+    def prepare(self, inputs: Any) -> Any:
+        """One-off preprocessing of a whole split (e.g. tokenisation), so epochs never repeat it."""
+
+    @abstractmethod
+    def collate(self, prepared: Any, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The model inputs for the examples at ``indices`` of a prepared split."""
+
+    @abstractmethod
+    def save_preprocessing(self, directory: Path) -> None:
+        """Write what ``rebuild`` needs besides the weights (configs, tokenizer files)."""
+
+    @classmethod
+    @abstractmethod
+    def rebuild(cls, spec: dict[str, Any], directory: Path) -> "Backbone":
+        """The same architecture and preprocessing, with untrained weights to be loaded into."""
+
+    def channels_last(self) -> bool:
+        """Whether inputs should use channels-last memory (faster convolutions on CPU)."""
+        return False

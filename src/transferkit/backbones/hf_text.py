@@ -1,0 +1,91 @@
+"""Text encoders from Hugging Face transformers (BERT, MiniLM, DistilBERT, RoBERTa, ...) via AutoModel."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .base import Backbone
+from .layers import stack_layer_groups
+
+DEFAULT_MAX_LENGTH = 256
+
+
+def _sentence_transformers_max_length(source: str) -> int | None:
+    """sentence-transformers checkpoints record the sequence length they were trained with."""
+    config = Path(source) / "sentence_bert_config.json"
+    if config.is_file():
+        return json.loads(config.read_text()).get("max_seq_length")
+    return None
+
+
+class HFTextBackbone(Backbone):
+    """A transformers encoder with mean (or CLS) pooling over the last hidden states."""
+
+    modality = "text"
+
+    def __init__(self, encoder: nn.Module, tokenizer: Any, max_length: int, pooling: str, spec: dict[str, Any]):
+        super().__init__()
+        self.encoder = encoder
+        if getattr(self.encoder, "pooler", None) is not None:
+            # The pooler is a pre-training artefact we never use; dropping it avoids dead parameters.
+            self.encoder.pooler = None
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.pooling = pooling
+        self.feature_dim = int(encoder.config.hidden_size)
+        self.spec = spec
+
+    @classmethod
+    def from_pretrained(cls, source: str, *, max_length: int | None, pooling: str, name: str) -> "HFTextBackbone":
+        from transformers import AutoModel, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        encoder = AutoModel.from_pretrained(source, dtype=torch.float32)
+        if max_length is None:
+            model_max = getattr(tokenizer, "model_max_length", DEFAULT_MAX_LENGTH) or DEFAULT_MAX_LENGTH
+            max_length = _sentence_transformers_max_length(source) or min(int(model_max), DEFAULT_MAX_LENGTH)
+        spec = {"family": "hf-text", "name": name, "max_length": int(max_length), "pooling": pooling}
+        return cls(encoder, tokenizer, int(max_length), pooling, spec)
+
+    @classmethod
+    def rebuild(cls, spec: dict[str, Any], directory: Path) -> "HFTextBackbone":
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(directory)
+        encoder = AutoModel.from_config(config, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        return cls(encoder, tokenizer, spec["max_length"], spec["pooling"], spec)
+
+    def save_preprocessing(self, directory: Path) -> None:
+        self.encoder.config.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def layer_groups(self) -> list[nn.Module]:
+        return stack_layer_groups(self.encoder)
+
+    def prepare(self, texts: list[str]) -> list[list[int]]:
+        # Tokenise once, unpadded: batches are padded to their own longest sequence (dynamic padding).
+        return self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+
+    def collate(self, prepared: list[list[int]], indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        rows = [prepared[i] for i in indices]
+        width = max(len(r) for r in rows)
+        pad_id = self.tokenizer.pad_token_id or 0
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, : len(row)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}

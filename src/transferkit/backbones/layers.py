@@ -1,0 +1,54 @@
+"""Finding the layer stack of an arbitrary transformer, so freezing works without a per-model table."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def largest_layer_stack(module: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ``nn.ModuleList`` holding the most parameters: the encoder's blocks in every HF model."""
+    best_name, best, best_size = "", None, -1
+    for name, child in module.named_modules():
+        if isinstance(child, nn.ModuleList) and len(child) > 1:
+            size = sum(p.numel() for p in child.parameters())
+            if size > best_size:
+                best_name, best, best_size = name, child, size
+    if best is None:
+        raise ValueError(f"{type(module).__name__} has no stack of layers (nn.ModuleList)")
+    return best_name, best
+
+
+class ParameterGroup(nn.Module):
+    """Several modules treated as one layer group (e.g. embeddings, or a final norm with the top block)."""
+
+    def __init__(self, modules: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(modules)
+
+
+def stack_layer_groups(model: nn.Module) -> list[nn.Module]:
+    """[everything below the stack] + one group per block, with anything above merged into the top block.
+
+    The returned groups reference the model's own modules (no copies), so ``requires_grad`` changes
+    on them act on the model.
+    """
+    stack_name, stack = largest_layer_stack(model)
+    in_stack = {id(p) for p in stack.parameters()}
+    below, above = [], []
+    seen_stack = False
+    for name, child in model.named_modules():
+        if name == stack_name:
+            seen_stack = True
+            continue
+        direct = list(child.parameters(recurse=False))
+        if not direct or any(id(p) in in_stack for p in direct):
+            continue
+        (above if seen_stack else below).append(child)
+    groups: list[nn.Module] = []
+    if below:
+        groups.append(ParameterGroup(below))
+    blocks = list(stack)
+    if above:
+        blocks[-1] = ParameterGroup([blocks[-1], *above])
+    groups.extend(blocks)
+    return groups

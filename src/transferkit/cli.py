@@ -1,0 +1,176 @@
+"""The command line: parse, call the Python API, map UserError to one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from .config import RunConfig
+from .errors import UserError
+
+FIT_FLAGS_HELP = {
+    "train": "training data: a table (.csv/.tsv/.jsonl/.parquet), an image folder, an IDX file, or 'fashion-mnist'",
+    "val": "validation file (default: a stratified --val-fraction of train)",
+    "test": "test file (default: a stratified --test-fraction of train)",
+    "model": "packaged name (see 'transferkit models'), a local checkpoint folder, or a Hugging Face hub name",
+    "strategy": "see 'transferkit strategies'",
+    "lr": "peak learning rate (default: 1e-3 linear probe, 5e-5 text, 5e-4 images)",
+    "out": "run directory to write",
+    "patience": "early-stopping patience in epochs ('none' to train every epoch)",
+}
+
+
+def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="a YAML run config (e.g. RUN/config.yaml to replay a run); flags override it")
+    for f in fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = None if f.default is MISSING else f.default
+        if f.name == "baseline":
+            parser.add_argument("--no-baseline", dest="baseline", action="store_const", const=False, default=None,
+                                help="skip the linear-probe baseline")
+            continue
+        help_text = FIT_FLAGS_HELP.get(f.name, "") + (f" (default: {default})" if default not in (None, "") else "")
+        parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text.strip())
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its last checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="delete --out first if it exists")
+
+
+def _fit_config(args: argparse.Namespace) -> tuple[RunConfig | None, dict]:
+    given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name) is not None}
+    if args.resume:
+        others = sorted(set(given) - {"out"})
+        if others or args.config:
+            raise UserError(f"--resume continues the run in --out with its saved config: drop {', '.join(others) or '--config'}")
+        if "out" not in given:
+            raise UserError("--resume needs --out RUN: the run directory to continue")
+        return None, given
+    if args.config:
+        base = RunConfig.load(args.config).to_dict()
+        return RunConfig.from_dict({**base, **given}, source=args.config), {}
+    return RunConfig.from_dict(given, source="command line"), {}
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from .demo import results_table
+    from .finetune import finetune
+
+    config, overrides = _fit_config(args)
+    metrics = finetune(config, resume=args.resume, overwrite=args.overwrite, **overrides)
+    out = config.out if config else overrides["out"]
+    print(results_table(metrics))
+    print(f"run written to {out}: metrics.json, report.html, model/")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import demo_config, results_table
+    from .finetune import finetune
+
+    config = demo_config(full=args.full, out=args.out)
+    print(f"transferkit demo: {config.model} on Fashion-MNIST ({'full training set' if args.full else 'demo budget'})")
+    metrics = finetune(config, overwrite=True)
+    print()
+    print(results_table(metrics))
+    print(f"\nrun written to {config.out}: report.html, metrics.json, plots/, model/")
+    return 0
+
+
+def _read_for_model(model, path: str, args: argparse.Namespace, require_labels: bool):
+    return model.read(path, text_column=args.text_column, image_column=args.image_column,
+                      label_column=args.label_column, require_labels=require_labels)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .saved_model import load_run
+
+    model = load_run(args.run)
+    report = model.evaluate(_read_for_model(model, args.test, args, require_labels=True))
+    print(f"accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}  ({args.test})")
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=1))
+        print(f"full report written to {args.output}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .saved_model import load_run
+
+    model = load_run(args.run)
+    examples = _read_for_model(model, args.input, args, require_labels=False)
+    probabilities = model.predict_proba(examples.inputs)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["row", "label", *[f"p_{c}" for c in model.classes]])
+        for i, row in enumerate(probabilities):
+            writer.writerow([i, model.classes[int(row.argmax())], *[f"{p:.6f}" for p in row]])
+    print(f"{len(probabilities)} predictions written to {output}")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .backbones.registry import packaged_models
+
+    for name, (modality, summary) in packaged_models().items():
+        print(f"{name:20s} {modality:6s} {summary}")
+    print("also: a local transformers checkpoint folder, or a Hugging Face hub name (needs the internet once)")
+    return 0
+
+
+def _cmd_strategies(args: argparse.Namespace) -> int:
+    from .strategies import STRATEGIES
+
+    for name, cls in sorted(STRATEGIES.items()):
+        print(f"{name:15s} {cls.summary}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="transferkit", description="Fine-tune pretrained models on your labelled data.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    fit = commands.add_parser("fit", help="fine-tune a pretrained model and write a run directory")
+    _add_fit_arguments(fit)
+    fit.set_defaults(func=_cmd_fit)
+
+    demo = commands.add_parser("demo", help="EfficientNet-Lite0 on Fashion-MNIST: linear probe vs fine-tuned")
+    demo.add_argument("--full", action="store_true", help="train on the full 60,000 images (slower)")
+    demo.add_argument("--out", default="runs/demo", help="run directory (replaced if it exists)")
+    demo.set_defaults(func=_cmd_demo)
+
+    for name, helptext, file_flag in (("evaluate", "score a finished run on a labelled file", "--test"),
+                                      ("predict", "predict labels and class probabilities for a file", "--input")):
+        sub = commands.add_parser(name, help=helptext)
+        sub.add_argument("run", help="a finished run directory")
+        sub.add_argument(file_flag, required=True, help="a table, image folder or IDX file")
+        sub.add_argument("--text-column")
+        sub.add_argument("--image-column")
+        sub.add_argument("--label-column", default="label")
+        sub.add_argument("--output", required=name == "predict",
+                         help="CSV of predictions" if name == "predict" else "write the full report as JSON")
+        sub.set_defaults(func=_cmd_evaluate if name == "evaluate" else _cmd_predict)
+
+    commands.add_parser("models", help="list the packaged pretrained models").set_defaults(func=_cmd_models)
+    commands.add_parser("strategies", help="list the fine-tuning strategies").set_defaults(func=_cmd_strategies)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as error:
+        print(f"transferkit: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ntransferkit: interrupted; continue with 'transferkit fit --out RUN --resume'", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

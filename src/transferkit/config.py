@@ -1,0 +1,200 @@
+"""Run configuration: one dataclass, validated on construction, round-tripped through YAML.
+
+``transferkit fit --config RUN/config.yaml`` replays a run because the run directory holds the
+resolved ``RunConfig`` that produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+MONITORS = ("val_accuracy", "val_macro_f1", "val_loss")
+SCHEDULES = ("linear", "cosine", "constant")
+PRECISIONS = ("fp32", "bf16")
+POOLINGS = ("mean", "cls")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines one fine-tuning run.
+
+    Data: ``train`` is a table (CSV/TSV/JSONL/Parquet), an image folder, an IDX images file or the
+    name of a packaged dataset (``fashion-mnist``). ``val``/``test`` are files of the same kind; when
+    absent they are split off ``train`` with the seeded stratified fractions.
+    """
+
+    train: str = ""
+    val: str | None = None
+    test: str | None = None
+    text_column: str | None = None
+    label_column: str = "label"
+    image_column: str | None = None
+    val_fraction: float | None = None
+    test_fraction: float | None = None
+    max_train_examples: int | None = None
+
+    model: str = ""
+    image_size: int | None = None
+    max_length: int | None = None
+    pooling: str = "mean"
+
+    strategy: str = "full"
+    freeze_layers: int | None = None
+
+    epochs: int = 3
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    lr: float | None = None
+    head_lr: float | None = None
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    schedule: str = "linear"
+    grad_clip: float | None = 1.0
+    dropout: float = 0.1
+    patience: int | None = 2
+    monitor: str = "val_accuracy"
+    precision: str = "fp32"
+    seed: int = 0
+
+    baseline: bool = True
+    baseline_epochs: int = 20
+    baseline_lr: float = 1e-3
+
+    out: str = "runs/latest"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject impossible or contradictory settings with a message naming the field."""
+        if not self.train:
+            raise UserError("config field 'train' is empty: pass --train FILE (a table, an image folder or 'fashion-mnist')")
+        if not self.model:
+            raise UserError("config field 'model' is empty: pass --model NAME (run 'transferkit models' for the packaged ones)")
+        for name, value, options in (
+            ("monitor", self.monitor, MONITORS),
+            ("schedule", self.schedule, SCHEDULES),
+            ("precision", self.precision, PRECISIONS),
+            ("pooling", self.pooling, POOLINGS),
+        ):
+            if value not in options:
+                raise UserError(f"config field '{name}' is '{value}': choose one of {', '.join(options)}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "baseline_epochs"):
+            if int(getattr(self, name)) < 1:
+                raise UserError(f"config field '{name}' is {getattr(self, name)}: it must be a positive integer")
+        for name in ("lr", "head_lr", "baseline_lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise UserError(f"config field '{name}' is {value}: it must be a positive number")
+        if self.weight_decay < 0:
+            raise UserError(f"config field 'weight_decay' is {self.weight_decay}: it must be >= 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise UserError(f"config field 'warmup_ratio' is {self.warmup_ratio}: it must be in [0, 1)")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"config field 'dropout' is {self.dropout}: it must be in [0, 1)")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise UserError(f"config field 'grad_clip' is {self.grad_clip}: it must be positive or absent")
+        if self.patience is not None and self.patience < 1:
+            raise UserError(f"config field 'patience' is {self.patience}: it must be >= 1, or absent to disable early stopping")
+        if self.max_train_examples is not None and self.max_train_examples < 2:
+            raise UserError(f"config field 'max_train_examples' is {self.max_train_examples}: it must be >= 2")
+        if self.image_size is not None and not 8 <= self.image_size <= 1024:
+            raise UserError(f"config field 'image_size' is {self.image_size}: choose a size between 8 and 1024 pixels")
+        if self.max_length is not None and self.max_length < 2:
+            raise UserError(f"config field 'max_length' is {self.max_length}: it must be >= 2 tokens")
+        for name, given_file in (("val_fraction", self.val), ("test_fraction", self.test)):
+            fraction = getattr(self, name)
+            if fraction is not None and not 0 < fraction < 1:
+                raise UserError(f"config field '{name}' is {fraction}: it must be between 0 and 1")
+            if fraction is not None and given_file:
+                split = name.split("_")[0]
+                raise UserError(
+                    f"both '{split}' (a file) and '{name}' are set: give a {split} file or a fraction of train, not both"
+                )
+        if self.text_column and self.image_column:
+            raise UserError("both 'text_column' and 'image_column' are set: a run reads either texts or images")
+        if self.freeze_layers is not None:
+            if self.strategy != "freeze-bottom":
+                raise UserError(
+                    f"'freeze_layers' is set but strategy is '{self.strategy}': it applies to --strategy freeze-bottom only"
+                )
+            if self.freeze_layers < 0:
+                raise UserError(f"config field 'freeze_layers' is {self.freeze_layers}: it must be >= 0")
+
+    @property
+    def effective_val_fraction(self) -> float:
+        return 0.1 if self.val_fraction is None else self.val_fraction
+
+    @property
+    def effective_test_fraction(self) -> float:
+        return 0.1 if self.test_fraction is None else self.test_fraction
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(
+                f"{source}: unknown field(s) {', '.join(unknown)}; known fields are {', '.join(sorted(known))}"
+            )
+        typed = {}
+        for f in fields(cls):
+            if f.name in values:
+                typed[f.name] = _coerce(f, values[f.name], source)
+        return cls(**typed)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist: check the path")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise UserError(f"config file {path} is not valid YAML ({type(error).__name__}): fix its syntax") from None
+        if not isinstance(values, dict):
+            raise UserError(f"config file {path} must hold a mapping of field: value")
+        return cls.from_dict(values, source=str(path))
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
+    """Convert YAML/CLI values to the field's type, with an error that names the field."""
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and "None" in str(f.type)):
+        return None
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind.startswith("float"):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "yes", "1"):
+                return True
+            if str(value).lower() in ("false", "no", "0"):
+                return False
+            raise ValueError
+        return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{source}: field '{f.name}' is {value!r}, which is not a valid {kind.split(' ')[0]}") from None

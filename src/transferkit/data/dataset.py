@@ -1,0 +1,88 @@
+"""In-memory containers for labelled examples: texts, or images held as arrays or as file paths."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import UserError
+
+
+class ImageArray:
+    """Images decoded in memory as uint8, shape (N, H, W) or (N, H, W, C)."""
+
+    def __init__(self, pixels: np.ndarray):
+        self.pixels = pixels
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.pixels[index]
+
+    def subset(self, indices: Sequence[int]) -> "ImageArray":
+        return ImageArray(self.pixels[np.asarray(indices, dtype=np.int64)])
+
+
+class ImagePaths:
+    """Images on disk, decoded lazily so that large folders need not fit in memory."""
+
+    def __init__(self, paths: Sequence[Path]):
+        self.paths = [Path(p) for p in paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                return np.array(image.convert("RGB"))
+        except (OSError, UnidentifiedImageError, ValueError) as error:
+            raise UserError(f"image {path} could not be decoded ({error}): replace or remove the file") from None
+
+    def subset(self, indices: Sequence[int]) -> "ImagePaths":
+        return ImagePaths([self.paths[i] for i in indices])
+
+
+Inputs = "list[str] | ImageArray | ImagePaths"
+
+
+@dataclass
+class Examples:
+    """One split: inputs, their labels as strings (None for unlabelled data) and where they came from."""
+
+    inputs: list | ImageArray | ImagePaths
+    labels: list[str] | None
+    source: str
+    modality: str  # "text" or "image"
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def subset(self, indices: Sequence[int]) -> "Examples":
+        if isinstance(self.inputs, list):
+            inputs = [self.inputs[i] for i in indices]
+        else:
+            inputs = self.inputs.subset(indices)
+        labels = None if self.labels is None else [self.labels[i] for i in indices]
+        return Examples(inputs, labels, self.source, self.modality)
+
+
+def sort_classes(labels: Sequence[str]) -> list[str]:
+    """Classes in a stable order: numerically when every label is an integer, else alphabetically."""
+    unique = set(labels)
+    try:
+        return sorted(unique, key=lambda label: int(label))
+    except ValueError:
+        return sorted(unique)
+
+
+def encode_labels(labels: Sequence[str], classes: Sequence[str]) -> np.ndarray:
+    index = {label: i for i, label in enumerate(classes)}
+    return np.asarray([index[label] for label in labels], dtype=np.int64)

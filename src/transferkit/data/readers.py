@@ -1,0 +1,278 @@
+"""Readers: turn a user's file or folder into ``Examples``, refusing bad input with one clear line.
+
+Supported: CSV/TSV/JSONL/Parquet tables (a text column, or an image-path column, and a label
+column), image folders (one sub-folder per class), IDX files (the MNIST format, gzipped or not).
+No row is ever dropped silently: a missing label or text is an error that names the row.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from .dataset import Examples, ImageArray, ImagePaths
+
+TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": "\t", ".jsonl": None, ".json": None, ".parquet": None}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+TEXT_COLUMN_GUESSES = ("text", "sentence", "review", "content", "document")
+
+
+def read_examples(
+    path: str | Path,
+    *,
+    label_column: str | None = "label",
+    text_column: str | None = None,
+    image_column: str | None = None,
+    require_labels: bool = True,
+) -> Examples:
+    """Read one split from ``path``. With ``require_labels=False`` a missing label column is allowed."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"data file {path} does not exist: check the path")
+    if path.is_dir():
+        if text_column or image_column:
+            raise UserError(f"{path} is a folder (an image folder), so 'text_column'/'image_column' do not apply: drop them")
+        return read_image_folder(path)
+    name = path.name.lower()
+    if "idx" in name or name.endswith("-ubyte") or name.endswith("-ubyte.gz"):
+        return read_idx(path)
+    suffix = path.suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise UserError(
+            f"data file {path} has an unsupported type '{suffix}': use .csv, .tsv, .jsonl, .parquet, an IDX file or an image folder"
+        )
+    return read_table(path, label_column=label_column, text_column=text_column, image_column=image_column,
+                      require_labels=require_labels)
+
+
+def _load_frame(path: Path):
+    import pandas as pd
+
+    suffix = path.suffix.lower()
+    if path.stat().st_size == 0:
+        raise UserError(f"data file {path} is empty: it needs a header row and at least one example")
+    try:
+        if suffix == ".parquet":
+            frame = pd.read_parquet(path)
+        elif suffix in (".jsonl", ".json"):
+            frame = pd.read_json(path, lines=suffix == ".jsonl", dtype=False, encoding="utf-8")
+        else:
+            # Everything as text so that labels keep their spelling and no value becomes NaN by guesswork.
+            frame = pd.read_csv(path, sep=TABLE_SUFFIXES[suffix], dtype=str, keep_default_na=False,
+                                encoding="utf-8-sig", quoting=0)
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"data file {path} is not UTF-8 text (bad byte at position {error.start}): re-save it as UTF-8"
+        ) from None
+    except pd.errors.EmptyDataError:
+        raise UserError(f"data file {path} is empty: it needs a header row and at least one example") from None
+    except pd.errors.ParserError as error:
+        detail = str(error).strip().splitlines()[-1]
+        raise UserError(f"data file {path} could not be parsed ({detail}): check quoting and the number of fields per row") from None
+    except ValueError as error:
+        raise UserError(f"data file {path} could not be read ({str(error).splitlines()[0]}): check its format") from None
+    except Exception as error:  # pyarrow and others raise their own types for corrupt files
+        raise UserError(f"data file {path} could not be read ({type(error).__name__}): check that it is a valid {suffix} file") from None
+    if not isinstance(frame, pd.DataFrame):
+        raise UserError(f"data file {path} does not hold a table of records: one JSON object per line is expected")
+    frame.columns = [str(c).strip() for c in frame.columns]
+    if suffix in (".csv", ".tsv", ".txt"):
+        duplicated = _duplicated_header(path, TABLE_SUFFIXES[suffix])
+        if duplicated:
+            raise UserError(f"data file {path} has duplicated column names {duplicated}: give every column a unique name")
+    return frame
+
+
+def _duplicated_header(path: Path, delimiter: str) -> list[str]:
+    """pandas renames a repeated column to 'name.1'; read the raw header to catch it."""
+    import csv
+
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        header = next(csv.reader(handle, delimiter=delimiter), [])
+    names = [h.strip() for h in header]
+    return sorted({n for n in names if names.count(n) > 1})
+
+
+def _cell_to_text(value) -> str | None:
+    """A cell as a string, or None when it is missing."""
+    if value is None:
+        return None
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if value.is_integer():
+            return str(int(value))
+    if isinstance(value, (bool, np.bool_)):
+        return str(value).lower()
+    text = str(value).strip()
+    return text if text else None
+
+
+def _row_name(path: Path, index: int) -> str:
+    # CSV/TSV have a header line, so data row i sits on line i + 2; JSONL line i + 1.
+    if path.suffix.lower() in (".csv", ".tsv", ".txt"):
+        return f"line {index + 2}"
+    if path.suffix.lower() in (".jsonl", ".json"):
+        return f"line {index + 1}"
+    return f"row {index}"
+
+
+def _missing_error(path: Path, column: str, rows: list[int], what: str) -> UserError:
+    shown = ", ".join(_row_name(path, i) for i in rows[:5])
+    more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+    return UserError(f"data file {path}: column '{column}' has {what} at {shown}{more}: fill them in or remove those rows")
+
+
+def read_table(path: Path, *, label_column: str | None, text_column: str | None, image_column: str | None,
+               require_labels: bool = True) -> Examples:
+    frame = _load_frame(path)
+    columns = list(frame.columns)
+    if len(frame) == 0:
+        raise UserError(f"data file {path} has a header but no rows: add examples")
+
+    has_labels = label_column is not None and label_column in columns
+    if require_labels and not has_labels:
+        raise UserError(
+            f"data file {path} has no label column '{label_column}'; available columns: {columns}: pass --label-column NAME"
+        )
+
+    if image_column is not None:
+        input_column = image_column
+    elif text_column is not None:
+        input_column = text_column
+    else:
+        others = [c for c in columns if c != label_column]
+        guesses = [c for c in TEXT_COLUMN_GUESSES if c in others]
+        if guesses:
+            input_column = guesses[0]
+        elif len(others) == 1:
+            input_column = others[0]
+        else:
+            raise UserError(
+                f"data file {path}: cannot tell which column holds the inputs; available columns: {columns}: pass --text-column NAME or --image-column NAME"
+            )
+    if input_column not in columns:
+        flag = "--image-column" if image_column is not None else "--text-column"
+        raise UserError(f"data file {path} has no column '{input_column}'; available columns: {columns}: fix {flag}")
+
+    inputs = [_cell_to_text(v) for v in frame[input_column].tolist()]
+    missing = [i for i, v in enumerate(inputs) if v is None]
+    if missing:
+        raise _missing_error(path, input_column, missing, "empty values")
+
+    labels = None
+    if has_labels:
+        labels = [_cell_to_text(v) for v in frame[label_column].tolist()]
+        missing = [i for i, v in enumerate(labels) if v is None]
+        if missing:
+            raise _missing_error(path, label_column, missing, "missing labels")
+
+    if image_column is not None:
+        base = path.parent
+        paths = [Path(p) if Path(p).is_absolute() else base / p for p in inputs]
+        _check_images(paths, f"data file {path}, column '{image_column}'")
+        return Examples(ImagePaths(paths), labels, str(path), "image")
+    return Examples(inputs, labels, str(path), "text")
+
+
+def _check_images(paths: list[Path], where: str) -> None:
+    """Open every image header now, so a bad file fails before training rather than hours into it."""
+    from PIL import Image, UnidentifiedImageError
+
+    for p in paths:
+        if not p.is_file():
+            raise UserError(f"{where}: image {p} does not exist: fix the path (relative paths are relative to the table)")
+        try:
+            with Image.open(p) as image:
+                image.verify()
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+            raise UserError(f"{where}: image {p} is not a readable image: replace or remove it") from None
+
+
+def read_image_folder(root: Path) -> Examples:
+    """An image folder: ``root/<class name>/<image file>``."""
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise UserError(f"image folder {root} has no class sub-folders: put each class's images in root/<class>/")
+    stray = [p.name for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
+    if stray:
+        raise UserError(f"image folder {root} has files outside class sub-folders ({stray[:3]}): move them into a class folder")
+    paths, labels = [], []
+    for class_dir in class_dirs:
+        for p in sorted(class_dir.rglob("*")):
+            if p.is_dir() or p.name.startswith("."):
+                continue
+            if p.suffix.lower() not in IMAGE_SUFFIXES:
+                raise UserError(
+                    f"image folder {root}: {p} is not an image file (expected {', '.join(sorted(IMAGE_SUFFIXES))}): move it out"
+                )
+            paths.append(p)
+            labels.append(class_dir.name)
+    if not paths:
+        raise UserError(f"image folder {root} holds no images: add images under root/<class>/")
+    _check_images(paths, f"image folder {root}")
+    return Examples(ImagePaths(paths), labels, str(root), "image")
+
+
+def _open_maybe_gzip(path: Path) -> bytes:
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    opener = gzip.open if head == b"\x1f\x8b" else open
+    try:
+        with opener(path, "rb") as handle:
+            return handle.read()
+    except (OSError, EOFError) as error:
+        raise UserError(f"IDX file {path} is corrupt ({error}): download it again") from None
+
+
+def parse_idx(path: Path) -> np.ndarray:
+    """Parse an IDX file (the MNIST format): big-endian header, then uint8 data."""
+    raw = _open_maybe_gzip(path)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise UserError(f"IDX file {path} has no IDX header: it is not an MNIST-format file")
+    if raw[2] != 0x08:
+        raise UserError(f"IDX file {path} holds type 0x{raw[2]:02x}; only unsigned bytes (0x08) are supported")
+    ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise UserError(f"IDX file {path} is truncated inside its header: download it again")
+    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    expected = int(np.prod(shape)) if ndim else 0
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != expected:
+        raise UserError(f"IDX file {path} should hold {expected} values for shape {shape} but holds {data.size}: it is truncated or corrupt")
+    return data.reshape(shape)
+
+
+def idx_labels_path(images_path: Path) -> Path:
+    name = images_path.name
+    for old, new in (("images-idx3", "labels-idx1"), ("images", "labels")):
+        if old in name:
+            return images_path.with_name(name.replace(old, new))
+    raise UserError(
+        f"IDX file {images_path}: cannot find its labels file; name the pair '*-images-idx3-ubyte[.gz]' and '*-labels-idx1-ubyte[.gz]'"
+    )
+
+
+def read_idx(images_path: Path, class_names: list[str] | None = None) -> Examples:
+    """An IDX images file with its labels file beside it (``*images*`` -> ``*labels*``)."""
+    if "labels" in images_path.name:
+        raise UserError(f"{images_path} is an IDX labels file: pass the images file; its labels are found beside it")
+    images = parse_idx(images_path)
+    if images.ndim not in (3, 4):
+        raise UserError(f"IDX file {images_path} has shape {images.shape}; images need (N, H, W) or (N, H, W, C)")
+    labels_path = idx_labels_path(images_path)
+    if not labels_path.exists():
+        raise UserError(f"IDX file {images_path}: its labels file {labels_path} does not exist: put it beside the images")
+    label_ids = parse_idx(labels_path)
+    if label_ids.ndim != 1 or len(label_ids) != len(images):
+        raise UserError(f"IDX labels {labels_path} hold {label_ids.shape} values for {len(images)} images: the pair does not match")
+    if class_names is not None:
+        labels = [class_names[int(i)] for i in label_ids]
+    else:
+        labels = [str(int(i)) for i in label_ids]
+    return Examples(ImageArray(images), labels, str(images_path), "image")

@@ -1,0 +1,47 @@
+"""Features of a frozen backbone, computed once per split and kept on disk.
+
+A frozen backbone gives the same features every epoch, so a linear probe (or any head trained on a
+frozen backbone) pays for the backbone's forward pass once instead of once per epoch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..backbones.base import Backbone
+from .batches import Batches
+
+
+@torch.no_grad()
+def compute_features(backbone: Backbone, prepared, batch_size: int, description: str,
+                     device: torch.device) -> torch.Tensor:
+    backbone.eval().to(device)
+    batches = Batches(prepared, None, backbone.collate, batch_size)
+    outputs = []
+    for batch in tqdm(batches.iterate(), total=len(batches), desc=description, unit="batch", mininterval=1.0,
+                      dynamic_ncols=True):
+        inputs = {k: v.to(device) for k, v in batch["inputs"].items()}
+        outputs.append(backbone(**inputs).float().cpu())
+    return torch.cat(outputs)
+
+
+def cached_features(cache_dir: Path | None, split: str, backbone: Backbone, prepared, batch_size: int,
+                    device: torch.device) -> torch.Tensor:
+    """Features for ``split``, read from ``cache_dir`` when an earlier (interrupted) run computed them."""
+    path = None if cache_dir is None else cache_dir / f"features-{split}.safetensors"
+    if path is not None and path.is_file():
+        features = load_file(path)["features"]
+        if len(features) == len(prepared):
+            return features
+    features = compute_features(backbone, prepared, batch_size, f"features ({split})", device)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(path.name + ".tmp")
+        save_file({"features": features.contiguous()}, str(temporary))
+        os.replace(temporary, path)
+    return features

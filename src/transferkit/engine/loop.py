@@ -1,0 +1,197 @@
+"""The one training loop. It knows nothing of text vs images, strategies or tasks.
+
+It takes a model, optimiser parameter groups, an objective ``(model, batch) -> (loss, logits)``,
+train/val batches and settings; it runs epochs with a warm-up schedule, gradient clipping, optional
+bf16 autocast, validation, early stopping with restore-best, atomic checkpoints, resume, a progress
+bar with ETA and a JSONL log.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import UserError
+from ..evaluation.metrics import summary_metrics
+from .batches import Batches
+from .checkpoint import CheckpointDir, load_weights, rng_state, set_rng_state
+from .log import JsonlLog
+from .schedules import make_schedule
+
+
+@dataclass
+class EngineSettings:
+    epochs: int = 3
+    schedule: str = "linear"
+    warmup_ratio: float = 0.06
+    grad_clip: float | None = 1.0
+    precision: str = "fp32"
+    monitor: str = "val_accuracy"
+    patience: int | None = 2
+    log_every: int = 20
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _to(device: torch.device, batch: dict) -> dict:
+    moved = {"inputs": {k: v.to(device, non_blocking=True) for k, v in batch["inputs"].items()}}
+    if "labels" in batch:
+        moved["labels"] = batch["labels"].to(device, non_blocking=True)
+    return moved
+
+
+class Engine:
+    def __init__(self, model: nn.Module, param_groups: list[dict], objective: Callable, train: Batches,
+                 val: Batches | None, settings: EngineSettings, *,
+                 set_train_mode: Callable[[nn.Module], None] | None = None,
+                 checkpoints: CheckpointDir | None = None, log: JsonlLog | None = None,
+                 description: str = "train", device: torch.device | None = None):
+        self.device = device or default_device()
+        self.model = model.to(self.device)
+        self.objective = objective
+        self.train_batches = train
+        self.val_batches = val
+        self.settings = settings
+        self.set_train_mode = set_train_mode or (lambda m: m.train())
+        self.checkpoints = checkpoints
+        self.log = log or JsonlLog(None)
+        self.description = description
+        self.optimizer = torch.optim.AdamW(param_groups, foreach=True)
+        total = settings.epochs * len(train)
+        self.scheduler = make_schedule(self.optimizer, settings.schedule, total, int(settings.warmup_ratio * total))
+        self.history: list[dict] = []
+        self.best_value: float | None = None
+        self.best_epoch: int | None = None
+        self.bad_epochs = 0
+        self._best_state: dict | None = None
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.settings.precision == "bf16")
+
+    @torch.no_grad()
+    def predict_logits(self, batches: Batches) -> np.ndarray:
+        self.model.eval()
+        outputs = []
+        for batch in batches.iterate():
+            with self._autocast():
+                logits = self.model(**_to(self.device, batch)["inputs"])
+            outputs.append(logits.float().cpu())
+        return torch.cat(outputs).numpy()
+
+    def evaluate(self, batches: Batches) -> dict[str, float]:
+        logits = self.predict_logits(batches)
+        labels = batches.labels.numpy()
+        loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), batches.labels))
+        return {"loss": loss, **summary_metrics(labels, logits.argmax(1))}
+
+    # -- early stopping ---------------------------------------------------------------------------
+    def _improved(self, value: float) -> bool:
+        if self.best_value is None:
+            return True
+        if self.settings.monitor == "val_loss":
+            return value < self.best_value
+        return value > self.best_value
+
+    # -- resume -----------------------------------------------------------------------------------
+    def _state(self, epoch: int) -> dict:
+        return {"epoch": epoch, "best_value": self.best_value, "best_epoch": self.best_epoch,
+                "bad_epochs": self.bad_epochs, "history": self.history}
+
+    def _restore(self) -> int:
+        """Load the latest checkpoint; returns the first epoch still to run."""
+        folder, state, resumable = self.checkpoints.load_state("latest")
+        load_weights(self.model, folder / "model.safetensors")
+        self.optimizer.load_state_dict(resumable["optimizer"])
+        self.scheduler.load_state_dict(resumable["scheduler"])
+        set_rng_state(resumable["rng"])
+        self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
+        self.bad_epochs, self.history = state["bad_epochs"], state["history"]
+        return int(state["epoch"]) + 1
+
+    # -- training ---------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> list[dict]:
+        first_epoch = self._restore() if resume else 0
+        settings = self.settings
+        steps_per_epoch = len(self.train_batches)
+        stopped = self.bad_epochs >= (settings.patience or math.inf)
+        bar = tqdm(total=settings.epochs * steps_per_epoch, initial=first_epoch * steps_per_epoch,
+                   desc=self.description, unit="step", dynamic_ncols=True, mininterval=1.0, leave=True)
+        epoch = first_epoch
+        while epoch < settings.epochs and not stopped:
+            started = time.time()
+            self.set_train_mode(self.model)
+            running, seen = 0.0, 0
+            for step, batch in enumerate(self.train_batches.iterate(epoch)):
+                batch = _to(self.device, batch)
+                with self._autocast():
+                    loss, _ = self.objective(self.model, batch)
+                if not torch.isfinite(loss):
+                    raise UserError(
+                        f"{self.description}: the loss became {loss.item()} at epoch {epoch + 1}, batch {step + 1}: "
+                        "lower --lr, or use --precision fp32"
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if settings.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for g in self.optimizer.param_groups for p in g["params"]], settings.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                running += loss.item() * len(batch["labels"])
+                seen += len(batch["labels"])
+                bar.update(1)
+                if step % settings.log_every == 0:
+                    bar.set_postfix(loss=f"{running / seen:.4f}", refresh=False)
+                    self.log.write(phase=self.description, epoch=epoch + 1, step=step + 1, loss=loss.item(),
+                                   lr=self.scheduler.get_last_lr()[0])
+            record = {"epoch": epoch + 1, "train_loss": running / max(seen, 1), "seconds": time.time() - started}
+            if self.val_batches is not None:
+                record.update({f"val_{k}": v for k, v in self.evaluate(self.val_batches).items()})
+            improved = self.val_batches is None or self._improved(record[settings.monitor])
+            if improved:
+                self.best_value = record.get(settings.monitor)
+                self.best_epoch = epoch + 1
+                self.bad_epochs = 0
+            else:
+                self.bad_epochs += 1
+            self.history.append(record)
+            self.log.write(phase=self.description, **record)
+            shown = {k: f"{v:.4f}" for k, v in record.items() if k in ("train_loss", "val_loss", "val_accuracy")}
+            bar.set_postfix(**shown, refresh=True)
+            bar.write(f"{self.description} epoch {epoch + 1}/{settings.epochs}: "
+                      + ", ".join(f"{k} {v}" for k, v in shown.items()) + (" (best)" if improved else ""))
+            stopped = settings.patience is not None and self.bad_epochs >= settings.patience
+            self._save(epoch, improved)
+            epoch += 1
+        bar.close()
+        self._restore_best()
+        return self.history
+
+    def _save(self, epoch: int, improved: bool) -> None:
+        if self.checkpoints is None:
+            if improved:
+                self._best_state = copy.deepcopy(self.model.state_dict())
+            return
+        resumable = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "rng": rng_state()}
+        pointers = ("latest", "best") if improved else ("latest",)
+        self.checkpoints.save(f"epoch-{epoch + 1:04d}", self.model, self._state(epoch), resumable, pointers)
+
+    def _restore_best(self) -> None:
+        if self.checkpoints is not None:
+            best = self.checkpoints.find("best")
+            if best is not None:
+                load_weights(self.model, best / "model.safetensors")
+        elif self._best_state is not None:
+            self.model.load_state_dict(self._best_state)

@@ -1,0 +1,214 @@
+"""The high-level flow of one fine-tuning run, from a RunConfig to a finished run directory.
+
+read data -> load backbone -> (baseline: linear probe on cached frozen features) -> fine-tune with the
+chosen strategy -> pick the best epoch on validation -> test once -> save model, metrics, plots, report.
+Everything that can be checked is checked before the run directory is created, so a user mistake
+never leaves a directory that looks like a run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backbones.registry import create_backbone
+from .config import RunConfig
+from .data.dataset import encode_labels
+from .data.splits import load_splits
+from .engine.batches import Batches, feature_collate
+from .engine.checkpoint import CheckpointDir, atomic_write_text
+from .engine.feature_cache import cached_features
+from .engine.log import JsonlLog
+from .engine.loop import Engine, EngineSettings, default_device
+from .errors import UserError
+from .evaluation.metrics import full_report
+from .evaluation.plots import plot_confusion_matrix, plot_learning_curves
+from .evaluation.report import write_report
+from .model import ClassificationHead, Classifier
+from .objectives import CrossEntropyObjective
+from .saved_model import save_classifier
+from .strategies import create_strategy
+
+DEFAULT_LR = {"probe": 1e-3, "text": 5e-5, "image": 5e-4}
+
+
+class HeadOnFeatures(nn.Module):
+    """The head alone, fed cached backbone features."""
+
+    def __init__(self, head: ClassificationHead):
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+
+def resolve_config(config: RunConfig | str | Path | None, fields: dict[str, Any]) -> RunConfig:
+    """A RunConfig from a config object or YAML path, with keyword overrides."""
+    if isinstance(config, (str, Path)):
+        config = RunConfig.load(config)
+    if config is None:
+        return RunConfig.from_dict(fields, source="finetune()")
+    return RunConfig.from_dict({**config.to_dict(), **fields}, source="finetune()")
+
+
+def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other: resume continues a run, overwrite deletes it")
+    if resume:
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"run directory {run_dir} has no config.yaml: there is nothing to resume; drop --resume")
+        if (run_dir / "metrics.json").is_file():
+            raise UserError(f"run {run_dir} already finished: nothing to resume; use another --out for a new run")
+    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise UserError(f"run directory {run_dir} already exists: choose another --out, pass --resume to continue it, or --overwrite to replace it")
+
+
+def _settings(config: RunConfig, epochs: int) -> EngineSettings:
+    return EngineSettings(epochs=epochs, schedule=config.schedule, warmup_ratio=config.warmup_ratio,
+                          grad_clip=config.grad_clip, precision=config.precision, monitor=config.monitor,
+                          patience=config.patience)
+
+
+def _train_head_on_features(config: RunConfig, features: dict[str, torch.Tensor], labels: dict[str, np.ndarray],
+                            num_classes: int, *, epochs: int, lr: float, description: str,
+                            checkpoints: CheckpointDir | None, log: JsonlLog, resume: bool) -> tuple[HeadOnFeatures, Engine]:
+    torch.manual_seed(config.seed)
+    probe = HeadOnFeatures(ClassificationHead(features["train"].shape[1], num_classes, config.dropout))
+    decay = [p for p in probe.parameters() if p.ndim > 1]
+    no_decay = [p for p in probe.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "lr": lr, "weight_decay": config.weight_decay},
+              {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+    train = Batches(features["train"], labels["train"], feature_collate, config.batch_size, shuffle=True, seed=config.seed)
+    val = Batches(features["val"], labels["val"], feature_collate, config.eval_batch_size)
+    engine = Engine(probe, groups, CrossEntropyObjective(), train, val, _settings(config, epochs),
+                    checkpoints=checkpoints, log=log, description=description)
+    engine.fit(resume=resume and checkpoints is not None and checkpoints.find("latest") is not None)
+    return probe, engine
+
+
+def _test_report(engine: Engine, features_or_batches: Batches, labels: np.ndarray, classes: list[str]) -> dict:
+    logits = engine.predict_logits(features_or_batches)
+    return full_report(labels, logits.argmax(1), classes)
+
+
+def finetune(config: RunConfig | str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
+             **fields: Any) -> dict[str, Any]:
+    """Fine-tune a pretrained model on labelled data; returns the metrics also written to ``metrics.json``.
+
+    Example::
+
+        transferkit.finetune(model="minilm-l6", train="reviews.csv", text_column="review", out="runs/reviews")
+    """
+    if resume and config is None:
+        # Resuming needs only the run directory: its config.yaml says everything else.
+        _check_run_dir(Path(fields.get("out", RunConfig.out)), resume, overwrite)
+        config = RunConfig.load(Path(fields.get("out", RunConfig.out)) / "config.yaml")
+    config = resolve_config(config, fields)
+    run_dir = Path(config.out)
+    _check_run_dir(run_dir, resume, overwrite)
+    strategy = create_strategy(config)
+    splits = load_splits(config)
+    backbone = create_backbone(config.model, image_size=config.image_size, max_length=config.max_length,
+                               pooling=config.pooling)
+    if backbone.modality != splits.train.modality:
+        raise UserError(f"model '{config.model}' takes {backbone.modality}s but {splits.train.source} holds "
+                        f"{splits.train.modality}s: choose a {splits.train.modality} model")
+    torch.manual_seed(config.seed)
+    model = Classifier(backbone, len(splits.classes), config.dropout)
+    strategy.apply(model)
+    if config.lr is None:
+        default = "probe" if strategy.uses_feature_cache else backbone.modality
+        config = config.replace(lr=DEFAULT_LR[default])
+
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.save(run_dir / "config.yaml")
+    log = JsonlLog(run_dir / "log.jsonl")
+    device = default_device()
+    classes = splits.classes
+    labels = {name: encode_labels(getattr(splits, name).labels, classes) for name in ("train", "val", "test")}
+    prepared = {name: backbone.prepare(getattr(splits, name).inputs) for name in ("train", "val", "test")}
+
+    features: dict[str, torch.Tensor] = {}
+    needs_features = strategy.uses_feature_cache or config.baseline
+    baseline_path = run_dir / "baseline.json"
+    feature_started = time.time()
+    if needs_features and not (not strategy.uses_feature_cache and resume and baseline_path.is_file()):
+        for name in ("train", "val", "test"):
+            features[name] = cached_features(run_dir / "cache", name, backbone, prepared[name],
+                                             config.eval_batch_size, device)
+    feature_seconds = time.time() - feature_started
+
+    baseline = None
+    if config.baseline and not strategy.uses_feature_cache:
+        if resume and baseline_path.is_file():
+            baseline = json.loads(baseline_path.read_text())
+        else:
+            started = time.time() - feature_seconds
+            probe, probe_engine = _train_head_on_features(
+                config, features, labels, len(classes), epochs=config.baseline_epochs, lr=config.baseline_lr,
+                description="linear probe", checkpoints=None, log=log, resume=False)
+            test_batches = Batches(features["test"], labels["test"], feature_collate, config.eval_batch_size)
+            baseline = {"test": _test_report(probe_engine, test_batches, labels["test"], classes),
+                        "history": probe_engine.history, "best_epoch": probe_engine.best_epoch,
+                        "seconds": time.time() - started}
+            atomic_write_text(baseline_path, json.dumps(baseline))
+
+    started = time.time()
+    checkpoints = CheckpointDir(run_dir / "checkpoints")
+    if strategy.uses_feature_cache:
+        probe, engine = _train_head_on_features(
+            config, features, labels, len(classes), epochs=config.epochs, lr=config.head_lr or config.lr,
+            description="linear probe", checkpoints=checkpoints, log=log, resume=resume)
+        model.head = probe.head
+        test_batches = Batches(features["test"], labels["test"], feature_collate, config.eval_batch_size)
+    else:
+        train = Batches(prepared["train"], labels["train"], backbone.collate, config.batch_size, shuffle=True,
+                        seed=config.seed)
+        val = Batches(prepared["val"], labels["val"], backbone.collate, config.eval_batch_size)
+        groups = strategy.param_groups(model, config.lr, config.head_lr, config.weight_decay)
+        engine = Engine(model, groups, CrossEntropyObjective(), train, val, _settings(config, config.epochs),
+                        set_train_mode=strategy.set_train_mode, checkpoints=checkpoints, log=log,
+                        description=f"fine-tune ({strategy.name})")
+        engine.fit(resume=resume and checkpoints.find("latest") is not None)
+        test_batches = Batches(prepared["test"], labels["test"], backbone.collate, config.eval_batch_size)
+    seconds = time.time() - started + (feature_seconds if strategy.uses_feature_cache else 0.0)
+    test = _test_report(engine, test_batches, labels["test"], classes)
+
+    model_dir = run_dir / "model"
+    save_classifier(model.cpu(), classes, model_dir)
+    metrics: dict[str, Any] = {
+        "model": config.model, "strategy": strategy.name,
+        "trainable_parameters": strategy.trainable_parameters(model),
+        "total_parameters": sum(p.numel() for p in model.parameters()),
+        "data": {"train_source": splits.train.source, "train": len(splits.train), "val": len(splits.val),
+                 "test": len(splits.test), "classes": classes},
+        "test": test, "history": engine.history, "best_epoch": engine.best_epoch, "seconds": seconds,
+    }
+    if baseline is not None:
+        metrics["baseline"] = baseline
+    plots_dir = run_dir / "plots"
+    plots_dir.mkdir(exist_ok=True)
+    plots = {"Confusion matrix (test)": plot_confusion_matrix(test["confusion_matrix"], classes,
+                                                              plots_dir / "confusion_matrix.png",
+                                                              f"{config.model}, {strategy.name}"),
+             "Learning curves": plot_learning_curves(
+                 {"linear probe": (baseline or {}).get("history", []), strategy.name: engine.history},
+                 plots_dir / "learning_curves.png", config.monitor)}
+    write_report(run_dir, metrics, plots)
+    # The best weights now live in model/; the cache and checkpoints only served an unfinished run.
+    shutil.rmtree(run_dir / "cache", ignore_errors=True)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    # metrics.json is written last: its presence is what marks the run as finished.
+    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
+    return metrics
+

@@ -1,0 +1,105 @@
+"""A fine-tuned model on disk (``RUN/model/``) and in memory, ready to predict and evaluate.
+
+Layout: ``model.safetensors`` (all weights, no pickle), ``transferkit.json`` (classes and the
+backbone spec) and ``backbone/`` (configs and tokenizer or image-processor files). Loading rebuilds
+the architecture from the configs and then loads the weights, so no original checkpoint, hub access
+or remote code is needed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .backbones.registry import rebuild_backbone
+from .data.dataset import Examples, encode_labels
+from .data.readers import read_examples
+from .engine.batches import Batches
+from .engine.checkpoint import atomic_write_text, load_weights, save_weights
+from .engine.loop import default_device
+from .errors import UserError
+from .evaluation.metrics import full_report
+from .model import Classifier
+
+FORMAT_VERSION = 1
+
+
+def save_classifier(model: Classifier, classes: Sequence[str], directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    model.backbone.save_preprocessing(directory / "backbone")
+    save_weights(model, directory / "model.safetensors")
+    meta = {"format": FORMAT_VERSION, "classes": list(classes), "backbone": model.backbone.spec,
+            "dropout": model.head.dropout.p}
+    atomic_write_text(directory / "transferkit.json", json.dumps(meta, indent=1))
+
+
+class FineTunedModel:
+    """A loaded run: ``predict`` texts or images, ``evaluate`` a labelled file."""
+
+    def __init__(self, model: Classifier, classes: list[str], source: Path, eval_batch_size: int = 128):
+        self.model = model.eval()
+        self.classes = classes
+        self.source = source
+        self.eval_batch_size = eval_batch_size
+        self.device = default_device()
+        self.model.to(self.device)
+
+    @classmethod
+    def load(cls, run: str | Path) -> "FineTunedModel":
+        run = Path(run)
+        directory = run / "model" if (run / "model").is_dir() else run
+        meta_path = directory / "transferkit.json"
+        if not meta_path.is_file():
+            raise UserError(f"{run} holds no finished model (no model/transferkit.json): point at a finished run directory")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT_VERSION:
+            raise UserError(f"{meta_path} has format {meta.get('format')}; this transferkit reads format {FORMAT_VERSION}")
+        backbone = rebuild_backbone(meta["backbone"], directory / "backbone")
+        model = Classifier(backbone, len(meta["classes"]), meta.get("dropout", 0.0))
+        load_weights(model, directory / "model.safetensors")
+        return cls(model, meta["classes"], run)
+
+    @property
+    def modality(self) -> str:
+        return self.model.backbone.modality
+
+    @torch.no_grad()
+    def predict_proba(self, inputs) -> np.ndarray:
+        """Class probabilities, shape (N, classes); ``inputs`` are texts, an ImageArray or ImagePaths."""
+        backbone = self.model.backbone
+        prepared = backbone.prepare(inputs)
+        batches = Batches(prepared, None, backbone.collate, self.eval_batch_size)
+        outputs = []
+        for batch in batches.iterate():
+            logits = self.model(**{k: v.to(self.device) for k, v in batch["inputs"].items()})
+            outputs.append(torch.softmax(logits.float(), dim=-1).cpu())
+        return torch.cat(outputs).numpy()
+
+    def predict(self, inputs) -> list[str]:
+        return [self.classes[i] for i in self.predict_proba(inputs).argmax(1)]
+
+    def read(self, path: str | Path, *, text_column: str | None = None, image_column: str | None = None,
+             label_column: str | None = "label", require_labels: bool = True) -> Examples:
+        examples = read_examples(path, label_column=label_column, text_column=text_column, image_column=image_column,
+                                 require_labels=require_labels)
+        if examples.modality != self.modality:
+            raise UserError(f"{path} holds {examples.modality}s but the model in {self.source} takes {self.modality}s")
+        return examples
+
+    def evaluate(self, examples: Examples) -> dict:
+        """Accuracy, macro-F1, per-class report and confusion matrix on labelled ``examples``."""
+        unknown = sorted(set(examples.labels) - set(self.classes))
+        if unknown:
+            raise UserError(f"{examples.source}: labels {unknown[:5]} are not classes of this model ({self.classes[:10]}): fix them")
+        labels = encode_labels(examples.labels, self.classes)
+        predictions = self.predict_proba(examples.inputs).argmax(1)
+        return full_report(labels, predictions, self.classes)
+
+
+def load_run(run: str | Path) -> FineTunedModel:
+    """Load the model of a finished run directory (or of its ``model/`` folder)."""
+    return FineTunedModel.load(run)

@@ -1,0 +1,142 @@
+import gzip
+import json
+import struct
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from transferkit.data.dataset import ImageArray, ImagePaths, sort_classes
+from transferkit.data.readers import read_examples
+from transferkit.errors import UserError
+
+
+def test_csv_tsv_jsonl_parquet_read_the_same_rows(tmp_path):
+    frame = pd.DataFrame({"review": ["nice one", "not good", "fine"], "stars": [1, 0, 1]})
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    frame.to_csv(tmp_path / "d.tsv", index=False, sep="\t")
+    frame.to_json(tmp_path / "d.jsonl", orient="records", lines=True)
+    frame.to_parquet(tmp_path / "d.parquet")
+    for name in ("d.csv", "d.tsv", "d.jsonl", "d.parquet"):
+        examples = read_examples(tmp_path / name, text_column="review", label_column="stars")
+        assert examples.inputs == ["nice one", "not good", "fine"], name
+        assert examples.labels == ["1", "0", "1"], name
+        assert examples.modality == "text"
+
+
+def test_text_column_is_guessed_when_obvious(tmp_path):
+    (tmp_path / "d.csv").write_text("sentence,label\nhello there,a\nbye now,b\n")
+    assert read_examples(tmp_path / "d.csv").inputs == ["hello there", "bye now"]
+
+
+def test_integer_labels_sort_numerically_and_strings_alphabetically():
+    assert sort_classes(["10", "2", "1"]) == ["1", "2", "10"]
+    assert sort_classes(["pos", "neg", "mixed"]) == ["mixed", "neg", "pos"]
+
+
+def test_bom_and_crlf_are_handled(tmp_path):
+    (tmp_path / "d.csv").write_bytes("\ufefftext,label\r\nhello,a\r\nworld,b\r\n".encode("utf-8"))
+    examples = read_examples(tmp_path / "d.csv")
+    assert examples.inputs == ["hello", "world"] and examples.labels == ["a", "b"]
+
+
+def test_image_folder_reads_one_class_per_subfolder(image_folder):
+    examples = read_examples(image_folder)
+    assert isinstance(examples.inputs, ImagePaths) and examples.modality == "image"
+    assert sorted(set(examples.labels)) == ["horizontal", "vertical"]
+    assert examples.inputs[0].shape == (20, 20, 3)
+
+
+def test_csv_of_image_paths_resolves_relative_paths(image_folder, tmp_path):
+    paths = sorted(image_folder.rglob("*.png"))[:4]
+    table = tmp_path / "images.csv"
+    table.write_text("path,label\n" + "".join(f"{p.relative_to(tmp_path)},{p.parent.name}\n" for p in paths))
+    examples = read_examples(table, image_column="path")
+    assert len(examples) == 4 and examples.inputs[0].shape == (20, 20, 3)
+
+
+def _write_idx(path, array, compress=True):
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    (gzip.open if compress else open)(path, "wb").write(data)
+
+
+def test_idx_pair_is_read_with_labels(tmp_path):
+    images = np.arange(3 * 4 * 4, dtype=np.uint8).reshape(3, 4, 4)
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.array([0, 1, 1]))
+    examples = read_examples(tmp_path / "train-images-idx3-ubyte.gz")
+    assert isinstance(examples.inputs, ImageArray)
+    assert examples.labels == ["0", "1", "1"] and np.array_equal(examples.inputs.pixels, images)
+
+
+# ---- bad input: one clear error each, naming the file and the fix ------------------------------------
+
+def _error(path, **kwargs) -> str:
+    with pytest.raises(UserError) as info:
+        read_examples(path, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_file(tmp_path):
+    assert "does not exist" in _error(tmp_path / "nope.csv")
+
+
+def test_unknown_column_lists_available_columns(tmp_path):
+    (tmp_path / "d.csv").write_text("text,label\nhi,a\n")
+    message = _error(tmp_path / "d.csv", text_column="body")
+    assert "'body'" in message and "['text', 'label']" in message and "--text-column" in message
+
+
+def test_missing_label_column_lists_available_columns(tmp_path):
+    (tmp_path / "d.csv").write_text("text,target\nhi,a\n")
+    assert "no label column 'label'" in _error(tmp_path / "d.csv") and "'target'" in _error(tmp_path / "d.csv")
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"", "is empty"),
+    (b"text,label\n", "no rows"),
+    (b"text,label\nhello,\nworld,b\n", "missing labels at line 2"),
+    (b"text,label\n,a\nworld,b\n", "empty values at line 2"),
+    (b"text,text,label\nx,y,a\n", "duplicated column names"),
+    (b"text,label\ncaf\xe9 noir,a\n", "not UTF-8"),
+    (b'text,label\n"unclosed,a\n', "could not be parsed"),
+])
+def test_malformed_tables(tmp_path, content, expected):
+    (tmp_path / "d.csv").write_bytes(content)
+    assert expected in _error(tmp_path / "d.csv")
+
+
+def test_unsupported_file_type(tmp_path):
+    (tmp_path / "d.xlsx").write_text("x")
+    assert "unsupported type" in _error(tmp_path / "d.xlsx")
+
+
+def test_jsonl_that_is_not_records(tmp_path):
+    (tmp_path / "d.jsonl").write_text("not json at all\n")
+    assert "d.jsonl" in _error(tmp_path / "d.jsonl")
+
+
+def test_unreadable_image_is_named(image_folder):
+    bad = image_folder / "vertical" / "broken.png"
+    bad.write_bytes(b"this is not a png")
+    assert "broken.png" in _error(image_folder)
+
+
+def test_non_image_file_in_image_folder_is_an_error(image_folder):
+    (image_folder / "vertical" / "notes.txt").write_text("hello")
+    assert "notes.txt" in _error(image_folder)
+
+
+def test_truncated_idx_is_reported(tmp_path):
+    _write_idx(tmp_path / "x-images-idx3-ubyte", np.zeros((3, 4, 4)), compress=False)
+    raw = (tmp_path / "x-images-idx3-ubyte").read_bytes()
+    (tmp_path / "x-images-idx3-ubyte").write_bytes(raw[:-5])
+    assert "truncated" in _error(tmp_path / "x-images-idx3-ubyte")
+
+
+def test_json_config_is_not_confused_with_data(tmp_path):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "a", "label": None}) + "\n" + json.dumps({"text": "b", "label": 1}) + "\n")
+    assert "missing labels at line 1" in _error(tmp_path / "d.jsonl")

@@ -1,0 +1,115 @@
+import numpy as np
+import pytest
+import torch
+
+from transferkit.engine.batches import Batches, feature_collate
+from transferkit.engine.checkpoint import CheckpointDir, load_weights
+from transferkit.engine.loop import Engine, EngineSettings
+from transferkit.errors import UserError
+from transferkit.finetune import HeadOnFeatures
+from transferkit.model import ClassificationHead
+from transferkit.objectives import CrossEntropyObjective
+
+
+def _data(seed=0, n=96):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(n, 8, generator=generator)
+    labels = (features[:, 0] + 0.3 * features[:, 1] > 0).long().numpy()
+    return features, labels
+
+
+def _engine(checkpoint_root, objective=None, seed=0, epochs=3, patience=None):
+    torch.manual_seed(seed)
+    model = HeadOnFeatures(ClassificationHead(8, 2, dropout=0.3))  # dropout: resume must restore the RNG too
+    features, labels = _data()
+    train = Batches(features, labels, feature_collate, batch_size=16, shuffle=True, seed=7)
+    val = Batches(*_data(seed=1, n=32), feature_collate, batch_size=32)
+    groups = [{"params": list(model.parameters()), "lr": 0.05, "weight_decay": 0.01}]
+    settings = EngineSettings(epochs=epochs, warmup_ratio=0.1, patience=patience, monitor="val_loss")
+    return Engine(model, groups, objective or CrossEntropyObjective(), train, val, settings,
+                  checkpoints=CheckpointDir(checkpoint_root), device=torch.device("cpu"))
+
+
+class KilledAfter:
+    """An objective that dies after ``n`` calls, as a pre-empted job would."""
+
+    def __init__(self, n):
+        self.n, self.calls = n, 0
+        self.inner = CrossEntropyObjective()
+
+    def __call__(self, model, batch):
+        self.calls += 1
+        if self.calls > self.n:
+            raise KeyboardInterrupt
+        return self.inner(model, batch)
+
+
+def _final_state(engine):
+    return {k: v.clone() for k, v in engine.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("killed_at_step", [8, 9, 15])  # end of epoch 1 + 2 steps, and later inside epoch 2
+def test_resume_after_a_kill_gives_bitwise_the_same_weights(tmp_path, killed_at_step):
+    uninterrupted = _engine(tmp_path / "a")
+    uninterrupted.fit()
+    expected = _final_state(uninterrupted)
+
+    with pytest.raises(KeyboardInterrupt):
+        _engine(tmp_path / "b", objective=KilledAfter(killed_at_step)).fit()
+    resumed = _engine(tmp_path / "b", seed=123)  # a fresh process would start from other random weights
+    resumed.fit(resume=True)
+    for name, value in _final_state(resumed).items():
+        assert torch.equal(value, expected[name]), name
+    assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in uninterrupted.history]
+
+
+def test_restore_best_loads_the_best_validation_epoch(tmp_path):
+    engine = _engine(tmp_path, epochs=4)
+    history = engine.fit()
+    best = min(range(len(history)), key=lambda i: history[i]["val_loss"])
+    assert engine.best_epoch == best + 1
+    assert engine.evaluate(engine.val_batches)["loss"] == pytest.approx(history[best]["val_loss"], abs=1e-6)
+
+
+def test_early_stopping_stops_after_patience(tmp_path):
+    engine = _engine(tmp_path, epochs=30, patience=1)
+    engine.fit()
+    assert len(engine.history) < 30
+    assert engine.best_epoch == len(engine.history) - 1
+
+
+def test_interrupted_write_leaves_previous_checkpoint_usable(tmp_path):
+    engine = _engine(tmp_path, epochs=1)
+    engine.fit()
+    checkpoints = CheckpointDir(tmp_path)
+    good = checkpoints.find("latest")
+    (tmp_path / "epoch-0002.tmp").mkdir()  # a crash mid-write leaves only a temporary folder
+    (tmp_path / "epoch-0002.tmp" / "model.safetensors").write_bytes(b"partial")
+    assert checkpoints.find("latest") == good
+    folder, state, resumable = checkpoints.load_state("latest")
+    assert state["epoch"] == 0 and "optimizer" in resumable
+
+
+def test_corrupt_weights_are_reported_not_loaded(tmp_path):
+    engine = _engine(tmp_path, epochs=1)
+    engine.fit()
+    weights = CheckpointDir(tmp_path).find("latest") / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    with pytest.raises(UserError, match="corrupt or incomplete"):
+        load_weights(engine.model, weights)
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path):
+    def nan_objective(model, batch):
+        logits = model(**batch["inputs"])
+        return logits.sum() * float("nan"), logits
+
+    with pytest.raises(UserError, match="loss became nan at epoch 1, batch 1"):
+        _engine(tmp_path, objective=nan_objective).fit()
+
+
+def test_batches_order_depends_only_on_seed_and_epoch():
+    batches = Batches(torch.zeros(50, 2), np.zeros(50), feature_collate, 8, shuffle=True, seed=3)
+    assert np.array_equal(batches.order(2), batches.order(2))
+    assert not np.array_equal(batches.order(1), batches.order(2))
+    assert sorted(batches.order(1)) == list(range(50))

@@ -1,0 +1,88 @@
+import pytest
+import torch
+
+from transferkit.backbones import create_backbone
+from transferkit.config import RunConfig
+from transferkit.errors import UserError
+from transferkit.model import Classifier
+from transferkit.strategies import STRATEGIES, create_strategy
+
+
+def _model(directory):
+    return Classifier(create_backbone(str(directory)), num_classes=3)
+
+
+def _strategy(name, **kwargs):
+    return create_strategy(RunConfig(train="t.csv", model="m", strategy=name, **kwargs))
+
+
+def _trainable(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_registry_lists_the_core_strategies():
+    assert {"full", "linear-probe", "freeze-bottom"} <= set(STRATEGIES)
+    assert all(cls.summary for cls in STRATEGIES.values())
+
+
+def test_full_trains_everything(tiny_bert_dir):
+    model = _model(tiny_bert_dir)
+    _strategy("full").apply(model)
+    assert _trainable(model) == {n for n, _ in model.named_parameters()}
+
+
+def test_linear_probe_trains_only_the_head(tiny_bert_dir):
+    model = _model(tiny_bert_dir)
+    strategy = _strategy("linear-probe")
+    strategy.apply(model)
+    assert _trainable(model) == {"head.linear.weight", "head.linear.bias"}
+    assert strategy.uses_feature_cache
+
+
+def test_freeze_bottom_freezes_embeddings_then_lowest_blocks(tiny_bert_dir):
+    model = _model(tiny_bert_dir)
+    _strategy("freeze-bottom", freeze_layers=2).apply(model)
+    trainable = _trainable(model)
+    assert not any("embeddings" in n or "layer.0." in n for n in trainable)
+    assert any("layer.1." in n for n in trainable) and "head.linear.weight" in trainable
+
+
+def test_freeze_bottom_default_is_half_the_groups(tiny_bert_dir):
+    model = _model(tiny_bert_dir)
+    strategy = _strategy("freeze-bottom")
+    assert len(strategy.frozen_groups(model)) == len(model.backbone.layer_groups()) // 2
+
+
+def test_freeze_bottom_more_layers_than_the_model_has(tiny_bert_dir):
+    with pytest.raises(UserError, match="layer groups"):
+        _strategy("freeze-bottom", freeze_layers=99).apply(_model(tiny_bert_dir))
+
+
+def test_unknown_strategy_lists_registered_ones():
+    with pytest.raises(UserError, match="unknown strategy 'lorra'.*freeze-bottom, full, linear-probe"):
+        _strategy("lorra")
+
+
+def test_frozen_batchnorm_stays_in_eval_mode_on_the_packaged_efficientnet():
+    model = Classifier(create_backbone("efficientnet-lite0", image_size=32), num_classes=2)
+    strategy = _strategy("freeze-bottom", freeze_layers=3)
+    strategy.apply(model)
+    strategy.set_train_mode(model)
+    groups = model.backbone.layer_groups()
+    frozen_bn = [m for g in groups[:3] for m in g.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    trained_bn = [m for g in groups[3:] for m in g.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert frozen_bn and not any(m.training for m in frozen_bn)
+    assert trained_bn and all(m.training for m in trained_bn)
+    assert model.backbone.feature_dim == 1280
+
+
+def test_param_groups_exclude_biases_and_norms_from_weight_decay(tiny_bert_dir):
+    model = _model(tiny_bert_dir)
+    strategy = _strategy("full")
+    strategy.apply(model)
+    groups = strategy.param_groups(model, lr=1e-4, head_lr=1e-3, weight_decay=0.01)
+    for group in groups:
+        if group["weight_decay"] > 0:
+            assert all(p.ndim > 1 for p in group["params"])
+    assert {g["lr"] for g in groups} == {1e-4, 1e-3}
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())

@@ -1,0 +1,78 @@
+"""Every user mistake: exit code 2, one line naming the file/field and the fix, no traceback, and no
+run directory that looks finished."""
+
+import subprocess
+import sys
+
+import pytest
+
+from transferkit.cli import main
+
+from .conftest import make_sentences, write_table
+
+
+@pytest.fixture()
+def files(tmp_path, image_folder):
+    rows = make_sentences(60)
+    paths = {
+        "train": write_table(tmp_path / "train.csv", rows),
+        "unseen": write_table(tmp_path / "unseen.csv", [("good film", "neutral"), ("bad film", "pos")]),
+        "single": write_table(tmp_path / "single.csv", [(f"film {i}", "pos") for i in range(30)]),
+        "empty": tmp_path / "empty.csv",
+        "latin1": tmp_path / "latin1.csv",
+        "images": image_folder,
+    }
+    paths["empty"].write_text("text,label\n")
+    paths["latin1"].write_bytes("text,label\ncafé crème,pos\nthé,neg\n".encode("latin-1"))
+    (image_folder / "vertical" / "broken.png").write_bytes(b"not an image")
+    return paths
+
+
+CASES = {
+    "missing file": (["--train", "{tmp}/nope.csv", "--model", "minilm-l6"], "does not exist"),
+    "unknown column": (["--train", "{train}", "--text-column", "body", "--model", "minilm-l6"], "available columns: ['text', 'label']"),
+    "unknown label column": (["--train", "{train}", "--label-column", "y", "--model", "minilm-l6"], "--label-column"),
+    "empty dataset": (["--train", "{empty}", "--model", "minilm-l6"], "no rows"),
+    "unseen test label": (["--train", "{train}", "--test", "{unseen}", "--model", "minilm-l6"], "never occur in the training data"),
+    "single class": (["--train", "{single}", "--model", "minilm-l6"], "at least two classes"),
+    "unreadable image": (["--train", "{images}", "--model", "efficientnet-lite0"], "broken.png"),
+    "non-UTF-8 text": (["--train", "{latin1}", "--model", "minilm-l6"], "not UTF-8"),
+    "unknown model": (["--train", "{train}", "--model", "bert-huge"], "packaged model (minilm-l6, efficientnet-lite0"),
+    "unknown strategy": (["--train", "{train}", "--model", "minilm-l6", "--strategy", "lorra"], "choose one of freeze-bottom, full, linear-probe"),
+    "val file and fraction": (["--train", "{train}", "--val", "{train}", "--val-fraction", "0.2", "--model", "minilm-l6"], "not both"),
+    "freeze layers without freeze-bottom": (["--train", "{train}", "--model", "minilm-l6", "--freeze-layers", "2"], "--strategy freeze-bottom"),
+    "image model on text": (["--train", "{train}", "--model", "efficientnet-lite0"], "takes images"),
+    "bad number": (["--train", "{train}", "--model", "minilm-l6", "--epochs", "two"], "'epochs'"),
+    "resume without a run": (["--out", "{tmp}/never", "--resume"], "nothing to resume"),
+    "resume with other options": (["--out", "{tmp}/never", "--resume", "--epochs", "3"], "drop epochs"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_user_mistake_gives_one_line_and_exit_code_2(case, files, tmp_path, capsys):
+    argv, expected = CASES[case]
+    values = {**{k: str(v) for k, v in files.items()}, "tmp": str(tmp_path)}
+    argv = [a.format(**values) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "run")]
+    # In-process: any exception other than a handled UserError would fail the test with its traceback.
+    assert main(["fit", *argv]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("transferkit: error:"), lines
+    assert expected in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_directory_is_not_overwritten_silently(files, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("mine")
+    result = subprocess.run([sys.executable, "-m", "transferkit", "fit", "--train", str(files["train"]), "--model",
+                             "minilm-l6", "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert result.returncode == 2 and "--overwrite" in result.stderr
+    assert (tmp_path / "run" / "keep.txt").read_text() == "mine"
+
+
+def test_a_user_mistake_in_a_real_process_prints_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "transferkit", "predict", str(tmp_path), "--input", "x.csv",
+                             "--output", str(tmp_path / "p.csv")], capture_output=True, text=True)
+    assert result.returncode == 2 and "no finished model" in result.stderr

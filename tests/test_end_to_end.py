@@ -1,0 +1,121 @@
+"""One end-to-end run per modality on tiny random backbones loaded from disk through the real
+``from_pretrained`` path, plus the packaged MiniLM and EfficientNet-Lite0 on small data."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import transferkit
+from transferkit.cli import main
+from transferkit.engine.loop import Engine
+
+from .conftest import make_sentences, make_stripes, write_table
+
+
+def _fit(argv):
+    assert main(["fit", *argv]) == 0
+
+
+def test_text_run_writes_the_run_directory_contract(tiny_bert_dir, text_data, tmp_path):
+    run = tmp_path / "run"
+    _fit(["--train", str(text_data["train"]), "--val", str(text_data["val"]), "--test", str(text_data["test"]),
+          "--model", str(tiny_bert_dir), "--epochs", "2", "--lr", "1e-3", "--baseline-epochs", "3",
+          "--out", str(run)])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0 <= metrics["test"]["accuracy"] <= 1 and 0 <= metrics["test"]["macro_f1"] <= 1
+    assert 0 <= metrics["baseline"]["test"]["accuracy"] <= 1
+    assert metrics["data"] == {"train_source": str(text_data["train"]), "train": 160, "val": 40, "test": 40,
+                               "classes": ["neg", "pos"]}
+    assert set(metrics["test"]["per_class"]) == {"neg", "pos"}
+    assert sum(map(sum, metrics["test"]["confusion_matrix"])) == 40
+    for name in ("config.yaml", "report.md", "report.html", "log.jsonl", "plots/confusion_matrix.png",
+                 "plots/learning_curves.png", "model/model.safetensors", "model/transferkit.json"):
+        assert (run / name).is_file(), name
+    assert "Before vs after" in (run / "report.md").read_text()
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert any(r.get("phase") == "fine-tune (full)" and "val_accuracy" in r for r in log)
+
+    # A fresh process reloads the model and reproduces the run's test accuracy exactly.
+    out = subprocess.run([sys.executable, "-m", "transferkit", "evaluate", str(run), "--test", str(text_data["test"])],
+                         capture_output=True, text=True, check=True).stdout
+    assert f"accuracy {metrics['test']['accuracy']:.4f}" in out
+    preds = tmp_path / "preds.csv"
+    subprocess.run([sys.executable, "-m", "transferkit", "predict", str(run), "--input", str(text_data["test"]),
+                    "--output", str(preds)], capture_output=True, text=True, check=True)
+    rows = list(csv.DictReader(open(preds)))
+    assert len(rows) == 40 and {r["label"] for r in rows} <= {"neg", "pos"}
+    assert all(abs(float(r["p_neg"]) + float(r["p_pos"]) - 1) < 1e-4 for r in rows)
+
+    # The saved config replays the run.
+    replay = tmp_path / "replay"
+    _fit(["--config", str(run / "config.yaml"), "--out", str(replay), "--no-baseline"])
+    assert json.loads((replay / "metrics.json").read_text())["test"]["accuracy"] == metrics["test"]["accuracy"]
+
+
+def test_image_folder_run_with_a_transformers_vision_backbone(tiny_vit_dir, image_folder, tmp_path):
+    run = tmp_path / "run"
+    _fit(["--train", str(image_folder), "--model", str(tiny_vit_dir), "--strategy", "freeze-bottom",
+          "--freeze-layers", "1", "--epochs", "2", "--lr", "1e-3", "--val-fraction", "0.2", "--test-fraction", "0.2",
+          "--batch-size", "8", "--out", str(run)])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["data"]["test"] == 12 and metrics["strategy"] == "freeze-bottom"
+    assert metrics["trainable_parameters"] < metrics["total_parameters"]
+    model = transferkit.load_run(run)
+    assert set(model.predict(model.read(image_folder).inputs)) <= {"horizontal", "vertical"}
+
+
+def test_interrupted_run_resumes_to_the_same_result(tiny_bert_dir, text_data, tmp_path, monkeypatch):
+    common = dict(train=str(text_data["train"]), val=str(text_data["val"]), test=str(text_data["test"]),
+                  model=str(tiny_bert_dir), epochs=3, lr=1e-3, baseline_epochs=2, patience=None)
+    reference = transferkit.finetune(**common, out=str(tmp_path / "reference"))
+
+    original_save = Engine._save
+
+    def save_then_die(self, epoch, improved):
+        original_save(self, epoch, improved)
+        if self.description.startswith("fine-tune") and epoch == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Engine, "_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        transferkit.finetune(**common, out=str(tmp_path / "resumed"))
+    assert not (tmp_path / "resumed" / "metrics.json").exists()
+    monkeypatch.setattr(Engine, "_save", original_save)
+    assert main(["fit", "--out", str(tmp_path / "resumed"), "--resume"]) == 0
+    resumed = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert resumed["test"] == reference["test"]
+    assert [h["val_loss"] for h in resumed["history"]] == [h["val_loss"] for h in reference["history"]]
+
+
+def test_packaged_minilm_linear_probe_learns_sentiment(tmp_path):
+    rows = make_sentences(200, seed=5)
+    train = write_table(tmp_path / "train.tsv", rows[:120], sep="\t")
+    test = write_table(tmp_path / "test.tsv", rows[120:], sep="\t")
+    metrics = transferkit.finetune(model="minilm-l6", train=str(train), test=str(test), strategy="linear-probe",
+                                   epochs=30, lr=1e-2, val_fraction=0.25, out=str(tmp_path / "run"))
+    # Frozen all-MiniLM-L6-v2 features separate 'great/awful'-style sentences almost perfectly.
+    assert metrics["test"]["accuracy"] >= 0.9
+    assert metrics["trainable_parameters"] == 384 * 2 + 2
+
+
+def test_packaged_efficientnet_lite0_fine_tunes_on_idx_images(tmp_path):
+    import gzip
+    import struct
+
+    images, labels = make_stripes(96, size=28, seed=2)
+    grey = images.mean(-1).astype("uint8")
+    for prefix, sl in (("train", slice(0, 64)), ("t10k", slice(64, 96))):
+        with gzip.open(tmp_path / f"{prefix}-images-idx3-ubyte.gz", "wb") as handle:
+            handle.write(struct.pack(">BBBBIII", 0, 0, 8, 3, *grey[sl].shape) + grey[sl].tobytes())
+        ids = bytes(int(label == "vertical") for label in labels[sl])
+        with gzip.open(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", "wb") as handle:
+            handle.write(struct.pack(">BBBBI", 0, 0, 8, 1, len(ids)) + ids)
+    torch.manual_seed(0)
+    metrics = transferkit.finetune(model="efficientnet-lite0", train=str(tmp_path / "train-images-idx3-ubyte.gz"),
+                                   test=str(tmp_path / "t10k-images-idx3-ubyte.gz"), image_size=32, epochs=6,
+                                   batch_size=8, val_fraction=0.25, out=str(tmp_path / "run"))
+    assert metrics["test"]["accuracy"] >= 0.9 and metrics["baseline"]["test"]["accuracy"] >= 0.75
