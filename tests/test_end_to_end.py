@@ -75,8 +75,8 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_bert_dir, text_data, tm
 
     original_save = Engine._save
 
-    def save_then_die(self, epoch, improved):
-        original_save(self, epoch, improved)
+    def save_then_die(self, epoch, steps_done, running, seen, improved):
+        original_save(self, epoch, steps_done, running, seen, improved)
         if self.description.startswith("fine-tune") and epoch == 0:
             raise KeyboardInterrupt
 

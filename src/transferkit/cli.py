@@ -21,6 +21,8 @@ FIT_FLAGS_HELP = {
     "lr": "peak learning rate (default: 1e-3 linear probe, 5e-5 text, 5e-4 images)",
     "out": "run directory to write",
     "patience": "early-stopping patience in epochs ('none' to train every epoch)",
+    "checkpoint_every": "also checkpoint every N steps inside an epoch (epoch ends always checkpoint)",
+    "on_divergence": "on a NaN/inf loss or gradient: 'stop' the run, or 'skip' the batch and halve the LR",
 }
 
 

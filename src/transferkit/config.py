@@ -19,6 +19,7 @@ MONITORS = ("val_accuracy", "val_macro_f1", "val_loss")
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16")
 POOLINGS = ("mean", "cls")
+DIVERGENCE_ACTIONS = ("stop", "skip")
 
 
 @dataclass
@@ -62,6 +63,8 @@ class RunConfig:
     monitor: str = "val_accuracy"
     precision: str = "fp32"
     seed: int = 0
+    checkpoint_every: int | None = None
+    on_divergence: str = "stop"
 
     baseline: bool = True
     baseline_epochs: int = 20
@@ -83,6 +86,7 @@ class RunConfig:
             ("schedule", self.schedule, SCHEDULES),
             ("precision", self.precision, PRECISIONS),
             ("pooling", self.pooling, POOLINGS),
+            ("on_divergence", self.on_divergence, DIVERGENCE_ACTIONS),
         ):
             if value not in options:
                 raise UserError(f"config field '{name}' is '{value}': choose one of {', '.join(options)}")
@@ -103,6 +107,8 @@ class RunConfig:
             raise UserError(f"config field 'grad_clip' is {self.grad_clip}: it must be positive or absent")
         if self.patience is not None and self.patience < 1:
             raise UserError(f"config field 'patience' is {self.patience}: it must be >= 1, or absent to disable early stopping")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise UserError(f"config field 'checkpoint_every' is {self.checkpoint_every}: it must be a positive number of steps")
         if self.max_train_examples is not None and self.max_train_examples < 2:
             raise UserError(f"config field 'max_train_examples' is {self.max_train_examples}: it must be >= 2")
         if self.image_size is not None and not 8 <= self.image_size <= 1024:

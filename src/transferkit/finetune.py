@@ -74,7 +74,8 @@ def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 def _settings(config: RunConfig, epochs: int) -> EngineSettings:
     return EngineSettings(epochs=epochs, schedule=config.schedule, warmup_ratio=config.warmup_ratio,
                           grad_clip=config.grad_clip, precision=config.precision, monitor=config.monitor,
-                          patience=config.patience)
+                          patience=config.patience, checkpoint_every=config.checkpoint_every,
+                          on_divergence=config.on_divergence)
 
 
 def _train_head_on_features(config: RunConfig, features: dict[str, torch.Tensor], labels: dict[str, np.ndarray],
@@ -90,7 +91,7 @@ def _train_head_on_features(config: RunConfig, features: dict[str, torch.Tensor]
     val = Batches(features["val"], labels["val"], feature_collate, config.eval_batch_size)
     engine = Engine(probe, groups, CrossEntropyObjective(), train, val, _settings(config, epochs),
                     checkpoints=checkpoints, log=log, description=description)
-    engine.fit(resume=resume and checkpoints is not None and checkpoints.find("latest") is not None)
+    engine.fit(resume=resume and checkpoints is not None and checkpoints.find_resumable() is not None)
     return probe, engine
 
 
@@ -173,14 +174,21 @@ def finetune(config: RunConfig | str | Path | None = None, *, resume: bool = Fal
         test_batches = Batches(features["test"], labels["test"], feature_collate, config.eval_batch_size)
     else:
         train = Batches(prepared["train"], labels["train"], backbone.collate, config.batch_size, shuffle=True,
-                        seed=config.seed)
-        val = Batches(prepared["val"], labels["val"], backbone.collate, config.eval_batch_size)
+                        seed=config.seed, lengths=backbone.lengths(prepared["train"]))
+        val = Batches(prepared["val"], labels["val"], backbone.collate, config.eval_batch_size,
+                      lengths=backbone.lengths(prepared["val"]))
         groups = strategy.param_groups(model, config.lr, config.head_lr, config.weight_decay)
         engine = Engine(model, groups, CrossEntropyObjective(), train, val, _settings(config, config.epochs),
                         set_train_mode=strategy.set_train_mode, checkpoints=checkpoints, log=log,
                         description=f"fine-tune ({strategy.name})")
-        engine.fit(resume=resume and checkpoints.find("latest") is not None)
-        test_batches = Batches(prepared["test"], labels["test"], backbone.collate, config.eval_batch_size)
+        resuming = resume and checkpoints.find_resumable() is not None
+        if not resuming:
+            # A fixed seed here makes the fine-tuning phase independent of whether the baseline ran in
+            # this process or was read back from baseline.json after an interruption.
+            torch.manual_seed(config.seed + 1)
+        engine.fit(resume=resuming)
+        test_batches = Batches(prepared["test"], labels["test"], backbone.collate, config.eval_batch_size,
+                               lengths=backbone.lengths(prepared["test"]))
     seconds = time.time() - started + (feature_seconds if strategy.uses_feature_cache else 0.0)
     test = _test_report(engine, test_batches, labels["test"], classes)
 

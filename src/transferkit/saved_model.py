@@ -72,12 +72,12 @@ class FineTunedModel:
         """Class probabilities, shape (N, classes); ``inputs`` are texts, an ImageArray or ImagePaths."""
         backbone = self.model.backbone
         prepared = backbone.prepare(inputs)
-        batches = Batches(prepared, None, backbone.collate, self.eval_batch_size)
-        outputs = []
+        batches = Batches(prepared, None, backbone.collate, self.eval_batch_size, lengths=backbone.lengths(prepared))
+        probabilities = torch.empty(batches.size, len(self.classes))
         for batch in batches.iterate():
             logits = self.model(**{k: v.to(self.device) for k, v in batch["inputs"].items()})
-            outputs.append(torch.softmax(logits.float(), dim=-1).cpu())
-        return torch.cat(outputs).numpy()
+            probabilities[torch.as_tensor(batch["indices"], dtype=torch.long)] = torch.softmax(logits.float(), -1).cpu()
+        return probabilities.numpy()
 
     def predict(self, inputs) -> list[str]:
         return [self.classes[i] for i in self.predict_proba(inputs).argmax(1)]

@@ -51,6 +51,10 @@ class Backbone(nn.Module, ABC):
     def rebuild(cls, spec: dict[str, Any], directory: Path) -> "Backbone":
         """The same architecture and preprocessing, with untrained weights to be loaded into."""
 
+    def lengths(self, prepared: Any) -> list[int] | None:
+        """Per-example sequence lengths, for length-grouped batches; None when inputs have one size."""
+        return None
+
     def channels_last(self) -> bool:
         """Whether inputs should use channels-last memory (faster convolutions on CPU)."""
         return False

@@ -79,6 +79,9 @@ class HFTextBackbone(Backbone):
         # Tokenise once, unpadded: batches are padded to their own longest sequence (dynamic padding).
         return self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
 
+    def lengths(self, prepared: list[list[int]]) -> list[int]:
+        return [len(ids) for ids in prepared]
+
     def collate(self, prepared: list[list[int]], indices: Sequence[int]) -> dict[str, torch.Tensor]:
         rows = [prepared[i] for i in indices]
         width = max(len(r) for r in rows)

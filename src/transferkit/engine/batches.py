@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+MEGABATCH = 50  # batches per length-sorted chunk, as in the HF Trainer's length grouping
 Collate = Callable[[Any, Sequence[int]], dict[str, torch.Tensor]]
 
 
@@ -19,7 +20,7 @@ class Batches:
     """
 
     def __init__(self, prepared: Any, labels: np.ndarray | None, collate: Collate, batch_size: int,
-                 shuffle: bool = False, seed: int = 0):
+                 shuffle: bool = False, seed: int = 0, lengths: Sequence[int] | None = None):
         self.prepared = prepared
         self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
         self.collate = collate
@@ -27,15 +28,30 @@ class Batches:
         self.shuffle = shuffle
         self.seed = seed
         self.size = len(labels) if labels is not None else len(prepared)
+        # With lengths (token counts), batches group examples of similar length, so dynamic padding
+        # pads little: sorted for evaluation, and within shuffled mega-batches for training.
+        self.lengths = None if lengths is None else np.asarray(lengths)
 
     def __len__(self) -> int:
         return math.ceil(self.size / self.batch_size)
 
     def order(self, epoch: int) -> np.ndarray:
+        """The example order of ``epoch``: a pure function of (seed, epoch), so resume replays it."""
         if not self.shuffle:
-            return np.arange(self.size)
+            if self.lengths is None:
+                return np.arange(self.size)
+            return np.argsort(-self.lengths, kind="stable")
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(self.size, generator=generator).numpy()
+        order = torch.randperm(self.size, generator=generator).numpy()
+        if self.lengths is None:
+            return order
+        mega = self.batch_size * MEGABATCH
+        chunks = [order[i : i + mega] for i in range(0, self.size, mega)]
+        chunks = [chunk[np.argsort(-self.lengths[chunk], kind="stable")] for chunk in chunks]
+        batches = [b for chunk in chunks for b in np.array_split(chunk, range(self.batch_size, len(chunk), self.batch_size))]
+        # Keep the last (possibly short) batch last; shuffle the others so lengths do not follow a pattern.
+        shuffled = torch.randperm(len(batches) - 1, generator=generator).tolist() + [len(batches) - 1]
+        return np.concatenate([batches[i] for i in shuffled])
 
     def iterate(self, epoch: int = 0, start: int = 0) -> Iterator[dict]:
         """Batches of ``epoch`` from batch number ``start`` on."""

@@ -21,13 +21,13 @@ from .batches import Batches
 def compute_features(backbone: Backbone, prepared, batch_size: int, description: str,
                      device: torch.device) -> torch.Tensor:
     backbone.eval().to(device)
-    batches = Batches(prepared, None, backbone.collate, batch_size)
-    outputs = []
+    batches = Batches(prepared, None, backbone.collate, batch_size, lengths=backbone.lengths(prepared))
+    features = torch.empty(batches.size, backbone.feature_dim)
     for batch in tqdm(batches.iterate(), total=len(batches), desc=description, unit="batch", mininterval=1.0,
                       dynamic_ncols=True):
         inputs = {k: v.to(device) for k, v in batch["inputs"].items()}
-        outputs.append(backbone(**inputs).float().cpu())
-    return torch.cat(outputs)
+        features[torch.as_tensor(batch["indices"], dtype=torch.long)] = backbone(**inputs).float().cpu()
+    return features
 
 
 def cached_features(cache_dir: Path | None, split: str, backbone: Backbone, prepared, batch_size: int,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -37,6 +38,8 @@ class EngineSettings:
     monitor: str = "val_accuracy"
     patience: int | None = 2
     log_every: int = 20
+    checkpoint_every: int | None = None  # steps between mid-epoch checkpoints (epoch ends always save)
+    on_divergence: str = "stop"  # or "skip": skip a NaN/inf batch and halve the learning rate
 
 
 def default_device() -> torch.device:
@@ -73,6 +76,7 @@ class Engine:
         self.best_value: float | None = None
         self.best_epoch: int | None = None
         self.bad_epochs = 0
+        self.lr_scale = 1.0
         self._best_state: dict | None = None
 
     # -- evaluation -------------------------------------------------------------------------------
@@ -82,12 +86,14 @@ class Engine:
     @torch.no_grad()
     def predict_logits(self, batches: Batches) -> np.ndarray:
         self.model.eval()
-        outputs = []
+        outputs = None
         for batch in batches.iterate():
             with self._autocast():
-                logits = self.model(**_to(self.device, batch)["inputs"])
-            outputs.append(logits.float().cpu())
-        return torch.cat(outputs).numpy()
+                logits = self.model(**_to(self.device, batch)["inputs"]).float().cpu()
+            if outputs is None:
+                outputs = torch.empty(batches.size, logits.shape[1])
+            outputs[torch.as_tensor(batch["indices"], dtype=torch.long)] = logits  # batches may be length-sorted
+        return outputs.numpy()
 
     def evaluate(self, batches: Batches) -> dict[str, float]:
         logits = self.predict_logits(batches)
@@ -104,57 +110,86 @@ class Engine:
         return value > self.best_value
 
     # -- resume -----------------------------------------------------------------------------------
-    def _state(self, epoch: int) -> dict:
-        return {"epoch": epoch, "best_value": self.best_value, "best_epoch": self.best_epoch,
-                "bad_epochs": self.bad_epochs, "history": self.history}
+    def _state(self, epoch: int, steps_done: int, running: float, seen: int) -> dict:
+        return {"epoch": epoch, "steps_done": steps_done, "running_loss": running, "seen": seen,
+                "best_value": self.best_value, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
+                "history": self.history, "lr_scale": self.lr_scale}
 
-    def _restore(self) -> int:
-        """Load the latest checkpoint; returns the first epoch still to run."""
-        folder, state, resumable = self.checkpoints.load_state("latest")
+    def _restore(self) -> tuple[int, int, float, int]:
+        """Load the newest intact checkpoint; returns (epoch, first step, running loss sum, examples seen)."""
+        folder, state, resumable = self.checkpoints.load_state()
+        for warning in self.checkpoints.warnings:
+            tqdm.write(f"transferkit: warning: {warning}", file=sys.stderr)
         load_weights(self.model, folder / "model.safetensors")
         self.optimizer.load_state_dict(resumable["optimizer"])
         self.scheduler.load_state_dict(resumable["scheduler"])
         set_rng_state(resumable["rng"])
         self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
         self.bad_epochs, self.history = state["bad_epochs"], state["history"]
-        return int(state["epoch"]) + 1
+        self.lr_scale = state.get("lr_scale", 1.0)
+        epoch, steps_done = int(state["epoch"]), int(state["steps_done"])
+        if steps_done >= len(self.train_batches):
+            return epoch + 1, 0, 0.0, 0
+        return epoch, steps_done, float(state["running_loss"]), int(state["seen"])
 
     # -- training ---------------------------------------------------------------------------------
+    def _diverged(self, what: str, epoch: int, step: int) -> bool:
+        """Stop, or (with on_divergence='skip') skip the batch and halve the learning rate."""
+        where = f"epoch {epoch + 1}, batch {step + 1}"
+        if self.settings.on_divergence != "skip":
+            raise UserError(f"{self.description}: the {what} at {where}: lower --lr, or use --precision fp32 "
+                            f"(the best checkpoint so far is kept)")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scale *= 0.5
+        self.scheduler.base_lrs = [lr * 0.5 for lr in self.scheduler.base_lrs]
+        tqdm.write(f"transferkit: warning: {self.description}: the {what} at {where}; batch skipped, learning rate halved",
+                   file=sys.stderr)
+        self.log.write(phase=self.description, event="diverged", epoch=epoch + 1, step=step + 1, what=what)
+        return True
+
+    def _train_step(self, batch: dict, epoch: int, step: int) -> float | None:
+        """One optimiser step; returns the loss, or None when the batch was skipped as divergent."""
+        settings = self.settings
+        with self._autocast():
+            loss, _ = self.objective(self.model, batch)
+        if not torch.isfinite(loss):
+            self._diverged(f"loss became {loss.item()}", epoch, step)
+            return None
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        parameters = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(parameters, settings.grad_clip or math.inf)
+        if not torch.isfinite(norm):
+            self._diverged(f"gradient norm became {norm.item()}", epoch, step)
+            return None
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss.item()
+
     def fit(self, resume: bool = False) -> list[dict]:
-        first_epoch = self._restore() if resume else 0
+        epoch, start, running, seen = self._restore() if resume else (0, 0, 0.0, 0)
         settings = self.settings
         steps_per_epoch = len(self.train_batches)
         stopped = self.bad_epochs >= (settings.patience or math.inf)
-        bar = tqdm(total=settings.epochs * steps_per_epoch, initial=first_epoch * steps_per_epoch,
+        bar = tqdm(total=settings.epochs * steps_per_epoch, initial=epoch * steps_per_epoch + start,
                    desc=self.description, unit="step", dynamic_ncols=True, mininterval=1.0, leave=True)
-        epoch = first_epoch
         while epoch < settings.epochs and not stopped:
             started = time.time()
             self.set_train_mode(self.model)
-            running, seen = 0.0, 0
-            for step, batch in enumerate(self.train_batches.iterate(epoch)):
+            for step, batch in enumerate(self.train_batches.iterate(epoch, start), start=start):
                 batch = _to(self.device, batch)
-                with self._autocast():
-                    loss, _ = self.objective(self.model, batch)
-                if not torch.isfinite(loss):
-                    raise UserError(
-                        f"{self.description}: the loss became {loss.item()} at epoch {epoch + 1}, batch {step + 1}: "
-                        "lower --lr, or use --precision fp32"
-                    )
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if settings.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(
-                        [p for g in self.optimizer.param_groups for p in g["params"]], settings.grad_clip)
-                self.optimizer.step()
-                self.scheduler.step()
-                running += loss.item() * len(batch["labels"])
-                seen += len(batch["labels"])
+                loss = self._train_step(batch, epoch, step)
+                if loss is not None:
+                    running += loss * len(batch["labels"])
+                    seen += len(batch["labels"])
                 bar.update(1)
-                if step % settings.log_every == 0:
+                if step % settings.log_every == 0 and seen:
                     bar.set_postfix(loss=f"{running / seen:.4f}", refresh=False)
-                    self.log.write(phase=self.description, epoch=epoch + 1, step=step + 1, loss=loss.item(),
+                    self.log.write(phase=self.description, epoch=epoch + 1, step=step + 1, loss=loss,
                                    lr=self.scheduler.get_last_lr()[0])
+                every = settings.checkpoint_every
+                if every and self.checkpoints is not None and (step + 1) % every == 0 and step + 1 < steps_per_epoch:
+                    self._save(epoch, step + 1, running, seen, improved=False)
             record = {"epoch": epoch + 1, "train_loss": running / max(seen, 1), "seconds": time.time() - started}
             if self.val_batches is not None:
                 record.update({f"val_{k}": v for k, v in self.evaluate(self.val_batches).items()})
@@ -172,13 +207,13 @@ class Engine:
             bar.write(f"{self.description} epoch {epoch + 1}/{settings.epochs}: "
                       + ", ".join(f"{k} {v}" for k, v in shown.items()) + (" (best)" if improved else ""))
             stopped = settings.patience is not None and self.bad_epochs >= settings.patience
-            self._save(epoch, improved)
-            epoch += 1
+            self._save(epoch, steps_per_epoch, running, seen, improved)
+            epoch, start, running, seen = epoch + 1, 0, 0.0, 0
         bar.close()
         self._restore_best()
         return self.history
 
-    def _save(self, epoch: int, improved: bool) -> None:
+    def _save(self, epoch: int, steps_done: int, running: float, seen: int, improved: bool) -> None:
         if self.checkpoints is None:
             if improved:
                 self._best_state = copy.deepcopy(self.model.state_dict())
@@ -186,7 +221,8 @@ class Engine:
         resumable = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "rng": rng_state()}
         pointers = ("latest", "best") if improved else ("latest",)
-        self.checkpoints.save(f"epoch-{epoch + 1:04d}", self.model, self._state(epoch), resumable, pointers)
+        self.checkpoints.save(f"epoch-{epoch + 1:04d}-step-{steps_done:06d}", self.model,
+                              self._state(epoch, steps_done, running, seen), resumable, pointers)
 
     def _restore_best(self) -> None:
         if self.checkpoints is not None:
