@@ -20,6 +20,8 @@ from .dataset import Examples, ImageArray, ImagePaths
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": "\t", ".jsonl": None, ".json": None, ".parquet": None}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TEXT_COLUMN_GUESSES = ("text", "sentence", "review", "content", "document")
+# How spreadsheets and pandas spell a missing value; as a label these mean "no label", never a class.
+MISSING_LABELS = {"nan", "none", "null", "na", "n/a", "#n/a"}
 
 
 def read_examples(
@@ -113,6 +115,33 @@ def _cell_to_text(value) -> str | None:
     return text if text else None
 
 
+def _canonical_number(label: str) -> str:
+    """'1.0' and '1' name the same class: integral numbers are written without a fraction."""
+    try:
+        number = float(label)
+    except ValueError:
+        return label
+    return str(int(number)) if number.is_integer() else label
+
+
+def _check_label_types(path: Path, column: str, labels: list[str]) -> None:
+    """Numbers mixed with words in one label column are almost always a data-preparation slip."""
+    def is_number(label: str) -> bool:
+        try:
+            float(label)
+            return True
+        except ValueError:
+            return False
+
+    numeric = [i for i, label in enumerate(labels) if is_number(label)]
+    if numeric and len(numeric) < len(labels):
+        word = next(i for i, label in enumerate(labels) if not is_number(label))
+        raise UserError(
+            f"data file {path}: column '{column}' mixes numbers ({labels[numeric[0]]!r} at {_row_name(path, numeric[0])}) "
+            f"and words ({labels[word]!r} at {_row_name(path, word)}): use one kind of label"
+        )
+
+
 def _row_name(path: Path, index: int) -> str:
     # CSV/TSV have a header line, so data row i sits on line i + 2; JSONL line i + 1.
     if path.suffix.lower() in (".csv", ".tsv", ".txt"):
@@ -168,9 +197,11 @@ def read_table(path: Path, *, label_column: str | None, text_column: str | None,
     labels = None
     if has_labels:
         labels = [_cell_to_text(v) for v in frame[label_column].tolist()]
+        labels = [None if v is None or v.lower() in MISSING_LABELS else _canonical_number(v) for v in labels]
         missing = [i for i, v in enumerate(labels) if v is None]
         if missing:
             raise _missing_error(path, label_column, missing, "missing labels")
+        _check_label_types(path, label_column, labels)
 
     if image_column is not None:
         base = path.parent
@@ -205,6 +236,11 @@ def read_image_folder(root: Path) -> Examples:
     paths, labels = [], []
     for class_dir in class_dirs:
         for p in sorted(class_dir.rglob("*")):
+            if p.is_symlink() and p.is_dir():
+                raise UserError(
+                    f"image folder {root}: {p} is a link to a folder (links inside class folders are not followed, "
+                    f"and can loop): replace it with the image files"
+                )
             if p.is_dir() or p.name.startswith("."):
                 continue
             if p.suffix.lower() not in IMAGE_SUFFIXES:

@@ -56,6 +56,13 @@ def subsample(examples: Examples, limit: int, seed: int) -> Examples:
     return kept
 
 
+def _require_two_classes(examples: Examples) -> None:
+    classes = set(examples.labels)
+    if len(classes) < 2:
+        raise UserError(f"{examples.source}: every training example has the label '{classes.pop()}': "
+                        f"a classifier needs at least two classes")
+
+
 def load_splits(config: RunConfig) -> Splits:
     """Read and split the data that ``config`` names, with every consistency check up front."""
     if config.train in PACKAGED_DATASETS:
@@ -66,6 +73,7 @@ def load_splits(config: RunConfig) -> Splits:
         train = _read(config.train, config)
         test = _read(config.test, config) if config.test else None
     val = _read(config.val, config) if config.val else None
+    _require_two_classes(train)
 
     if config.test_fraction is not None and test is not None and not config.test:
         raise UserError(f"'{config.train}' ships its own test split: drop 'test_fraction'")
@@ -76,9 +84,8 @@ def load_splits(config: RunConfig) -> Splits:
     if config.max_train_examples is not None:
         train = subsample(train, config.max_train_examples, config.seed)
 
+    _require_two_classes(train)
     classes = sort_classes(train.labels)
-    if len(classes) < 2:
-        raise UserError(f"{train.source}: every training example has the label '{classes[0]}': a classifier needs at least two classes")
     for name, split in (("validation", val), ("test", test)):
         if split.modality != train.modality:
             raise UserError(f"{split.source} holds {split.modality}s but the training data holds {train.modality}s: use the same kind of data")
