@@ -31,6 +31,10 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(RunConfig):
         flag = "--" + f.name.replace("_", "-")
         default = None if f.default is MISSING else f.default
+        if f.name == "allow_pickle":
+            parser.add_argument("--allow-pickle", dest="allow_pickle", action="store_const", const=True, default=None,
+                                help="allow loading pickle (.bin/.pt) model weights, which can run code: trusted sources only")
+            continue
         if f.name == "baseline":
             parser.add_argument("--no-baseline", dest="baseline", action="store_const", const=False, default=None,
                                 help="skip the linear-probe baseline")

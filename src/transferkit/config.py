@@ -45,6 +45,7 @@ class RunConfig:
     image_size: int | None = None
     max_length: int | None = None
     pooling: str = "mean"
+    allow_pickle: bool = False
 
     strategy: str = "full"
     freeze_layers: int | None = None

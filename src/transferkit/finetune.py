@@ -118,7 +118,7 @@ def finetune(config: RunConfig | str | Path | None = None, *, resume: bool = Fal
     strategy = create_strategy(config)
     splits = load_splits(config)
     backbone = create_backbone(config.model, image_size=config.image_size, max_length=config.max_length,
-                               pooling=config.pooling)
+                               pooling=config.pooling, allow_pickle=config.allow_pickle)
     if backbone.modality != splits.train.modality:
         raise UserError(f"model '{config.model}' takes {backbone.modality}s but {splits.train.source} holds "
                         f"{splits.train.modality}s: choose a {splits.train.modality} model")

@@ -179,3 +179,22 @@ def test_labels_written_as_floats_and_ints_are_one_class(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps({"text": f"t{i}", "label": v}) for i, v in enumerate([1, 1.0, 0, "0"])))
     assert read_examples(path).labels == ["1", "1", "0", "0"]
+
+
+def test_pickle_weights_are_refused_unless_the_user_opts_in(tmp_path, tiny_bert_dir, capsys):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    unsafe = tmp_path / "pickled-model"
+    shutil.copytree(tiny_bert_dir, unsafe)
+    state = load_file(unsafe / "model.safetensors")
+    (unsafe / "model.safetensors").unlink()
+    torch.save(state, unsafe / "pytorch_model.bin")
+    data = _csv(tmp_path, "text,label\n" + "".join(f"{'good' if i % 2 else 'bad'} film,{i % 2}\n" for i in range(40)))
+    argv = ["fit", "--train", str(data), "--model", str(unsafe), "--epochs", "1", "--no-baseline"]
+    assert main([*argv, "--out", str(tmp_path / "refused")]) == 2
+    assert "--allow-pickle" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+    assert main([*argv, "--allow-pickle", "--out", str(tmp_path / "allowed")]) == 0

@@ -41,11 +41,13 @@ class HFTextBackbone(Backbone):
         self.spec = spec
 
     @classmethod
-    def from_pretrained(cls, source: str, *, max_length: int | None, pooling: str, name: str) -> "HFTextBackbone":
+    def from_pretrained(cls, source: str, *, max_length: int | None, pooling: str, name: str,
+                        allow_pickle: bool = False) -> "HFTextBackbone":
         from transformers import AutoModel, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(source)
-        encoder = AutoModel.from_pretrained(source, dtype=torch.float32)
+        # safetensors only, unless the user opts in: pickle weights (.bin) can run code when loaded.
+        encoder = AutoModel.from_pretrained(source, dtype=torch.float32, use_safetensors=not allow_pickle)
         if max_length is None:
             model_max = getattr(tokenizer, "model_max_length", DEFAULT_MAX_LENGTH) or DEFAULT_MAX_LENGTH
             max_length = _sentence_transformers_max_length(source) or min(int(model_max), DEFAULT_MAX_LENGTH)

@@ -46,11 +46,12 @@ class HFVisionBackbone(Backbone):
         self.feature_dim = int(hidden)
 
     @classmethod
-    def from_pretrained(cls, source: str, *, image_size: int | None, pooling: str, name: str) -> "HFVisionBackbone":
+    def from_pretrained(cls, source: str, *, image_size: int | None, pooling: str, name: str,
+                        allow_pickle: bool = False) -> "HFVisionBackbone":
         from transformers import AutoImageProcessor, AutoModel
 
         processor = AutoImageProcessor.from_pretrained(source)
-        encoder = AutoModel.from_pretrained(source, dtype=torch.float32)
+        encoder = AutoModel.from_pretrained(source, dtype=torch.float32, use_safetensors=not allow_pickle)
         spec = {
             "family": "hf-vision", "name": name, "pooling": pooling,
             "image_size": int(image_size or _processor_size(processor)),

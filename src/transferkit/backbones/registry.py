@@ -61,7 +61,7 @@ def _is_vision_source(source: str) -> bool:
 
 
 def create_backbone(name: str, *, image_size: int | None = None, max_length: int | None = None,
-                    pooling: str = "mean") -> Backbone:
+                    pooling: str = "mean", allow_pickle: bool = False) -> Backbone:
     """Load the pretrained backbone ``name`` with the preprocessing that belongs to its weights."""
     if name in PACKAGED:
         return PACKAGED[name][2](image_size, max_length, pooling)
@@ -82,13 +82,22 @@ def create_backbone(name: str, *, image_size: int | None = None, max_length: int
     try:
         if vision is None:
             try:
-                return HFTextBackbone.from_pretrained(source, max_length=max_length, pooling=pooling, name=name)
+                return HFTextBackbone.from_pretrained(source, max_length=max_length, pooling=pooling, name=name,
+                                                      allow_pickle=allow_pickle)
             except (OSError, ValueError, KeyError, TypeError):
-                return HFVisionBackbone.from_pretrained(source, image_size=image_size, pooling=pooling, name=name)
+                return HFVisionBackbone.from_pretrained(source, image_size=image_size, pooling=pooling, name=name,
+                                                        allow_pickle=allow_pickle)
         if vision:
-            return HFVisionBackbone.from_pretrained(source, image_size=image_size, pooling=pooling, name=name)
-        return HFTextBackbone.from_pretrained(source, max_length=max_length, pooling=pooling, name=name)
+            return HFVisionBackbone.from_pretrained(source, image_size=image_size, pooling=pooling, name=name,
+                                                    allow_pickle=allow_pickle)
+        return HFTextBackbone.from_pretrained(source, max_length=max_length, pooling=pooling, name=name,
+                                              allow_pickle=allow_pickle)
     except OSError as error:
+        if "safetensors" in str(error) and not allow_pickle:
+            raise UserError(
+                f"model '{name}' has no safetensors weights, only pickle files that can run code when loaded: "
+                f"convert them to safetensors, or pass --allow-pickle if you trust their source"
+            ) from None
         raise UserError(
             f"model '{name}' could not be loaded ({str(error).splitlines()[0][:160]}): check the name, your internet "
             f"connection, or use a packaged model ({known})"
