@@ -38,7 +38,7 @@ CASES = {
     "unreadable image": (["--train", "{images}", "--model", "efficientnet-lite0"], "broken.png"),
     "non-UTF-8 text": (["--train", "{latin1}", "--model", "minilm-l6"], "not UTF-8"),
     "unknown model": (["--train", "{train}", "--model", "bert-huge"], "packaged model (minilm-l6, efficientnet-lite0"),
-    "unknown strategy": (["--train", "{train}", "--model", "minilm-l6", "--strategy", "lorra"], "choose one of freeze-bottom, full, linear-probe"),
+    "unknown strategy": (["--train", "{train}", "--model", "minilm-l6", "--strategy", "lorra"], "choose one of bitfit, discriminative-lr, freeze-bottom, full"),
     "val file and fraction": (["--train", "{train}", "--val", "{train}", "--val-fraction", "0.2", "--model", "minilm-l6"], "not both"),
     "freeze layers without freeze-bottom": (["--train", "{train}", "--model", "minilm-l6", "--freeze-layers", "2"], "--strategy freeze-bottom"),
     "image model on text": (["--train", "{train}", "--model", "efficientnet-lite0"], "takes images"),

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -119,3 +120,17 @@ def test_packaged_efficientnet_lite0_fine_tunes_on_idx_images(tmp_path):
                                    test=str(tmp_path / "t10k-images-idx3-ubyte.gz"), image_size=32, epochs=6,
                                    batch_size=8, val_fraction=0.25, out=str(tmp_path / "run"))
     assert metrics["test"]["accuracy"] >= 0.9 and metrics["baseline"]["test"]["accuracy"] >= 0.75
+
+
+@pytest.mark.parametrize("options", [
+    ["--strategy", "gradual-unfreeze", "--l2-sp", "0.01", "--schedule", "one-cycle"],
+    ["--strategy", "discriminative-lr", "--lr-decay", "0.7", "--optimizer", "sgd", "--label-smoothing", "0.1"],
+    ["--strategy", "bitfit", "--l1", "1e-5", "--schedule", "exponential"],
+])
+def test_catalogue_strategies_run_end_to_end(options, tiny_bert_dir, text_data, tmp_path):
+    run = tmp_path / "run"
+    _fit(["--train", str(text_data["train"]), "--test", str(text_data["test"]), "--model", str(tiny_bert_dir),
+          "--epochs", "3", "--lr", "1e-3", "--no-baseline", "--out", str(run), *options])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["strategy"] == options[1] and len(metrics["history"]) == 3
+    assert all(np.isfinite(h["train_loss"]) for h in metrics["history"])

@@ -16,7 +16,8 @@ import yaml
 from .errors import UserError
 
 MONITORS = ("val_accuracy", "val_macro_f1", "val_loss")
-SCHEDULES = ("linear", "cosine", "constant")
+SCHEDULES = ("linear", "cosine", "exponential", "one-cycle", "constant")
+OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("fp32", "bf16")
 POOLINGS = ("mean", "cls")
 DIVERGENCE_ACTIONS = ("stop", "skip")
@@ -49,13 +50,20 @@ class RunConfig:
 
     strategy: str = "full"
     freeze_layers: int | None = None
+    lr_decay: float | None = None
+    unfreeze_every: int | None = None
 
     epochs: int = 3
     batch_size: int = 32
     eval_batch_size: int = 128
     lr: float | None = None
     head_lr: float | None = None
+    optimizer: str = "adamw"
+    momentum: float = 0.9
     weight_decay: float = 0.01
+    l2_sp: float | None = None
+    l1: float | None = None
+    label_smoothing: float = 0.0
     warmup_ratio: float = 0.06
     schedule: str = "linear"
     grad_clip: float | None = 1.0
@@ -85,6 +93,7 @@ class RunConfig:
         for name, value, options in (
             ("monitor", self.monitor, MONITORS),
             ("schedule", self.schedule, SCHEDULES),
+            ("optimizer", self.optimizer, OPTIMIZERS),
             ("precision", self.precision, PRECISIONS),
             ("pooling", self.pooling, POOLINGS),
             ("on_divergence", self.on_divergence, DIVERGENCE_ACTIONS),
@@ -128,12 +137,33 @@ class RunConfig:
         if self.text_column and self.image_column:
             raise UserError("both 'text_column' and 'image_column' are set: a run reads either texts or images")
         if self.freeze_layers is not None:
-            if self.strategy != "freeze-bottom":
+            if self.strategy not in ("freeze-bottom", "discriminative-lr"):
                 raise UserError(
-                    f"'freeze_layers' is set but strategy is '{self.strategy}': it applies to --strategy freeze-bottom only"
+                    f"'freeze_layers' is set but strategy is '{self.strategy}': it applies to --strategy freeze-bottom "
+                    f"or discriminative-lr only"
                 )
             if self.freeze_layers < 0:
                 raise UserError(f"config field 'freeze_layers' is {self.freeze_layers}: it must be >= 0")
+        if self.lr_decay is not None:
+            if self.strategy != "discriminative-lr":
+                raise UserError(f"'lr_decay' is set but strategy is '{self.strategy}': it applies to --strategy discriminative-lr only")
+            if not 0 < self.lr_decay <= 1:
+                raise UserError(f"config field 'lr_decay' is {self.lr_decay}: it must be in (0, 1]")
+        if self.unfreeze_every is not None:
+            if self.strategy != "gradual-unfreeze":
+                raise UserError(f"'unfreeze_every' is set but strategy is '{self.strategy}': it applies to --strategy gradual-unfreeze only")
+            if self.unfreeze_every < 1:
+                raise UserError(f"config field 'unfreeze_every' is {self.unfreeze_every}: it must be >= 1 epoch")
+        for name in ("l2_sp", "l1"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise UserError(f"config field '{name}' is {value}: it must be a positive strength, or absent")
+        if self.l2_sp is not None and self.strategy == "linear-probe":
+            raise UserError("'l2_sp' pulls the backbone towards its pretrained weights, but linear-probe freezes the backbone: drop one")
+        if not 0 <= self.label_smoothing < 1:
+            raise UserError(f"config field 'label_smoothing' is {self.label_smoothing}: it must be in [0, 1)")
+        if not 0 <= self.momentum < 1:
+            raise UserError(f"config field 'momentum' is {self.momentum}: it must be in [0, 1)")
 
     @property
     def effective_val_fraction(self) -> float:

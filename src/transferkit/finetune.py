@@ -32,7 +32,7 @@ from .evaluation.metrics import full_report
 from .evaluation.plots import plot_confusion_matrix, plot_learning_curves
 from .evaluation.report import write_report
 from .model import ClassificationHead, Classifier
-from .objectives import CrossEntropyObjective
+from .objectives import CrossEntropyObjective, L1Penalty, L2SPPenalty, RegularisedObjective
 from .saved_model import save_classifier
 from .strategies import create_strategy
 
@@ -75,7 +75,7 @@ def _settings(config: RunConfig, epochs: int) -> EngineSettings:
     return EngineSettings(epochs=epochs, schedule=config.schedule, warmup_ratio=config.warmup_ratio,
                           grad_clip=config.grad_clip, precision=config.precision, monitor=config.monitor,
                           patience=config.patience, checkpoint_every=config.checkpoint_every,
-                          on_divergence=config.on_divergence)
+                          on_divergence=config.on_divergence, optimizer=config.optimizer, momentum=config.momentum)
 
 
 def _train_head_on_features(config: RunConfig, features: dict[str, torch.Tensor], labels: dict[str, np.ndarray],
@@ -93,6 +93,17 @@ def _train_head_on_features(config: RunConfig, features: dict[str, torch.Tensor]
                     checkpoints=checkpoints, log=log, description=description)
     engine.fit(resume=resume and checkpoints is not None and checkpoints.find_resumable() is not None)
     return probe, engine
+
+
+def _objective(config: RunConfig, model: Classifier):
+    """Cross-entropy, plus L2-SP and L1 penalties when asked for."""
+    objective = CrossEntropyObjective(label_smoothing=config.label_smoothing)
+    penalties = []
+    if config.l2_sp:
+        penalties.append(L2SPPenalty(model.backbone, config.l2_sp))  # the backbone is still at its pretrained weights
+    if config.l1:
+        penalties.append(L1Penalty(config.l1))
+    return RegularisedObjective(objective, penalties) if penalties else objective
 
 
 def _test_report(engine: Engine, features_or_batches: Batches, labels: np.ndarray, classes: list[str]) -> dict:
@@ -177,10 +188,11 @@ def finetune(config: RunConfig | str | Path | None = None, *, resume: bool = Fal
                         seed=config.seed, lengths=backbone.lengths(prepared["train"]))
         val = Batches(prepared["val"], labels["val"], backbone.collate, config.eval_batch_size,
                       lengths=backbone.lengths(prepared["val"]))
-        groups = strategy.param_groups(model, config.lr, config.head_lr, config.weight_decay)
-        engine = Engine(model, groups, CrossEntropyObjective(), train, val, _settings(config, config.epochs),
-                        set_train_mode=strategy.set_train_mode, checkpoints=checkpoints, log=log,
-                        description=f"fine-tune ({strategy.name})")
+        groups = strategy.param_groups(model, config.lr, config.head_lr, config.weight_decay,
+                                       backbone_weight_decay=0.0 if config.l2_sp else None)
+        engine = Engine(model, groups, _objective(config, model), train, val, _settings(config, config.epochs),
+                        set_train_mode=strategy.set_train_mode, on_epoch_start=strategy.on_epoch_start,
+                        checkpoints=checkpoints, log=log, description=f"fine-tune ({strategy.name})")
         resuming = resume and checkpoints.find_resumable() is not None
         if not resuming:
             # A fixed seed here makes the fine-tuning phase independent of whether the baseline ran in

@@ -59,7 +59,7 @@ def test_freeze_bottom_more_layers_than_the_model_has(tiny_bert_dir):
 
 
 def test_unknown_strategy_lists_registered_ones():
-    with pytest.raises(UserError, match="unknown strategy 'lorra'.*freeze-bottom, full, linear-probe"):
+    with pytest.raises(UserError, match="unknown strategy .lorra.*bitfit, discriminative-lr, freeze-bottom, full, gradual-unfreeze, linear-probe"):
         _strategy("lorra")
 
 
@@ -86,3 +86,75 @@ def test_param_groups_exclude_biases_and_norms_from_weight_decay(tiny_bert_dir):
             assert all(p.ndim > 1 for p in group["params"])
     assert {g["lr"] for g in groups} == {1e-4, 1e-3}
     assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
+
+
+def test_registry_holds_the_catalogue():
+    assert {"bitfit", "discriminative-lr", "gradual-unfreeze"} <= set(STRATEGIES)
+
+
+def test_bitfit_trains_only_biases_norms_and_the_head(tiny_bert_dir):
+    model = _model(tiny_bert_dir)
+    _strategy("bitfit").apply(model)
+    backbone_trainable = {n for n, p in model.backbone.named_parameters() if p.requires_grad}
+    assert backbone_trainable and all(n.endswith(("bias", "LayerNorm.weight")) for n in backbone_trainable)
+    assert {"head.linear.weight", "head.linear.bias"} <= _trainable(model)
+    assert Strategy_fraction(model) < 0.05
+
+
+def Strategy_fraction(model):
+    return sum(p.numel() for p in model.backbone.parameters() if p.requires_grad) / sum(
+        p.numel() for p in model.backbone.parameters())
+
+
+def test_discriminative_lr_decays_geometrically_from_top_to_bottom(tiny_bert_dir):
+    model = _model(tiny_bert_dir)
+    strategy = _strategy("discriminative-lr", lr_decay=0.5)
+    strategy.apply(model)
+    groups = strategy.param_groups(model, lr=1e-3, head_lr=1e-2, weight_decay=0.01)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    bert = model.backbone.encoder
+    assert lr_of[id(bert.embeddings.word_embeddings.weight)] == pytest.approx(1e-3 * 0.25)  # 3 groups: emb, L0, L1
+    assert lr_of[id(bert.encoder.layer[0].attention.self.query.weight)] == pytest.approx(1e-3 * 0.5)
+    assert lr_of[id(bert.encoder.layer[1].output.dense.weight)] == pytest.approx(1e-3)
+    assert lr_of[id(model.head.linear.weight)] == pytest.approx(1e-2)
+    assert len(lr_of) == sum(1 for _ in model.parameters())
+
+
+def test_discriminative_lr_combines_with_freezing(tiny_bert_dir):
+    model = _model(tiny_bert_dir)
+    strategy = _strategy("discriminative-lr", freeze_layers=1)
+    strategy.apply(model)
+    assert not any("embeddings" in n for n in _trainable(model))
+    with pytest.raises(UserError, match="layer groups"):
+        _strategy("discriminative-lr", freeze_layers=3).apply(_model(tiny_bert_dir))
+
+
+def test_gradual_unfreeze_adds_one_group_from_the_top_per_stage(tiny_bert_dir):
+    model = _model(tiny_bert_dir)
+    strategy = _strategy("gradual-unfreeze")
+    strategy.on_epoch_start(model, 0)
+    assert _trainable(model) == {"head.linear.weight", "head.linear.bias"}
+    strategy.on_epoch_start(model, 1)
+    assert any("layer.1." in n for n in _trainable(model)) and not any("layer.0." in n for n in _trainable(model))
+    strategy.on_epoch_start(model, 3)
+    assert _trainable(model) == {n for n, _ in model.named_parameters()}
+    groups = strategy.param_groups(model, lr=1e-3, head_lr=None, weight_decay=0.0)
+    assert sum(len(g["params"]) for g in groups) == sum(1 for _ in model.parameters())  # optimiser holds all from the start
+
+
+def test_gradual_unfreeze_respects_its_stage_length(tiny_bert_dir):
+    strategy = _strategy("gradual-unfreeze", unfreeze_every=2)
+    assert [strategy.unfrozen_count(e) for e in range(5)] == [0, 0, 1, 1, 2]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"strategy": "full", "lr_decay": 0.8}, "discriminative-lr only"),
+    ({"strategy": "discriminative-lr", "lr_decay": 1.5}, "(0, 1]"),
+    ({"strategy": "gradual-unfreeze", "unfreeze_every": 0}, ">= 1 epoch"),
+    ({"strategy": "full", "unfreeze_every": 2}, "gradual-unfreeze only"),
+    ({"strategy": "linear-probe", "l2_sp": 0.01}, "linear-probe freezes the backbone"),
+    ({"strategy": "full", "l2_sp": -1.0}, "positive strength"),
+])
+def test_invalid_strategy_options_name_the_valid_choice(overrides, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("]", r"\]")):
+        RunConfig(train="t.csv", model="m", **overrides)

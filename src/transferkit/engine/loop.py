@@ -40,6 +40,8 @@ class EngineSettings:
     log_every: int = 20
     checkpoint_every: int | None = None  # steps between mid-epoch checkpoints (epoch ends always save)
     on_divergence: str = "stop"  # or "skip": skip a NaN/inf batch and halve the learning rate
+    optimizer: str = "adamw"  # or "sgd" (with momentum)
+    momentum: float = 0.9
 
 
 def default_device() -> torch.device:
@@ -57,6 +59,7 @@ class Engine:
     def __init__(self, model: nn.Module, param_groups: list[dict], objective: Callable, train: Batches,
                  val: Batches | None, settings: EngineSettings, *,
                  set_train_mode: Callable[[nn.Module], None] | None = None,
+                 on_epoch_start: Callable[[nn.Module, int], None] | None = None,
                  checkpoints: CheckpointDir | None = None, log: JsonlLog | None = None,
                  description: str = "train", device: torch.device | None = None):
         self.device = device or default_device()
@@ -66,10 +69,14 @@ class Engine:
         self.val_batches = val
         self.settings = settings
         self.set_train_mode = set_train_mode or (lambda m: m.train())
+        self.on_epoch_start = on_epoch_start or (lambda m, e: None)
         self.checkpoints = checkpoints
         self.log = log or JsonlLog(None)
         self.description = description
-        self.optimizer = torch.optim.AdamW(param_groups, foreach=True)
+        if settings.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(param_groups, momentum=settings.momentum, foreach=True)
+        else:
+            self.optimizer = torch.optim.AdamW(param_groups, foreach=True)
         total = settings.epochs * len(train)
         self.scheduler = make_schedule(self.optimizer, settings.schedule, total, int(settings.warmup_ratio * total))
         self.history: list[dict] = []
@@ -175,6 +182,7 @@ class Engine:
                    desc=self.description, unit="step", dynamic_ncols=True, mininterval=1.0, leave=True)
         while epoch < settings.epochs and not stopped:
             started = time.time()
+            self.on_epoch_start(self.model, epoch)
             self.set_train_mode(self.model)
             for step, batch in enumerate(self.train_batches.iterate(epoch, start), start=start):
                 batch = _to(self.device, batch)

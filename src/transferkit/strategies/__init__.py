@@ -1,6 +1,6 @@
 """Fine-tuning strategies, one small class per file, reachable by name through the registry."""
 
-from . import freeze_bottom, full, linear_probe  # noqa: F401  (importing registers them)
+from . import bitfit, discriminative_lr, freeze_bottom, full, gradual_unfreeze, linear_probe  # noqa: F401  (registers them)
 from .base import Strategy
 from .registry import STRATEGIES, create_strategy, register
 

@@ -43,18 +43,32 @@ class Strategy:
         for group in self.frozen_groups(model):
             group.eval()
 
-    def param_groups(self, model: Classifier, lr: float, head_lr: float | None, weight_decay: float) -> list[dict]:
-        """Optimiser groups: backbone and head, each split into decayed and non-decayed parameters."""
+    def on_epoch_start(self, model: Classifier, epoch: int) -> None:
+        """Called by the engine before each epoch (0-based); phase-based strategies change what trains here."""
+
+    def lr_blocks(self, model: Classifier, lr: float, head_lr: float | None) -> list[tuple[list[nn.Parameter], float]]:
+        """(parameters, learning rate) pairs covering every parameter the optimiser should hold."""
+        backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+        return [(backbone, lr), (list(model.head.parameters()), head_lr or lr)]
+
+    def param_groups(self, model: Classifier, lr: float, head_lr: float | None, weight_decay: float,
+                     backbone_weight_decay: float | None = None) -> list[dict]:
+        """Optimiser groups: each LR block split into decayed and non-decayed (1-D) parameters.
+
+        ``backbone_weight_decay`` overrides the decay of backbone parameters (L2-SP replaces it).
+        """
+        head_ids = {id(p) for p in model.head.parameters()}
         groups = []
-        for part, part_lr in ((model.backbone, lr), (model.head, head_lr or lr)):
-            decay, no_decay = [], []
-            for parameter in part.parameters():
-                if parameter.requires_grad:
-                    (no_decay if _no_decay(parameter) else decay).append(parameter)
+        for parameters, block_lr in self.lr_blocks(model, lr, head_lr):
+            decay = [p for p in parameters if not _no_decay(p)]
+            no_decay = [p for p in parameters if _no_decay(p)]
+            block_decay = weight_decay
+            if backbone_weight_decay is not None and parameters and id(parameters[0]) not in head_ids:
+                block_decay = backbone_weight_decay
             if decay:
-                groups.append({"params": decay, "lr": part_lr, "weight_decay": weight_decay})
+                groups.append({"params": decay, "lr": block_lr, "weight_decay": block_decay})
             if no_decay:
-                groups.append({"params": no_decay, "lr": part_lr, "weight_decay": 0.0})
+                groups.append({"params": no_decay, "lr": block_lr, "weight_decay": 0.0})
         return groups
 
     @staticmethod
