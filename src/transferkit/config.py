@@ -52,6 +52,10 @@ class RunConfig:
     freeze_layers: int | None = None
     lr_decay: float | None = None
     unfreeze_every: int | None = None
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float | None = None
+    adapter_targets: str | None = None
 
     epochs: int = 3
     batch_size: int = 32
@@ -154,6 +158,17 @@ class RunConfig:
                 raise UserError(f"'unfreeze_every' is set but strategy is '{self.strategy}': it applies to --strategy gradual-unfreeze only")
             if self.unfreeze_every < 1:
                 raise UserError(f"config field 'unfreeze_every' is {self.unfreeze_every}: it must be >= 1 epoch")
+        for name in ("lora_rank", "lora_alpha", "lora_dropout"):
+            if getattr(self, name) is not None and self.strategy != "lora":
+                raise UserError(f"'{name}' is set but strategy is '{self.strategy}': it applies to --strategy lora only")
+        if self.adapter_targets is not None and self.strategy not in ("lora", "ia3"):
+            raise UserError(f"'adapter_targets' is set but strategy is '{self.strategy}': it applies to lora or ia3 only")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise UserError(f"config field 'lora_rank' is {self.lora_rank}: the rank must be >= 1 (8 or 16 are usual)")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise UserError(f"config field 'lora_alpha' is {self.lora_alpha}: it must be positive (often 2 x rank)")
+        if self.lora_dropout is not None and not 0 <= self.lora_dropout < 1:
+            raise UserError(f"config field 'lora_dropout' is {self.lora_dropout}: it must be in [0, 1)")
         for name in ("l2_sp", "l1"):
             value = getattr(self, name)
             if value is not None and not value > 0:

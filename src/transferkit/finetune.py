@@ -135,10 +135,11 @@ def finetune(config: RunConfig | str | Path | None = None, *, resume: bool = Fal
                         f"{splits.train.modality}s: choose a {splits.train.modality} model")
     torch.manual_seed(config.seed)
     model = Classifier(backbone, len(splits.classes), config.dropout)
+    strategy.prepare(model)
     strategy.apply(model)
     if config.lr is None:
         default = "probe" if strategy.uses_feature_cache else backbone.modality
-        config = config.replace(lr=DEFAULT_LR[default])
+        config = config.replace(lr=strategy.default_lr or DEFAULT_LR[default])
 
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)

@@ -31,6 +31,7 @@ FORMAT_VERSION = 1
 def save_classifier(model: Classifier, classes: Sequence[str], directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     model.backbone.save_preprocessing(directory / "backbone")
+    model.backbone.save_adapters(directory / "adapter")
     save_weights(model, directory / "model.safetensors")
     meta = {"format": FORMAT_VERSION, "classes": list(classes), "backbone": model.backbone.spec,
             "dropout": model.head.dropout.p}
@@ -62,6 +63,10 @@ class FineTunedModel:
         model = Classifier(backbone, len(meta["classes"]), meta.get("dropout", 0.0))
         load_weights(model, directory / "model.safetensors")
         return cls(model, meta["classes"], run)
+
+    def merge_adapters(self) -> None:
+        """Fold LoRA/IA3 adapters into the backbone's weights: same predictions, plain architecture."""
+        self.model.backbone.merge_adapters()
 
     @property
     def modality(self) -> str:

@@ -55,6 +55,23 @@ class Backbone(nn.Module, ABC):
         """Per-example sequence lengths, for length-grouped batches; None when inputs have one size."""
         return None
 
+    def add_adapters(self, adapter: dict[str, Any]) -> None:
+        """Insert parameter-efficient adapters (LoRA, IA3); backbones that cannot take them say so."""
+        from ..errors import UserError
+
+        raise UserError(f"model '{self.spec.get('name')}' does not support {adapter['method']} adapters yet: "
+                        f"use bitfit, freeze-bottom or discriminative-lr")
+
+    def adapter_host(self) -> nn.Module | None:
+        """The module adapters are added to (None when unsupported)."""
+        return None
+
+    def merge_adapters(self) -> None:
+        """Fold adapters into the base weights; a no-op without adapters."""
+
+    def save_adapters(self, directory: Path) -> None:
+        """Write the adapters alone in PEFT's format; a no-op without adapters."""
+
     def channels_last(self) -> bool:
         """Whether inputs should use channels-last memory (faster convolutions on CPU)."""
         return False

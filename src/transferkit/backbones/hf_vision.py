@@ -65,11 +65,29 @@ class HFVisionBackbone(Backbone):
         from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
         encoder = AutoModel.from_config(AutoConfig.from_pretrained(directory), dtype=torch.float32)
-        return cls(encoder, AutoImageProcessor.from_pretrained(directory), spec)
+        backbone = cls(encoder, AutoImageProcessor.from_pretrained(directory), dict(spec))
+        if spec.get("adapter"):
+            backbone.add_adapters(spec["adapter"])
+        return backbone
 
     def save_preprocessing(self, directory: Path) -> None:
         self.encoder.config.save_pretrained(directory)
         self.processor.save_pretrained(directory)
+
+    def add_adapters(self, adapter: dict[str, Any]) -> None:
+        from .adapters import add_adapters
+
+        self.encoder = add_adapters(self.encoder, adapter)
+        self.spec["adapter"] = adapter
+
+    def merge_adapters(self) -> None:
+        if self.spec.get("adapter"):
+            self.encoder = self.encoder.merge_and_unload()
+            self.spec = {k: v for k, v in self.spec.items() if k != "adapter"}
+
+    def save_adapters(self, directory: Path) -> None:
+        if self.spec.get("adapter"):
+            self.encoder.save_pretrained(directory)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         native = _native(self.encoder)
@@ -83,6 +101,9 @@ class HFVisionBackbone(Backbone):
 
     def layer_groups(self) -> list[nn.Module]:
         return stack_layer_groups(self.encoder)
+
+    def adapter_host(self) -> nn.Module:
+        return self.encoder
 
     def prepare(self, images):
         return images

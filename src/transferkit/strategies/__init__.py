@@ -1,6 +1,7 @@
 """Fine-tuning strategies, one small class per file, reachable by name through the registry."""
 
-from . import bitfit, discriminative_lr, freeze_bottom, full, gradual_unfreeze, linear_probe  # noqa: F401  (registers them)
+from . import (  # noqa: F401  (importing registers them)
+    bitfit, discriminative_lr, freeze_bottom, full, gradual_unfreeze, linear_probe, peft_adapters)
 from .base import Strategy
 from .registry import STRATEGIES, create_strategy, register
 

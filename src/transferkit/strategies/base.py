@@ -24,6 +24,7 @@ class Strategy:
     name: ClassVar[str]
     summary: ClassVar[str]
     uses_feature_cache: ClassVar[bool] = False
+    default_lr: ClassVar[float | None] = None  # when set, used instead of the per-modality default
 
     def frozen_groups(self, model: Classifier) -> list[nn.Module]:
         """The backbone layer groups that do not train."""
@@ -42,6 +43,9 @@ class Strategy:
         model.train()
         for group in self.frozen_groups(model):
             group.eval()
+
+    def prepare(self, model: Classifier) -> None:
+        """Change the architecture before training if the strategy needs to (e.g. insert adapters)."""
 
     def on_epoch_start(self, model: Classifier, epoch: int) -> None:
         """Called by the engine before each epoch (0-based); phase-based strategies change what trains here."""

@@ -1,0 +1,70 @@
+import json
+
+import numpy as np
+import pytest
+
+import transferkit
+from transferkit.backbones import create_backbone
+from transferkit.config import RunConfig
+from transferkit.errors import UserError
+from transferkit.model import Classifier
+from transferkit.strategies import create_strategy
+
+
+def _prepared(directory, **options):
+    model = Classifier(create_backbone(str(directory)), num_classes=2)
+    strategy = create_strategy(RunConfig(train="t.csv", model="m", **options))
+    strategy.prepare(model)
+    strategy.apply(model)
+    return model
+
+
+def test_lora_trains_only_adapters_and_the_head(tiny_bert_dir):
+    model = _prepared(tiny_bert_dir, strategy="lora", lora_rank=4)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"head.linear.weight", "head.linear.bias"} <= trainable
+    backbone_trainable = trainable - {"head.linear.weight", "head.linear.bias"}
+    assert backbone_trainable and all("lora_" in n for n in backbone_trainable)
+    assert any("query" in n for n in backbone_trainable) and any("value" in n for n in backbone_trainable)
+    assert not any("key" in n for n in backbone_trainable)  # PEFT's BERT default: query and value
+
+
+def test_ia3_trains_only_scaling_vectors(tiny_bert_dir):
+    model = _prepared(tiny_bert_dir, strategy="ia3")
+    backbone_trainable = [n for n, p in model.backbone.named_parameters() if p.requires_grad]
+    assert backbone_trainable and all("ia3_" in n for n in backbone_trainable)
+
+
+def test_lora_targets_that_match_nothing_list_the_real_layers(tiny_bert_dir):
+    with pytest.raises(UserError, match=r"match no Linear layer.*query"):
+        _prepared(tiny_bert_dir, strategy="lora", adapter_targets="q_proj,v_proj")
+
+
+def test_lora_rank_must_be_positive():
+    with pytest.raises(UserError, match="rank must be >= 1"):
+        RunConfig(train="t.csv", model="m", strategy="lora", lora_rank=0)
+
+
+def test_lora_on_a_backbone_without_adapter_support_is_a_clear_error():
+    with pytest.raises(UserError, match="does not support lora adapters"):
+        _prepared("efficientnet-lite0", strategy="lora")
+
+
+def test_lora_adapters_and_head_survive_save_load_and_merge(tiny_bert_dir, text_data, tmp_path):
+    run = tmp_path / "run"
+    metrics = transferkit.finetune(train=str(text_data["train"]), val=str(text_data["val"]), test=str(text_data["test"]),
+                                   model=str(tiny_bert_dir), strategy="lora", lora_rank=4, epochs=2, lr=5e-3,
+                                   baseline=False, out=str(run))
+    assert metrics["trainable_parameters"] < 0.2 * metrics["total_parameters"]
+    adapter_config = json.loads((run / "model" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == "LORA" and adapter_config["r"] == 4
+    assert (run / "model" / "adapter" / "adapter_model.safetensors").is_file()
+
+    model = transferkit.load_run(run)
+    texts = model.read(text_data["test"]).inputs
+    before = model.predict_proba(texts)
+    report = model.evaluate(model.read(text_data["test"]))
+    assert report["accuracy"] == metrics["test"]["accuracy"]  # the head and the adapters came back
+    model.merge_adapters()
+    assert not any("lora_" in n for n, _ in model.model.named_parameters())
+    np.testing.assert_allclose(model.predict_proba(texts), before, atol=1e-5)
