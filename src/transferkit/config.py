@@ -18,6 +18,9 @@ from .errors import UserError
 MONITORS = ("val_accuracy", "val_macro_f1", "val_loss")
 SCHEDULES = ("linear", "cosine", "exponential", "one-cycle", "constant")
 OPTIMIZERS = ("adamw", "sgd")
+CLASS_WEIGHTS = ("none", "balanced")
+SAMPLERS = ("shuffle", "oversample")
+IMAGE_AUGMENTATIONS = ("flip", "crop", "affine")
 PRECISIONS = ("fp32", "bf16")
 POOLINGS = ("mean", "cls")
 DIVERGENCE_ACTIONS = ("stop", "skip")
@@ -68,6 +71,12 @@ class RunConfig:
     l2_sp: float | None = None
     l1: float | None = None
     label_smoothing: float = 0.0
+    class_weights: str = "none"
+    sampler: str = "shuffle"
+    mixup: float | None = None
+    noise: float | None = None
+    token_mask: float | None = None
+    image_augment: str | None = None
     warmup_ratio: float = 0.06
     schedule: str = "linear"
     grad_clip: float | None = 1.0
@@ -98,6 +107,8 @@ class RunConfig:
             ("monitor", self.monitor, MONITORS),
             ("schedule", self.schedule, SCHEDULES),
             ("optimizer", self.optimizer, OPTIMIZERS),
+            ("class_weights", self.class_weights, CLASS_WEIGHTS),
+            ("sampler", self.sampler, SAMPLERS),
             ("precision", self.precision, PRECISIONS),
             ("pooling", self.pooling, POOLINGS),
             ("on_divergence", self.on_divergence, DIVERGENCE_ACTIONS),
@@ -175,10 +186,27 @@ class RunConfig:
                 raise UserError(f"config field '{name}' is {value}: it must be a positive strength, or absent")
         if self.l2_sp is not None and self.strategy == "linear-probe":
             raise UserError("'l2_sp' pulls the backbone towards its pretrained weights, but linear-probe freezes the backbone: drop one")
+        if self.mixup is not None and not self.mixup > 0:
+            raise UserError(f"config field 'mixup' is {self.mixup}: it is the Beta alpha, a positive number (0.2-0.4 is usual)")
+        if self.noise is not None and not self.noise > 0:
+            raise UserError(f"config field 'noise' is {self.noise}: it is a standard deviation, a positive number")
+        if self.token_mask is not None and not 0 < self.token_mask < 1:
+            raise UserError(f"config field 'token_mask' is {self.token_mask}: it is a fraction of tokens in (0, 1)")
+        if self.image_augment is not None:
+            unknown = [a for a in self.augmentations if a not in IMAGE_AUGMENTATIONS]
+            if unknown:
+                raise UserError(f"config field 'image_augment' names {unknown}: choose from {', '.join(IMAGE_AUGMENTATIONS)} (comma-separated)")
+        if self.strategy == "linear-probe" and (self.image_augment or self.token_mask or self.noise):
+            raise UserError("linear-probe trains on features computed once, so input augmentation cannot apply: "
+                            "drop image_augment/token_mask/noise, or use mixup, or another strategy")
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"config field 'label_smoothing' is {self.label_smoothing}: it must be in [0, 1)")
         if not 0 <= self.momentum < 1:
             raise UserError(f"config field 'momentum' is {self.momentum}: it must be in [0, 1)")
+
+    @property
+    def augmentations(self) -> list[str]:
+        return [a.strip() for a in (self.image_augment or "").split(",") if a.strip()]
 
     @property
     def effective_val_fraction(self) -> float:

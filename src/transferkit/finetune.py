@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,11 +33,14 @@ from .evaluation.metrics import full_report
 from .evaluation.plots import plot_confusion_matrix, plot_learning_curves
 from .evaluation.report import write_report
 from .model import ClassificationHead, Classifier
-from .objectives import CrossEntropyObjective, L1Penalty, L2SPPenalty, RegularisedObjective
+from .data.augmentation import BatchAugmenter
+from .objectives import (CrossEntropyObjective, L1Penalty, L2SPPenalty, MixupObjective, RegularisedObjective,
+                         balanced_class_weights)
 from .saved_model import save_classifier
 from .strategies import create_strategy
 
 DEFAULT_LR = {"probe": 1e-3, "text": 5e-5, "image": 5e-4}
+IMBALANCE_WARNING = 5.0  # largest/smallest class ratio above which an unhandled imbalance is flagged
 
 
 class HeadOnFeatures(nn.Module):
@@ -80,30 +84,69 @@ def _settings(config: RunConfig, epochs: int) -> EngineSettings:
 
 def _train_head_on_features(config: RunConfig, features: dict[str, torch.Tensor], labels: dict[str, np.ndarray],
                             num_classes: int, *, epochs: int, lr: float, description: str,
-                            checkpoints: CheckpointDir | None, log: JsonlLog, resume: bool) -> tuple[HeadOnFeatures, Engine]:
+                            checkpoints: CheckpointDir | None, log: JsonlLog, resume: bool,
+                            objective=None, oversample: bool = False) -> tuple[HeadOnFeatures, Engine]:
     torch.manual_seed(config.seed)
     probe = HeadOnFeatures(ClassificationHead(features["train"].shape[1], num_classes, config.dropout))
     decay = [p for p in probe.parameters() if p.ndim > 1]
     no_decay = [p for p in probe.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "lr": lr, "weight_decay": config.weight_decay},
               {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
-    train = Batches(features["train"], labels["train"], feature_collate, config.batch_size, shuffle=True, seed=config.seed)
+    train = Batches(features["train"], labels["train"], feature_collate, config.batch_size, shuffle=True, seed=config.seed,
+                    oversample=oversample)
     val = Batches(features["val"], labels["val"], feature_collate, config.eval_batch_size)
-    engine = Engine(probe, groups, CrossEntropyObjective(), train, val, _settings(config, epochs),
+    engine = Engine(probe, groups, objective or CrossEntropyObjective(), train, val, _settings(config, epochs),
                     checkpoints=checkpoints, log=log, description=description)
     engine.fit(resume=resume and checkpoints is not None and checkpoints.find_resumable() is not None)
     return probe, engine
 
 
-def _objective(config: RunConfig, model: Classifier):
-    """Cross-entropy, plus L2-SP and L1 penalties when asked for."""
-    objective = CrossEntropyObjective(label_smoothing=config.label_smoothing)
+def _objective(config: RunConfig, model: Classifier, train_labels: np.ndarray):
+    """Cross-entropy (class-weighted, smoothed, or mixup as asked), plus L2-SP and L1 penalties."""
+    weight = balanced_class_weights(train_labels, model.head.linear.out_features) if config.class_weights == "balanced" else None
+    if config.mixup:
+        objective = MixupObjective(config.mixup, weight=weight, label_smoothing=config.label_smoothing)
+    else:
+        objective = CrossEntropyObjective(label_smoothing=config.label_smoothing, weight=weight)
     penalties = []
     if config.l2_sp:
         penalties.append(L2SPPenalty(model.backbone, config.l2_sp))  # the backbone is still at its pretrained weights
     if config.l1:
         penalties.append(L1Penalty(config.l1))
     return RegularisedObjective(objective, penalties) if penalties else objective
+
+
+def _augmenter(config: RunConfig, backbone) -> BatchAugmenter:
+    tokenizer = getattr(backbone, "tokenizer", None)
+    mask_id = None
+    if tokenizer is not None:
+        mask_id = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else tokenizer.unk_token_id
+    augmentations = config.augmentations
+    return BatchAugmenter(flip="flip" in augmentations, crop="crop" in augmentations, affine="affine" in augmentations,
+                          noise=config.noise or 0.0, token_mask=config.token_mask or 0.0, mask_id=mask_id,
+                          keep_ids=set(tokenizer.all_special_ids) if tokenizer is not None else set())
+
+
+def _check_augmentation(config: RunConfig, modality: str) -> None:
+    if modality == "text" and (config.image_augment or config.noise):
+        raise UserError("'image_augment' and 'noise' apply to images, but this run's data are texts: "
+                        "use token_mask or mixup for text")
+    if modality == "image" and config.token_mask:
+        raise UserError("'token_mask' applies to texts, but this run's data are images: use image_augment, noise or mixup")
+
+
+def describe_classes(labels: list[str], classes: list[str], config: RunConfig) -> str | None:
+    """Print the class counts; return a warning when imbalance is strong and nothing handles it."""
+    counts = {c: 0 for c in classes}
+    for label in labels:
+        counts[label] += 1
+    shown = ", ".join(f"{c} {n}" for c, n in list(counts.items())[:20]) + (" ..." if len(counts) > 20 else "")
+    print(f"training examples per class: {shown}")
+    ratio = max(counts.values()) / max(1, min(counts.values()))
+    if ratio >= IMBALANCE_WARNING and config.class_weights == "none" and config.sampler == "shuffle":
+        return (f"classes are imbalanced (largest/smallest = {ratio:.1f}) and nothing compensates: consider "
+                f"--class-weights balanced or --sampler oversample, and --monitor val_macro_f1")
+    return None
 
 
 def _test_report(engine: Engine, features_or_batches: Batches, labels: np.ndarray, classes: list[str]) -> dict:
@@ -133,6 +176,7 @@ def finetune(config: RunConfig | str | Path | None = None, *, resume: bool = Fal
     if backbone.modality != splits.train.modality:
         raise UserError(f"model '{config.model}' takes {backbone.modality}s but {splits.train.source} holds "
                         f"{splits.train.modality}s: choose a {splits.train.modality} model")
+    _check_augmentation(config, backbone.modality)
     torch.manual_seed(config.seed)
     model = Classifier(backbone, len(splits.classes), config.dropout)
     strategy.prepare(model)
@@ -145,6 +189,9 @@ def finetune(config: RunConfig | str | Path | None = None, *, resume: bool = Fal
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir / "config.yaml")
+    warning = describe_classes(splits.train.labels, splits.classes, config)
+    if warning:
+        print(f"transferkit: warning: {warning}", file=sys.stderr)
     log = JsonlLog(run_dir / "log.jsonl")
     device = default_device()
     classes = splits.classes
@@ -181,17 +228,20 @@ def finetune(config: RunConfig | str | Path | None = None, *, resume: bool = Fal
     if strategy.uses_feature_cache:
         probe, engine = _train_head_on_features(
             config, features, labels, len(classes), epochs=config.epochs, lr=config.head_lr or config.lr,
-            description="linear probe", checkpoints=checkpoints, log=log, resume=resume)
+            description="linear probe", checkpoints=checkpoints, log=log, resume=resume,
+            objective=_objective(config, model, labels["train"]), oversample=config.sampler == "oversample")
         model.head = probe.head
         test_batches = Batches(features["test"], labels["test"], feature_collate, config.eval_batch_size)
     else:
+        augmenter = _augmenter(config, backbone)
         train = Batches(prepared["train"], labels["train"], backbone.collate, config.batch_size, shuffle=True,
-                        seed=config.seed, lengths=backbone.lengths(prepared["train"]))
+                        seed=config.seed, lengths=backbone.lengths(prepared["train"]),
+                        oversample=config.sampler == "oversample", transform=augmenter if augmenter.active else None)
         val = Batches(prepared["val"], labels["val"], backbone.collate, config.eval_batch_size,
                       lengths=backbone.lengths(prepared["val"]))
         groups = strategy.param_groups(model, config.lr, config.head_lr, config.weight_decay,
                                        backbone_weight_decay=0.0 if config.l2_sp else None)
-        engine = Engine(model, groups, _objective(config, model), train, val, _settings(config, config.epochs),
+        engine = Engine(model, groups, _objective(config, model, labels["train"]), train, val, _settings(config, config.epochs),
                         set_train_mode=strategy.set_train_mode, on_epoch_start=strategy.on_epoch_start,
                         checkpoints=checkpoints, log=log, description=f"fine-tune ({strategy.name})")
         resuming = resume and checkpoints.find_resumable() is not None

@@ -20,7 +20,8 @@ class Batches:
     """
 
     def __init__(self, prepared: Any, labels: np.ndarray | None, collate: Collate, batch_size: int,
-                 shuffle: bool = False, seed: int = 0, lengths: Sequence[int] | None = None):
+                 shuffle: bool = False, seed: int = 0, lengths: Sequence[int] | None = None,
+                 oversample: bool = False, transform: Callable[[dict], dict] | None = None):
         self.prepared = prepared
         self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
         self.collate = collate
@@ -31,6 +32,11 @@ class Batches:
         # With lengths (token counts), batches group examples of similar length, so dynamic padding
         # pads little: sorted for evaluation, and within shuffled mega-batches for training.
         self.lengths = None if lengths is None else np.asarray(lengths)
+        # Oversampling draws each epoch's examples with probability inversely proportional to their
+        # class's frequency, so every class is seen about equally often.
+        self.oversample = oversample
+        # A train-time transform of collated batches (augmentation); evaluation batches have none.
+        self.transform = transform
 
     def __len__(self) -> int:
         return math.ceil(self.size / self.batch_size)
@@ -42,7 +48,12 @@ class Batches:
                 return np.arange(self.size)
             return np.argsort(-self.lengths, kind="stable")
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        order = torch.randperm(self.size, generator=generator).numpy()
+        if self.oversample:
+            counts = torch.bincount(self.labels).double()
+            weights = (1.0 / counts)[self.labels]
+            order = torch.multinomial(weights, self.size, replacement=True, generator=generator).numpy()
+        else:
+            order = torch.randperm(self.size, generator=generator).numpy()
         if self.lengths is None:
             return order
         mega = self.batch_size * MEGABATCH
@@ -61,6 +72,8 @@ class Batches:
             batch = {"inputs": self.collate(self.prepared, indices), "indices": indices}
             if self.labels is not None:
                 batch["labels"] = self.labels[indices]
+            if self.transform is not None:
+                batch = self.transform(batch)
             yield batch
 
 

@@ -1,6 +1,8 @@
 """Objectives: how a batch becomes a loss. The engine calls ``objective(model, batch)``."""
 
+from .mixup import MixupObjective
 from .regularisers import L1Penalty, L2SPPenalty, RegularisedObjective
-from .supervised import CrossEntropyObjective
+from .supervised import CrossEntropyObjective, balanced_class_weights
 
-__all__ = ["CrossEntropyObjective", "L1Penalty", "L2SPPenalty", "RegularisedObjective"]
+__all__ = ["CrossEntropyObjective", "L1Penalty", "L2SPPenalty", "MixupObjective", "RegularisedObjective",
+           "balanced_class_weights"]

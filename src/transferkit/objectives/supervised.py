@@ -8,12 +8,20 @@ from torch import nn
 
 
 class CrossEntropyObjective:
-    """``loss = CE(model(inputs), labels)``, optionally with label smoothing."""
+    """``loss = CE(model(inputs), labels)``, optionally class-weighted and with label smoothing."""
 
-    def __init__(self, label_smoothing: float = 0.0):
+    def __init__(self, label_smoothing: float = 0.0, weight: torch.Tensor | None = None):
         self.label_smoothing = label_smoothing
+        self.weight = weight
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(**batch["inputs"])
-        loss = F.cross_entropy(logits.float(), batch["labels"], label_smoothing=self.label_smoothing)
+        weight = None if self.weight is None else self.weight.to(logits.device)
+        loss = F.cross_entropy(logits.float(), batch["labels"], weight=weight, label_smoothing=self.label_smoothing)
         return loss, logits
+
+
+def balanced_class_weights(labels, num_classes: int) -> torch.Tensor:
+    """``n / (k * count_c)`` per class (scikit-learn's "balanced"): rare classes weigh more."""
+    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=num_classes).double()
+    return (counts.sum() / (num_classes * counts.clamp(min=1))).float()

@@ -1,0 +1,43 @@
+"""Mixup: train on convex combinations of pairs of examples and of their labels."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MixupObjective:
+    """``lam * CE(f(x_mix), y_a) + (1 - lam) * CE(f(x_mix), y_b)`` with ``lam ~ Beta(alpha, alpha)``.
+
+    Zhang et al. 2018, "mixup: Beyond Empirical Risk Minimization". Images are mixed at the input;
+    texts, whose tokens cannot be averaged, at the pooled features fed to the head ("manifold mixup",
+    Verma et al. 2019), as are cached features. Randomness comes from torch's global generator.
+
+    Args:
+        alpha: Beta distribution parameter; 0.2-0.4 is usual, larger mixes more.
+        weight: optional per-class loss weights.
+        label_smoothing: as in ``torch.nn.functional.cross_entropy``.
+    """
+
+    def __init__(self, alpha: float, weight: torch.Tensor | None = None, label_smoothing: float = 0.0):
+        self.beta = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha)))
+        self.weight = weight
+        self.label_smoothing = label_smoothing
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.to(logits.device)
+        return F.cross_entropy(logits.float(), labels, weight=weight, label_smoothing=self.label_smoothing)
+
+    def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, labels = batch["inputs"], batch["labels"]
+        lam = float(self.beta.sample())
+        perm = torch.randperm(labels.shape[0])
+        if "pixel_values" in inputs:
+            pixels = inputs["pixel_values"]
+            logits = model(**{**inputs, "pixel_values": lam * pixels + (1 - lam) * pixels[perm]})
+        else:
+            features = inputs["features"] if "features" in inputs else model.backbone(**inputs)
+            logits = model.head(lam * features + (1 - lam) * features[perm])
+        loss = lam * self._loss(logits, labels) + (1 - lam) * self._loss(logits, labels[perm])
+        return loss, logits
