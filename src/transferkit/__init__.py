@@ -11,7 +11,8 @@ The one-line API::
 from .config import RunConfig
 from .errors import UserError
 from .finetune import finetune
+from .lr_find import lr_find
 from .saved_model import FineTunedModel, load_run
 
-__all__ = ["FineTunedModel", "RunConfig", "UserError", "finetune", "load_run"]
+__all__ = ["FineTunedModel", "RunConfig", "UserError", "finetune", "load_run", "lr_find"]
 __version__ = "0.1.0"

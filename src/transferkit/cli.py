@@ -88,6 +88,19 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_lr_find(args: argparse.Namespace) -> int:
+    from .lr_find import lr_find
+
+    if args.resume or args.overwrite:
+        raise UserError("lr-find writes only lr_find.png and lr_find.json: drop --resume/--overwrite")
+    config, _ = _fit_config(args)
+    if args.out is None:
+        config = config.replace(out="runs/lr-find")
+    summary = lr_find(config, steps=args.steps)
+    print(f"suggested learning rate: {summary['suggested_lr']:.2e}  (loss vs LR plot: {summary['plot']})")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import demo_config, results_table
     from .finetune import finetune
@@ -159,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit = commands.add_parser("fit", help="fine-tune a pretrained model and write a run directory")
     _add_fit_arguments(fit)
     fit.set_defaults(func=_cmd_fit)
+
+    finder = commands.add_parser("lr-find", help="LR range test: plot loss vs learning rate and suggest one")
+    _add_fit_arguments(finder)
+    finder.add_argument("--steps", type=int, default=100, help="training steps of the range test")
+    finder.set_defaults(func=_cmd_lr_find)
 
     demo = commands.add_parser("demo", help="EfficientNet-Lite0 on Fashion-MNIST: linear probe vs fine-tuned")
     demo.add_argument("--full", action="store_true", help="train on the full 60,000 images (slower)")

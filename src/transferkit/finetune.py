@@ -22,7 +22,7 @@ from torch import nn
 from .backbones.registry import create_backbone
 from .config import RunConfig
 from .data.dataset import encode_labels
-from .data.splits import load_splits
+from .data.splits import Splits, load_splits
 from .engine.batches import Batches, feature_collate
 from .engine.checkpoint import CheckpointDir, atomic_write_text
 from .engine.feature_cache import cached_features
@@ -37,7 +37,7 @@ from .data.augmentation import BatchAugmenter
 from .objectives import (CrossEntropyObjective, L1Penalty, L2SPPenalty, MixupObjective, RegularisedObjective,
                          balanced_class_weights)
 from .saved_model import save_classifier
-from .strategies import create_strategy
+from .strategies import Strategy, create_strategy
 
 DEFAULT_LR = {"probe": 1e-3, "text": 5e-5, "image": 5e-4}
 IMBALANCE_WARNING = 5.0  # largest/smallest class ratio above which an unhandled imbalance is flagged
@@ -154,21 +154,11 @@ def _test_report(engine: Engine, features_or_batches: Batches, labels: np.ndarra
     return full_report(labels, logits.argmax(1), classes)
 
 
-def finetune(config: RunConfig | str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
-             **fields: Any) -> dict[str, Any]:
-    """Fine-tune a pretrained model on labelled data; returns the metrics also written to ``metrics.json``.
+def build(config: RunConfig) -> tuple[RunConfig, Splits, Strategy, Classifier]:
+    """Everything a run needs before it writes anything: data, backbone, head, strategy, resolved LR.
 
-    Example::
-
-        transferkit.finetune(model="minilm-l6", train="reviews.csv", text_column="review", out="runs/reviews")
+    Every user mistake surfaces here, before a run directory exists.
     """
-    if resume and config is None:
-        # Resuming needs only the run directory: its config.yaml says everything else.
-        _check_run_dir(Path(fields.get("out", RunConfig.out)), resume, overwrite)
-        config = RunConfig.load(Path(fields.get("out", RunConfig.out)) / "config.yaml")
-    config = resolve_config(config, fields)
-    run_dir = Path(config.out)
-    _check_run_dir(run_dir, resume, overwrite)
     strategy = create_strategy(config)
     splits = load_splits(config)
     backbone = create_backbone(config.model, image_size=config.image_size, max_length=config.max_length,
@@ -184,6 +174,26 @@ def finetune(config: RunConfig | str | Path | None = None, *, resume: bool = Fal
     if config.lr is None:
         default = "probe" if strategy.uses_feature_cache else backbone.modality
         config = config.replace(lr=strategy.default_lr or DEFAULT_LR[default])
+    return config, splits, strategy, model
+
+
+def finetune(config: RunConfig | str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
+             **fields: Any) -> dict[str, Any]:
+    """Fine-tune a pretrained model on labelled data; returns the metrics also written to ``metrics.json``.
+
+    Example::
+
+        transferkit.finetune(model="minilm-l6", train="reviews.csv", text_column="review", out="runs/reviews")
+    """
+    if resume and config is None:
+        # Resuming needs only the run directory: its config.yaml says everything else.
+        _check_run_dir(Path(fields.get("out", RunConfig.out)), resume, overwrite)
+        config = RunConfig.load(Path(fields.get("out", RunConfig.out)) / "config.yaml")
+    config = resolve_config(config, fields)
+    run_dir = Path(config.out)
+    _check_run_dir(run_dir, resume, overwrite)
+    config, splits, strategy, model = build(config)
+    backbone = model.backbone
 
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
