@@ -31,10 +31,12 @@ import torch
 import transferkit
 from transferkit.demo import DEMO_BUDGET, FULL_BUDGET
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from docs_section import DOC, replace_section  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
 RESULTS = ROOT / "bench" / "results" / "core.json"
-DOC = ROOT / "docs" / "benchmarks.md"
 
 SST2_BASE = dict(model="minilm-l6", strategy="full", epochs=3, batch_size=32, eval_batch_size=256, lr=1e-4,
                  warmup_ratio=0.06, schedule="linear", patience=None, baseline_epochs=20)
@@ -115,15 +117,7 @@ def write_doc(results: dict) -> None:
         table(results), "",
         "Published SST-2 accuracies for comparison (GLUE dev): MiniLM-L6-H384 91.5, DistilBERT 91.3, BERT-base 92.7-93.2",
         "(Socher et al. 2013 for the data). Fashion-MNIST: Xiao et al. 2017.", ""])
-    text = DOC.read_text() if DOC.is_file() else "# Benchmarks\n\nEach section is written by the script it names.\n\n"
-    start = text.find("## Core fine-tuning")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    else:
-        text = text.rstrip() + "\n\n" + section
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text)
+    replace_section("## Core fine-tuning", section)
 
 
 def main() -> None:

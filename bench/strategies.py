@@ -22,10 +22,12 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from docs_section import DOC, replace_section  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
 RESULTS = ROOT / "bench" / "results" / "strategies.json"
-DOC = ROOT / "docs" / "benchmarks.md"
 STRATEGIES = ["linear-probe", "full", "freeze-bottom", "gradual-unfreeze", "discriminative-lr", "bitfit", "lora",
               "ia3", "full+l2-sp"]
 IMAGE_ADAPTERLESS = {"lora", "ia3"}  # PEFT adapters are not supported on EfficientNet-Lite yet
@@ -89,14 +91,7 @@ def write_doc(results: dict) -> None:
         "a dataset. LoRA/IA3 are not available for EfficientNet-Lite yet. Train time includes feature caching for",
         "the linear probe; peak RSS is the whole process. 2 CPU cores.", "",
         table(results), ""])
-    text = DOC.read_text() if DOC.is_file() else "# Benchmarks\n\n"
-    start = text.find("## Strategy catalogue")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    else:
-        text = text.rstrip() + "\n\n" + section
-    DOC.write_text(text)
+    replace_section("## Strategy catalogue", section)
 
 
 def main() -> None:

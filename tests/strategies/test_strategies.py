@@ -59,7 +59,7 @@ def test_freeze_bottom_more_layers_than_the_model_has(tiny_bert_dir):
 
 
 def test_unknown_strategy_lists_registered_ones():
-    with pytest.raises(UserError, match="unknown strategy .lorra.*bitfit, discriminative-lr, freeze-bottom, full, gradual-unfreeze, linear-probe"):
+    with pytest.raises(UserError, match="unknown strategy .lorra.*bitfit, discriminative-lr, freeze-bottom, full, gradual-unfreeze, ia3, linear-probe, lora"):
         _strategy("lorra")
 
 

@@ -80,3 +80,32 @@ def add_adapters(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
 
 def is_adapter_parameter(name: str) -> bool:
     return "lora_" in name or "ia3_" in name
+
+
+class PeftAdapterHost:
+    """Mixin for backbones whose transformers model is ``self.encoder``: add, merge and save PEFT adapters.
+
+    The adapter description lives in ``self.spec["adapter"]``, so ``rebuild`` re-creates the same
+    adapters before the saved weights are loaded.
+    """
+
+    encoder: nn.Module
+    spec: dict[str, Any]
+
+    def adapter_host(self) -> nn.Module:
+        return self.encoder
+
+    def add_adapters(self, adapter: dict[str, Any]) -> None:
+        self.encoder = add_adapters(self.encoder, adapter)
+        self.spec["adapter"] = adapter
+
+    def merge_adapters(self) -> None:
+        """Fold the adapters into the base weights (no extra latency at inference; needed for export)."""
+        if self.spec.get("adapter"):
+            self.encoder = self.encoder.merge_and_unload()
+            self.spec = {k: v for k, v in self.spec.items() if k != "adapter"}
+
+    def save_adapters(self, directory) -> None:
+        """The adapter weights alone, in PEFT's own format (loadable with ``PeftModel.from_pretrained``)."""
+        if self.spec.get("adapter"):
+            self.encoder.save_pretrained(directory)

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .adapters import PeftAdapterHost
 from .base import Backbone
 from .layers import stack_layer_groups
 
@@ -23,7 +24,7 @@ def _sentence_transformers_max_length(source: str) -> int | None:
     return None
 
 
-class HFTextBackbone(Backbone):
+class HFTextBackbone(PeftAdapterHost, Backbone):
     """A transformers encoder with mean (or CLS) pooling over the last hidden states."""
 
     modality = "text"
@@ -70,24 +71,6 @@ class HFTextBackbone(Backbone):
         self.encoder.config.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
 
-    def add_adapters(self, adapter: dict[str, Any]) -> None:
-        """Wrap the encoder with PEFT adapters (LoRA, IA3); recorded in the spec so a reload rebuilds them."""
-        from .adapters import add_adapters
-
-        self.encoder = add_adapters(self.encoder, adapter)
-        self.spec["adapter"] = adapter
-
-    def merge_adapters(self) -> None:
-        """Fold the adapters into the base weights (no extra latency at inference; needed for export)."""
-        if self.spec.get("adapter"):
-            self.encoder = self.encoder.merge_and_unload()
-            self.spec = {k: v for k, v in self.spec.items() if k != "adapter"}
-
-    def save_adapters(self, directory: Path) -> None:
-        """The adapter weights alone, in PEFT's own format (loadable with ``PeftModel.from_pretrained``)."""
-        if self.spec.get("adapter"):
-            self.encoder.save_pretrained(directory)
-
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.pooling == "cls":
@@ -101,9 +84,6 @@ class HFTextBackbone(Backbone):
     def prepare(self, texts: list[str]) -> list[list[int]]:
         # Tokenise once, unpadded: batches are padded to their own longest sequence (dynamic padding).
         return self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
-
-    def adapter_host(self) -> nn.Module:
-        return self.encoder
 
     def lengths(self, prepared: list[list[int]]) -> list[int]:
         return [len(ids) for ids in prepared]

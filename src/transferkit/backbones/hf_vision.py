@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .adapters import PeftAdapterHost
 from .base import Backbone
 from .images import images_to_batch
 from .layers import stack_layer_groups
@@ -28,7 +29,7 @@ def _processor_size(processor: Any) -> int:
     return int(size.get("height") or size.get("shortest_edge") or 224)
 
 
-class HFVisionBackbone(Backbone):
+class HFVisionBackbone(PeftAdapterHost, Backbone):
     """A transformers vision encoder; features are the mean (or CLS token) of the last hidden state."""
 
     modality = "image"
@@ -74,21 +75,6 @@ class HFVisionBackbone(Backbone):
         self.encoder.config.save_pretrained(directory)
         self.processor.save_pretrained(directory)
 
-    def add_adapters(self, adapter: dict[str, Any]) -> None:
-        from .adapters import add_adapters
-
-        self.encoder = add_adapters(self.encoder, adapter)
-        self.spec["adapter"] = adapter
-
-    def merge_adapters(self) -> None:
-        if self.spec.get("adapter"):
-            self.encoder = self.encoder.merge_and_unload()
-            self.spec = {k: v for k, v in self.spec.items() if k != "adapter"}
-
-    def save_adapters(self, directory: Path) -> None:
-        if self.spec.get("adapter"):
-            self.encoder.save_pretrained(directory)
-
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         native = _native(self.encoder)
         kwargs = {"interpolate_pos_encoding": True} if native is not None and native != self.image_size else {}
@@ -101,9 +87,6 @@ class HFVisionBackbone(Backbone):
 
     def layer_groups(self) -> list[nn.Module]:
         return stack_layer_groups(self.encoder)
-
-    def adapter_host(self) -> nn.Module:
-        return self.encoder
 
     def prepare(self, images):
         return images

@@ -1,0 +1,21 @@
+"""Shared by the benchmark scripts: replace one script's section of docs/benchmarks.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+HEADER = "# Benchmarks\n\nEach section is written by the script it names; numbers are from the runs recorded in bench/results/.\n\n"
+
+
+def replace_section(heading: str, section: str) -> None:
+    """Put ``section`` (which starts with ``heading``) in place of the old one, or append it."""
+    text = DOC.read_text() if DOC.is_file() else HEADER
+    start = text.find(heading)
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+    else:
+        text = text.rstrip() + "\n\n" + section
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text(text)
