@@ -134,3 +134,18 @@ def test_catalogue_strategies_run_end_to_end(options, tiny_bert_dir, text_data, 
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["strategy"] == options[1] and len(metrics["history"]) == 3
     assert all(np.isfinite(h["train_loss"]) for h in metrics["history"])
+
+
+def test_predict_on_a_flat_folder_of_unlabelled_images(tiny_vit_dir, image_folder, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    _fit(["--train", str(image_folder), "--model", str(tiny_vit_dir), "--epochs", "1", "--no-baseline",
+          "--val-fraction", "0.2", "--test-fraction", "0.2", "--out", str(run)])
+    flat = tmp_path / "incoming"
+    flat.mkdir()
+    for p in sorted(image_folder.rglob("*.png"))[:5]:
+        shutil.copy(p, flat / f"{p.parent.name}-{p.name}")
+    assert main(["predict", str(run), "--input", str(flat), "--output", str(tmp_path / "p.csv")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert len(rows) == 5 and rows[0]["input"].endswith(".png")

@@ -131,6 +131,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _describe_input(inputs, index: int) -> str:
+    """What a prediction row was about: the text, the image path, or the image's index in an IDX file."""
+    if isinstance(inputs, list):
+        return inputs[index]
+    paths = getattr(inputs, "paths", None)
+    return str(paths[index]) if paths is not None else f"image {index}"
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .saved_model import load_run
 
@@ -141,9 +149,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     with open(output, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["row", "label", *[f"p_{c}" for c in model.classes]])
+        writer.writerow(["row", "input", "label", *[f"p_{c}" for c in model.classes]])
         for i, row in enumerate(probabilities):
-            writer.writerow([i, model.classes[int(row.argmax())], *[f"{p:.6f}" for p in row]])
+            writer.writerow([i, _describe_input(examples.inputs, i), model.classes[int(row.argmax())],
+                             *[f"{p:.6f}" for p in row]])
     print(f"{len(probabilities)} predictions written to {output}")
     return 0
 

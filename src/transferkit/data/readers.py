@@ -39,6 +39,8 @@ def read_examples(
     if path.is_dir():
         if text_column or image_column:
             raise UserError(f"{path} is a folder (an image folder), so 'text_column'/'image_column' do not apply: drop them")
+        if not require_labels and not any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
+            return read_unlabelled_images(path)
         return read_image_folder(path)
     name = path.name.lower()
     if "idx" in name or name.endswith("-ubyte") or name.endswith("-ubyte.gz"):
@@ -253,6 +255,18 @@ def read_image_folder(root: Path) -> Examples:
         raise UserError(f"image folder {root} holds no images: add images under root/<class>/")
     _check_images(paths, f"image folder {root}")
     return Examples(ImagePaths(paths), labels, str(root), "image")
+
+
+def read_unlabelled_images(root: Path) -> Examples:
+    """A flat folder of images to predict on (no class sub-folders, so no labels)."""
+    paths = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    strays = [p.name for p in paths if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if strays:
+        raise UserError(f"image folder {root}: {strays[:3]} are not image files: move them out")
+    if not paths:
+        raise UserError(f"image folder {root} holds no images")
+    _check_images(paths, f"image folder {root}")
+    return Examples(ImagePaths(paths), None, str(root), "image")
 
 
 def _open_maybe_gzip(path: Path) -> bytes:
