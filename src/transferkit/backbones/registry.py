@@ -78,7 +78,8 @@ def create_backbone(name: str, *, image_size: int | None = None, max_length: int
         source = name  # a hub name such as "bert-base-uncased" or "google/vit-base-patch16-224"
         vision = None
     else:
-        raise UserError(f"unknown model '{name}': use a packaged model ({known}), a local checkpoint folder or a Hugging Face hub name")
+        raise UserError(f"unknown model '{name}': use a packaged model ({known}), a local checkpoint folder, or a "
+                        f"Hugging Face hub name of the form org/name (e.g. google-bert/bert-base-uncased)")
     try:
         if vision is None:
             try:
