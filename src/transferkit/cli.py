@@ -30,6 +30,7 @@ FIT_FLAGS_HELP = {
     "adapter_targets": "lora/ia3: comma-separated Linear layer names to adapt (default: chosen per architecture)",
     "schedule": "linear, cosine, exponential, one-cycle or constant (after --warmup-ratio)",
     "optimizer": "adamw or sgd (with --momentum)",
+    "accumulate": "add up the gradients of N batches per optimiser step (an N times larger effective batch)",
     "class_weights": "none or balanced (loss weights inversely proportional to class frequency)",
     "sampler": "shuffle or oversample (draw rare classes as often as common ones)",
     "mixup": "mixup Beta alpha (e.g. 0.2): inputs for images, pooled features for text",

@@ -80,6 +80,7 @@ class RunConfig:
     warmup_ratio: float = 0.06
     schedule: str = "linear"
     grad_clip: float | None = 1.0
+    accumulate: int = 1
     dropout: float = 0.1
     patience: int | None = 2
     monitor: str = "val_accuracy"
@@ -115,7 +116,7 @@ class RunConfig:
         ):
             if value not in options:
                 raise UserError(f"config field '{name}' is '{value}': choose one of {', '.join(options)}")
-        for name in ("epochs", "batch_size", "eval_batch_size", "baseline_epochs"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "baseline_epochs", "accumulate"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"config field '{name}' is {getattr(self, name)}: it must be a positive integer")
         for name in ("lr", "head_lr", "baseline_lr"):

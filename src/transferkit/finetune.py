@@ -79,7 +79,8 @@ def _settings(config: RunConfig, epochs: int) -> EngineSettings:
     return EngineSettings(epochs=epochs, schedule=config.schedule, warmup_ratio=config.warmup_ratio,
                           grad_clip=config.grad_clip, precision=config.precision, monitor=config.monitor,
                           patience=config.patience, checkpoint_every=config.checkpoint_every,
-                          on_divergence=config.on_divergence, optimizer=config.optimizer, momentum=config.momentum)
+                          on_divergence=config.on_divergence, optimizer=config.optimizer, momentum=config.momentum,
+                          accumulate=config.accumulate)
 
 
 def _train_head_on_features(config: RunConfig, features: dict[str, torch.Tensor], labels: dict[str, np.ndarray],

@@ -212,3 +212,20 @@ def test_nan_gradient_is_caught_within_one_step(tmp_path):
 
     with pytest.raises(UserError, match="gradient norm became nan at epoch 1, batch 1"):
         _engine(tmp_path, objective=nan_gradient).fit()
+
+
+def test_gradient_accumulation_matches_one_large_batch(tmp_path):
+    def engine(batch_size, accumulate):
+        torch.manual_seed(0)
+        model = HeadOnFeatures(ClassificationHead(8, 2, dropout=0.0))
+        features, labels = _data()
+        train = Batches(features, labels, feature_collate, batch_size=batch_size, shuffle=True, seed=7)
+        groups = [{"params": list(model.parameters()), "lr": 0.05, "weight_decay": 0.01}]
+        settings = EngineSettings(epochs=2, warmup_ratio=0.0, patience=None, accumulate=accumulate)
+        return Engine(model, groups, CrossEntropyObjective(), train, None, settings, device=torch.device("cpu"))
+
+    large, accumulated = engine(32, 1), engine(16, 2)
+    large.fit()
+    accumulated.fit()
+    for (name, a), b in zip(large.model.state_dict().items(), accumulated.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name

@@ -41,6 +41,7 @@ class EngineSettings:
     checkpoint_every: int | None = None  # steps between mid-epoch checkpoints (epoch ends always save)
     on_divergence: str = "stop"  # or "skip": skip a NaN/inf batch and halve the learning rate
     optimizer: str = "adamw"  # or "sgd" (with momentum)
+    accumulate: int = 1  # batches whose gradients add up to one optimiser step
     momentum: float = 0.9
 
 
@@ -77,7 +78,7 @@ class Engine:
             self.optimizer = torch.optim.SGD(param_groups, momentum=settings.momentum, foreach=True)
         else:
             self.optimizer = torch.optim.AdamW(param_groups, foreach=True)
-        total = settings.epochs * len(train)
+        total = settings.epochs * math.ceil(len(train) / settings.accumulate)
         self.scheduler = make_schedule(self.optimizer, settings.schedule, total, int(settings.warmup_ratio * total))
         self.history: list[dict] = []
         self.best_value: float | None = None
@@ -155,15 +156,20 @@ class Engine:
         return True
 
     def _train_step(self, batch: dict, epoch: int, step: int) -> float | None:
-        """One optimiser step; returns the loss, or None when the batch was skipped as divergent."""
+        """Forward and backward one batch; every ``accumulate`` batches (and at the epoch's end) an optimiser
+        step. Returns the loss, or None when the batch was skipped as divergent."""
         settings = self.settings
+        steps_per_epoch = len(self.train_batches)
+        group_start = step - step % settings.accumulate
+        group_size = min(settings.accumulate, steps_per_epoch - group_start)
         with self._autocast():
             loss, _ = self.objective(self.model, batch)
         if not torch.isfinite(loss):
             self._diverged(f"loss became {loss.item()}", epoch, step)
             return None
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss / group_size).backward()
+        if step + 1 < group_start + group_size:
+            return loss.item()
         parameters = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(parameters, settings.grad_clip or math.inf)
         if not torch.isfinite(norm):
@@ -171,7 +177,12 @@ class Engine:
             return None
         self.optimizer.step()
         self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
         return loss.item()
+
+    def _at_step_boundary(self, step: int) -> bool:
+        """Whether no gradients are pending after batch ``step`` (a checkpoint may be taken)."""
+        return (step + 1) % self.settings.accumulate == 0
 
     def fit(self, resume: bool = False) -> list[dict]:
         epoch, start, running, seen = self._restore() if resume else (0, 0, 0.0, 0)
@@ -182,6 +193,7 @@ class Engine:
                    desc=self.description, unit="step", dynamic_ncols=True, mininterval=1.0, leave=True)
         while epoch < settings.epochs and not stopped:
             started = time.time()
+            self.optimizer.zero_grad(set_to_none=True)
             self.on_epoch_start(self.model, epoch)
             self.set_train_mode(self.model)
             for step, batch in enumerate(self.train_batches.iterate(epoch, start), start=start):
@@ -196,7 +208,8 @@ class Engine:
                     self.log.write(phase=self.description, epoch=epoch + 1, step=step + 1, loss=loss,
                                    lr=self.scheduler.get_last_lr()[0])
                 every = settings.checkpoint_every
-                if every and self.checkpoints is not None and (step + 1) % every == 0 and step + 1 < steps_per_epoch:
+                if (every and self.checkpoints is not None and (step + 1) % every == 0 and step + 1 < steps_per_epoch
+                        and self._at_step_boundary(step)):
                     self._save(epoch, step + 1, running, seen, improved=False)
             record = {"epoch": epoch + 1, "train_loss": running / max(seen, 1), "seconds": time.time() - started}
             if self.val_batches is not None:
