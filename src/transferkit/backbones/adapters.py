@@ -13,19 +13,26 @@ from torch import nn
 
 from ..errors import UserError
 
-# Fallbacks by the attention projections' names, for architectures PEFT's own tables do not list.
+# Fallbacks by layer names, for architectures PEFT's own tables do not list. EfficientNet-Lite: its 1x1
+# expansion and projection convolutions hold most weights; depthwise convolutions are left alone.
+CONV_NET_TARGETS = {"target": ["_expand_conv.conv", "_project_conv.conv"], "feedforward": ["_project_conv.conv"]}
 LORA_NAME_PATTERNS = (("query", "value"), ("q_proj", "v_proj"), ("q_lin", "v_lin"), ("qkv",), ("query_key_value",))
 IA3_FALLBACK = {"target": ["key", "value", "output.dense"], "feedforward": ["output.dense"]}
 
 
+def _adaptable(module: nn.Module) -> bool:
+    """Layers PEFT can adapt here: Linear, and ungrouped convolutions (not depthwise ones)."""
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
+
+
 def linear_names(model: nn.Module) -> list[str]:
-    """The distinct name endings of the model's Linear layers (what target modules can name)."""
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+    """The distinct name endings of the model's adaptable layers (what target modules can name)."""
+    return sorted({".".join(name.split(".")[-2:]) if isinstance(m, nn.Conv2d) else name.rsplit(".", 1)[-1]
+                   for name, m in model.named_modules() if _adaptable(m)})
 
 
 def _matches(model: nn.Module, target: str) -> bool:
-    return any(name == target or name.endswith("." + target) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear))
+    return any(name == target or name.endswith("." + target) for name, m in model.named_modules() if _adaptable(m))
 
 
 def default_targets(model: nn.Module, method: str) -> dict[str, list[str]]:
@@ -33,6 +40,9 @@ def default_targets(model: nn.Module, method: str) -> dict[str, list[str]]:
     from peft.utils import constants
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if all(_matches(model, n) for n in CONV_NET_TARGETS["target"]):
+        return {"target": list(CONV_NET_TARGETS["target"]),
+                **({"feedforward": list(CONV_NET_TARGETS["feedforward"])} if method == "ia3" else {})}
     if method == "lora":
         known = constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
         if known:
@@ -49,7 +59,7 @@ def default_targets(model: nn.Module, method: str) -> dict[str, list[str]]:
             return {k: list(v) for k, v in IA3_FALLBACK.items()}
     raise UserError(
         f"cannot tell which layers of this {model_type or type(model).__name__} model take {method} adapters: "
-        f"pass --adapter-targets with some of its Linear layers: {', '.join(linear_names(model)[:20])}"
+        f"pass --adapter-targets with some of its layers: {', '.join(linear_names(model)[:20])}"
     )
 
 
@@ -61,7 +71,8 @@ def adapter_spec(model: nn.Module, method: str, rank: int, alpha: float, dropout
     missing = [t for t in resolved["target"] if not _matches(model, t)]
     if missing:
         raise UserError(
-            f"adapter target modules {missing} match no Linear layer of the model: choose from {', '.join(linear_names(model)[:20])}"
+            f"adapter target modules {missing} match no Linear or convolution layer of the model: choose from "
+            f"{', '.join(linear_names(model)[:20])}"
         )
     return {"method": method, "rank": rank, "alpha": alpha, "dropout": dropout, **resolved}
 
@@ -83,29 +94,30 @@ def is_adapter_parameter(name: str) -> bool:
 
 
 class PeftAdapterHost:
-    """Mixin for backbones whose transformers model is ``self.encoder``: add, merge and save PEFT adapters.
+    """Mixin for backbones that keep their network in one attribute (``adapter_attribute``): add, merge
+    and save PEFT adapters on it.
 
     The adapter description lives in ``self.spec["adapter"]``, so ``rebuild`` re-creates the same
     adapters before the saved weights are loaded.
     """
 
-    encoder: nn.Module
+    adapter_attribute = "encoder"
     spec: dict[str, Any]
 
     def adapter_host(self) -> nn.Module:
-        return self.encoder
+        return getattr(self, self.adapter_attribute)
 
     def add_adapters(self, adapter: dict[str, Any]) -> None:
-        self.encoder = add_adapters(self.encoder, adapter)
+        setattr(self, self.adapter_attribute, add_adapters(self.adapter_host(), adapter))
         self.spec["adapter"] = adapter
 
     def merge_adapters(self) -> None:
         """Fold the adapters into the base weights (no extra latency at inference; needed for export)."""
         if self.spec.get("adapter"):
-            self.encoder = self.encoder.merge_and_unload()
+            setattr(self, self.adapter_attribute, self.adapter_host().merge_and_unload())
             self.spec = {k: v for k, v in self.spec.items() if k != "adapter"}
 
     def save_adapters(self, directory) -> None:
         """The adapter weights alone, in PEFT's own format (loadable with ``PeftModel.from_pretrained``)."""
         if self.spec.get("adapter"):
-            self.encoder.save_pretrained(directory)
+            self.adapter_host().save_pretrained(directory)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .adapters import PeftAdapterHost
 from .base import Backbone
 from .images import images_to_batch
 from .layers import ParameterGroup
@@ -37,6 +38,38 @@ def _weights_file(variant: int) -> str:
     return holder.get_model_file_path()
 
 
+class PaddedConv2d(nn.Module):
+    """TF-style "same" padding followed by a plain ``nn.Conv2d``.
+
+    The package's ``Conv2dStaticSamePadding`` subclasses ``nn.Conv2d`` with a constructor PEFT cannot
+    call, so PEFT cannot wrap it with LoRA; a plain convolution behind an explicit padding layer computes
+    the same thing and can be wrapped.
+    """
+
+    def __init__(self, pad: nn.Module, conv: nn.Conv2d):
+        super().__init__()
+        self.pad = pad
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.pad(x))
+
+
+def _plain_convolutions(network: nn.Module) -> None:
+    """Replace every static-same-padding convolution by an equivalent ``PaddedConv2d``, weights kept."""
+    from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding
+
+    for parent in list(network.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, Conv2dStaticSamePadding):
+                conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, stride=child.stride,
+                                 dilation=child.dilation, groups=child.groups, bias=child.bias is not None)
+                conv.weight = child.weight
+                if child.bias is not None:
+                    conv.bias = child.bias
+                setattr(parent, child_name, PaddedConv2d(child.static_padding, conv))
+
+
 def _build(variant: int, image_size: int) -> nn.Module:
     from efficientnet_lite_pytorch import EfficientNet
 
@@ -46,8 +79,9 @@ def _build(variant: int, image_size: int) -> nn.Module:
     return network
 
 
-class EfficientNetLiteBackbone(Backbone):
+class EfficientNetLiteBackbone(PeftAdapterHost, Backbone):
     modality = "image"
+    adapter_attribute = "network"
 
     def __init__(self, network: nn.Module, spec: dict[str, Any]):
         super().__init__()
@@ -68,13 +102,19 @@ class EfficientNetLiteBackbone(Backbone):
         state = torch.load(_weights_file(variant), map_location="cpu", weights_only=True)
         state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
         network.load_state_dict(state, strict=True)
+        _plain_convolutions(network)
         spec = {"family": "efficientnet-lite", "name": name, "variant": variant, "image_size": image_size,
                 "mean": list(LITE_MEAN), "std": list(LITE_STD)}
         return cls(network, spec)
 
     @classmethod
     def rebuild(cls, spec: dict[str, Any], directory: Path) -> "EfficientNetLiteBackbone":
-        return cls(_build(int(spec["variant"]), int(spec["image_size"])), spec)
+        network = _build(int(spec["variant"]), int(spec["image_size"]))
+        _plain_convolutions(network)
+        backbone = cls(network, dict(spec))
+        if spec.get("adapter"):
+            backbone.add_adapters(spec["adapter"])
+        return backbone
 
     def save_preprocessing(self, directory: Path) -> None:
         """Nothing beyond the spec: the architecture is rebuilt from its variant and image size."""
