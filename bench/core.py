@@ -44,7 +44,7 @@ SST2_BASE = dict(model="minilm-l6", strategy="full", epochs=3, batch_size=32, ev
 EXPERIMENTS = {
     "fashion-demo": ("Fashion-MNIST", "EfficientNet-Lite0", 0.90, dict(DEMO_BUDGET)),
     "fashion-full": ("Fashion-MNIST", "EfficientNet-Lite0", 0.93, dict(FULL_BUDGET)),
-    "sst2-8k": ("SST-2", "MiniLM-L6", 0.88, {**SST2_BASE, "max_train_examples": 8000}),
+    "sst2-8k": ("SST-2", "MiniLM-L6", 0.88, {**SST2_BASE, "max_train_examples": 8000, "lr_grid": [5e-5, 1e-4, 2e-4]}),
     "sst2-8k-longest": ("SST-2", "MiniLM-L6", 0.88, {**SST2_BASE, "longest": 8000}),
     "sst2-full": ("SST-2", "MiniLM-L6", 0.90, {**SST2_BASE, "epochs": 2}),
 }
@@ -67,9 +67,24 @@ def _longest_rows(source: str, count: int, target: Path) -> str:
     return str(target)
 
 
-def run(name: str) -> dict:
+def run_with_lr_sweep(name: str, previous: dict | None) -> dict:
+    """One run per LR of the grid (reusing runs already recorded); keep the one with the best validation
+    accuracy. The test set plays no part in the choice."""
+    grid = EXPERIMENTS[name][3]["lr_grid"]
+    sweep = dict((previous or {}).get("sweep", {}))
+    for lr in grid:
+        if str(lr) not in sweep:
+            sweep[str(lr)] = run(name, lr=lr)
+    best = max(sweep.values(), key=lambda r: r["val_accuracy"])
+    return {**best, "sweep": sweep}
+
+
+def run(name: str, lr: float | None = None) -> dict:
     dataset, model, goal, config = EXPERIMENTS[name]
     config = dict(config)
+    config.pop("lr_grid", None)
+    if lr is not None:
+        config["lr"] = lr
     if dataset == "SST-2":
         config.update(_sst2_paths())
     with tempfile.TemporaryDirectory() as out:
@@ -84,6 +99,7 @@ def run(name: str) -> dict:
         "train_examples": metrics["data"]["train"], "epochs": config["epochs"],
         "image_size": config.get("image_size"), "lr": config["lr"],
         "test_accuracy": metrics["test"]["accuracy"], "test_macro_f1": metrics["test"]["macro_f1"],
+        "val_accuracy": metrics["history"][metrics["best_epoch"] - 1]["val_accuracy"],
         "probe_accuracy": metrics["baseline"]["test"]["accuracy"], "probe_macro_f1": metrics["baseline"]["test"]["macro_f1"],
         "probe_seconds": metrics["baseline"]["seconds"], "finetune_seconds": metrics["seconds"], "wall_seconds": wall,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
@@ -103,6 +119,11 @@ def table(results: dict) -> str:
             f"| {name} ({r['model']} on {r['dataset']}) | {r['train_examples']:,} | {r['epochs']} | "
             f"{r['probe_accuracy']:.4f} / {r['probe_macro_f1']:.4f} | {r['test_accuracy']:.4f} / {r['test_macro_f1']:.4f} | "
             f">= {r['goal']:.2f}: {met} | {r['finetune_seconds'] / 60:.1f} min | {r['wall_seconds'] / 60:.1f} min |")
+    for name, r in results.items():
+        if "sweep" in r:
+            tried = ", ".join(f"{float(lr):g}: val {s['val_accuracy']:.4f} / test {s['test_accuracy']:.4f}"
+                              for lr, s in sorted(r["sweep"].items(), key=lambda kv: float(kv[0])))
+            lines.append(f"\n{name}: learning rate {r['lr']:g} chosen by validation accuracy among {tried}.")
     return "\n".join(lines)
 
 
@@ -126,7 +147,10 @@ def main() -> None:
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     for name in args.only or list(EXPERIMENTS):
-        results[name] = run(name)
+        if "lr_grid" in EXPERIMENTS[name][3]:
+            results[name] = run_with_lr_sweep(name, results.get(name))
+        else:
+            results[name] = run(name)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(results, indent=1))
     print(table(results))
