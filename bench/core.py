@@ -134,7 +134,8 @@ def write_doc(results: dict) -> None:
         "Test accuracy of the packaged backbones, fine-tuned (`strategy=full`) beside a linear probe on their frozen",
         "features (the run's own baseline, same test set). Fashion-MNIST: official 10k test set, 5% of train held out",
         "for validation, 32x32 inputs. SST-2: `test.tsv` is the GLUE dev set (872 sentences) that papers report;",
-        "`dev.tsv` chooses the checkpoint. Times are wall-clock on " + "; ".join(machines) + ".", "",
+        "`dev.tsv` chooses the checkpoint and, where a grid is given, the learning rate. Times are wall-clock on",
+        "; ".join(machines) + "; other jobs sometimes shared those cores, so they are upper bounds.", "",
         table(results), "",
         "Published SST-2 accuracies for comparison (GLUE dev): MiniLM-L6-H384 91.5, DistilBERT 91.3, BERT-base 92.7-93.2",
         "(Socher et al. 2013 for the data). Fashion-MNIST: Xiao et al. 2017.", ""])
