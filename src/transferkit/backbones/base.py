@@ -71,7 +71,3 @@ class Backbone(nn.Module, ABC):
 
     def save_adapters(self, directory: Path) -> None:
         """Write the adapters alone in PEFT's format; a no-op without adapters."""
-
-    def channels_last(self) -> bool:
-        """Whether inputs should use channels-last memory (faster convolutions on CPU)."""
-        return False

@@ -132,6 +132,3 @@ class EfficientNetLiteBackbone(PeftAdapterHost, Backbone):
     def collate(self, prepared, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         return {"pixel_values": images_to_batch(prepared, indices, self.image_size, self.spec["mean"], self.spec["std"],
                                                 channels_last=True)}
-
-    def channels_last(self) -> bool:
-        return True

@@ -6,7 +6,6 @@ Hugging Face Hub name (which needs the internet the first time).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -105,18 +104,9 @@ def create_backbone(name: str, *, image_size: int | None = None, max_length: int
         ) from None
 
 
-def save_backbone_spec(backbone: Backbone, directory: Path) -> dict[str, Any]:
-    directory.mkdir(parents=True, exist_ok=True)
-    backbone.save_preprocessing(directory)
-    return backbone.spec
-
-
 def rebuild_backbone(spec: dict[str, Any], directory: Path) -> Backbone:
     family = spec.get("family")
     if family not in FAMILIES:
         raise UserError(f"{directory}: unknown backbone family '{family}' in the saved model: was it written by a newer transferkit?")
     return FAMILIES[family].rebuild(spec, directory)
 
-
-def read_spec(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())

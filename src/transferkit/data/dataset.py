@@ -50,9 +50,6 @@ class ImagePaths:
         return ImagePaths([self.paths[i] for i in indices])
 
 
-Inputs = "list[str] | ImageArray | ImagePaths"
-
-
 @dataclass
 class Examples:
     """One split: inputs, their labels as strings (None for unlabelled data) and where they came from."""
