@@ -7,7 +7,7 @@ resolved ``RunConfig`` that produced it.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 

@@ -85,7 +85,7 @@ def _dangling_symlink(tmp: Path) -> list[str]:
 
 
 def _image_table_missing_file(tmp: Path) -> list[str]:
-    root = _image_folder(tmp)
+    _image_folder(tmp)
     rows = "".join(f"images/{c}/{i}.png,{c}\n" for c in "ab" for i in range(4))
     return ["--train", str(_csv(tmp, "path,label\n" + rows + "images/a/missing.png,a\n")), "--image-column", "path",
             "--model", "efficientnet-lite0"]
