@@ -17,6 +17,7 @@ class BitFit(Strategy):
 
     name = "bitfit"
     summary = "train only the backbone's biases and norm parameters (about 0.1% of a transformer), plus the head"
+    default_lr = 5e-4  # the paper's range is 1e-4 to 1e-3: so few parameters need larger steps than full fine-tuning
 
     @classmethod
     def from_config(cls, config: RunConfig) -> "BitFit":

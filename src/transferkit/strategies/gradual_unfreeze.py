@@ -8,6 +8,9 @@ from .base import Strategy
 from .registry import register
 
 
+HEAD_LR_FACTOR = 10.0
+
+
 @register
 class GradualUnfreeze(Strategy):
     """Train the head first, then unfreeze one layer group from the top every ``unfreeze_every`` epochs.
@@ -43,4 +46,6 @@ class GradualUnfreeze(Strategy):
         self.apply(model)
 
     def lr_blocks(self, model: Classifier, lr: float, head_lr: float | None) -> list[tuple[list[nn.Parameter], float]]:
-        return [(list(model.backbone.parameters()), lr), (list(model.head.parameters()), head_lr or lr)]
+        # The head trains alone first from random weights, so by default it gets 10x the backbone's LR
+        # (as the head-only stage of fastai's fine_tune runs at a higher LR than the unfrozen stages).
+        return [(list(model.backbone.parameters()), lr), (list(model.head.parameters()), head_lr or HEAD_LR_FACTOR * lr)]
