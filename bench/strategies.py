@@ -89,7 +89,12 @@ def write_doc(results: dict) -> None:
         "linear probe gets 20 epochs because an epoch costs it only the head). Same data, seed and test set within",
         "a dataset. On EfficientNet-Lite, LoRA/IA3 adapt the 1x1 convolutions. Train time includes feature caching for",
         "the linear probe; peak RSS is the whole process. 2 CPU cores.", "",
-        table(results), ""])
+        table(results), "",
+        "Reading it: on this short budget (2 epochs) full fine-tuning and freeze-bottom lead; gradual unfreezing",
+        "has unfrozen only the top group by the end, and LoRA/IA3/BitFit with their default LRs trail further on",
+        "images than on text. The literature's picture (LoRA within ~1 pt of full, gradual unfreezing and",
+        "discriminative LRs at least as good in low-data settings) needs longer runs and per-strategy LR choice",
+        "on validation data, which this table does not do yet.", ""])
     replace_section("## Strategy catalogue", section)
 
 
