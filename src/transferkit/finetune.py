@@ -38,6 +38,7 @@ from .objectives import (CrossEntropyObjective, L1Penalty, L2SPPenalty, MixupObj
                          balanced_class_weights)
 from .saved_model import save_classifier
 from .strategies import Strategy, create_strategy
+from .strategies.base import decay_groups
 
 DEFAULT_LR = {"probe": 1e-3, "text": 5e-5, "image": 5e-4}
 IMBALANCE_WARNING = 5.0  # largest/smallest class ratio above which an unhandled imbalance is flagged
@@ -89,10 +90,7 @@ def _train_head_on_features(config: RunConfig, features: dict[str, torch.Tensor]
                             objective=None, oversample: bool = False) -> tuple[HeadOnFeatures, Engine]:
     torch.manual_seed(config.seed)
     probe = HeadOnFeatures(ClassificationHead(features["train"].shape[1], num_classes, config.dropout))
-    decay = [p for p in probe.parameters() if p.ndim > 1]
-    no_decay = [p for p in probe.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "lr": lr, "weight_decay": config.weight_decay},
-              {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+    groups = decay_groups(list(probe.parameters()), lr, config.weight_decay)
     train = Batches(features["train"], labels["train"], feature_collate, config.batch_size, shuffle=True, seed=config.seed,
                     oversample=oversample)
     val = Batches(features["val"], labels["val"], feature_collate, config.eval_batch_size)
@@ -210,10 +208,10 @@ def finetune(config: RunConfig | str | Path | None = None, *, resume: bool = Fal
     prepared = {name: backbone.prepare(getattr(splits, name).inputs) for name in ("train", "val", "test")}
 
     features: dict[str, torch.Tensor] = {}
-    needs_features = strategy.uses_feature_cache or config.baseline
     baseline_path = run_dir / "baseline.json"
+    baseline_done = resume and baseline_path.is_file()
     feature_started = time.time()
-    if needs_features and not (not strategy.uses_feature_cache and resume and baseline_path.is_file()):
+    if strategy.uses_feature_cache or (config.baseline and not baseline_done):
         for name in ("train", "val", "test"):
             features[name] = cached_features(run_dir / "cache", name, backbone, prepared[name],
                                              config.eval_batch_size, device)
@@ -221,7 +219,7 @@ def finetune(config: RunConfig | str | Path | None = None, *, resume: bool = Fal
 
     baseline = None
     if config.baseline and not strategy.uses_feature_cache:
-        if resume and baseline_path.is_file():
+        if baseline_done:
             baseline = json.loads(baseline_path.read_text())
         else:
             started = time.time() - feature_seconds

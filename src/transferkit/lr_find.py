@@ -13,6 +13,7 @@ from .engine.feature_cache import compute_features
 from .engine.loop import default_device
 from .engine.lr_finder import plot_range_test, range_test
 from .finetune import HeadOnFeatures, _objective, build, resolve_config
+from .strategies.base import decay_groups
 
 
 def lr_find(config: RunConfig | str | Path | None = None, *, steps: int = 100, **fields: Any) -> dict[str, Any]:
@@ -28,7 +29,7 @@ def lr_find(config: RunConfig | str | Path | None = None, *, steps: int = 100, *
         features = compute_features(backbone, prepared, config.eval_batch_size, "features (train)", device)
         target = HeadOnFeatures(model.head)
         batches = Batches(features, labels, feature_collate, config.batch_size, shuffle=True, seed=config.seed)
-        groups = [{"params": list(target.parameters()), "weight_decay": config.weight_decay}]
+        groups = decay_groups(list(target.parameters()), 1.0, config.weight_decay)
         result = range_test(target, groups, objective, batches, steps=steps, device=device)
     else:
         batches = Batches(prepared, labels, backbone.collate, config.batch_size, shuffle=True, seed=config.seed,

@@ -18,7 +18,7 @@ import torch
 from .backbones.registry import rebuild_backbone
 from .data.dataset import Examples, encode_labels
 from .data.readers import read_examples
-from .engine.batches import Batches
+from .engine.batches import Batches, map_in_order
 from .engine.checkpoint import atomic_write_text, load_weights, save_weights
 from .engine.loop import default_device
 from .errors import UserError
@@ -78,11 +78,8 @@ class FineTunedModel:
         backbone = self.model.backbone
         prepared = backbone.prepare(inputs)
         batches = Batches(prepared, None, backbone.collate, self.eval_batch_size, lengths=backbone.lengths(prepared))
-        probabilities = torch.empty(batches.size, len(self.classes))
-        for batch in batches.iterate():
-            logits = self.model(**{k: v.to(self.device) for k, v in batch["inputs"].items()})
-            probabilities[torch.as_tensor(batch["indices"], dtype=torch.long)] = torch.softmax(logits.float(), -1).cpu()
-        return probabilities.numpy()
+        logits = map_in_order(batches, lambda inputs: self.model(**inputs), self.device)
+        return torch.softmax(logits, dim=-1).numpy()
 
     def predict(self, inputs) -> list[str]:
         return [self.classes[i] for i in self.predict_proba(inputs).argmax(1)]

@@ -77,5 +77,26 @@ class Batches:
             yield batch
 
 
+@torch.no_grad()
+def map_in_order(batches: Batches, forward: Callable[[dict], torch.Tensor], device: torch.device,
+                 progress: str | None = None) -> torch.Tensor:
+    """``forward(inputs)`` on every batch, rows returned in the examples' original order.
+
+    Batches may be length-sorted, so each output is scattered back to its examples' indices.
+    """
+    iterator = batches.iterate()
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, total=len(batches), desc=progress, unit="batch", mininterval=1.0, dynamic_ncols=True)
+    outputs = None
+    for batch in iterator:
+        result = forward({k: v.to(device, non_blocking=True) for k, v in batch["inputs"].items()}).float().cpu()
+        if outputs is None:
+            outputs = torch.empty(batches.size, *result.shape[1:])
+        outputs[torch.as_tensor(batch["indices"], dtype=torch.long)] = result
+    return outputs
+
+
 def feature_collate(features: torch.Tensor, indices: Sequence[int]) -> dict[str, torch.Tensor]:
     return {"features": features[torch.as_tensor(np.asarray(indices), dtype=torch.long)]}

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from ..backbones.base import Backbone
-from .batches import Batches
+from .batches import Batches, map_in_order
 
 
 @torch.no_grad()
@@ -22,12 +21,7 @@ def compute_features(backbone: Backbone, prepared, batch_size: int, description:
                      device: torch.device) -> torch.Tensor:
     backbone.eval().to(device)
     batches = Batches(prepared, None, backbone.collate, batch_size, lengths=backbone.lengths(prepared))
-    features = torch.empty(batches.size, backbone.feature_dim)
-    for batch in tqdm(batches.iterate(), total=len(batches), desc=description, unit="batch", mininterval=1.0,
-                      dynamic_ncols=True):
-        inputs = {k: v.to(device) for k, v in batch["inputs"].items()}
-        features[torch.as_tensor(batch["indices"], dtype=torch.long)] = backbone(**inputs).float().cpu()
-    return features
+    return map_in_order(batches, lambda inputs: backbone(**inputs), device, progress=description)
 
 
 def cached_features(cache_dir: Path | None, split: str, backbone: Backbone, prepared, batch_size: int,

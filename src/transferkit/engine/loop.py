@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..evaluation.metrics import summary_metrics
-from .batches import Batches
+from .batches import Batches, map_in_order
 from .checkpoint import CheckpointDir, load_weights, rng_state, set_rng_state
 from .log import JsonlLog
 from .schedules import make_schedule
@@ -94,14 +94,11 @@ class Engine:
     @torch.no_grad()
     def predict_logits(self, batches: Batches) -> np.ndarray:
         self.model.eval()
-        outputs = None
-        for batch in batches.iterate():
+        def forward(inputs: dict) -> torch.Tensor:
             with self._autocast():
-                logits = self.model(**_to(self.device, batch)["inputs"]).float().cpu()
-            if outputs is None:
-                outputs = torch.empty(batches.size, logits.shape[1])
-            outputs[torch.as_tensor(batch["indices"], dtype=torch.long)] = logits  # batches may be length-sorted
-        return outputs.numpy()
+                return self.model(**inputs)
+
+        return map_in_order(batches, forward, self.device).numpy()
 
     def evaluate(self, batches: Batches) -> dict[str, float]:
         logits = self.predict_logits(batches)

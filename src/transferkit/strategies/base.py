@@ -9,9 +9,13 @@ from torch import nn
 from ..model import Classifier
 
 
-def _no_decay(parameter: nn.Parameter) -> bool:
-    # Biases and normalisation scales (all 1-D) are not decayed, as in BERT and timm: decay would only shrink them.
-    return parameter.ndim <= 1
+def decay_groups(parameters: list[nn.Parameter], lr: float, weight_decay: float) -> list[dict]:
+    """Optimiser groups at ``lr``: weight matrices decayed; biases and normalisation scales (all 1-D) not,
+    as in BERT and timm, since decay would only shrink them."""
+    decay = [p for p in parameters if p.ndim > 1]
+    no_decay = [p for p in parameters if p.ndim <= 1]
+    return ([{"params": decay, "lr": lr, "weight_decay": weight_decay}] if decay else []) + (
+        [{"params": no_decay, "lr": lr, "weight_decay": 0.0}] if no_decay else [])
 
 
 class Strategy:
@@ -64,15 +68,10 @@ class Strategy:
         head_ids = {id(p) for p in model.head.parameters()}
         groups = []
         for parameters, block_lr in self.lr_blocks(model, lr, head_lr):
-            decay = [p for p in parameters if not _no_decay(p)]
-            no_decay = [p for p in parameters if _no_decay(p)]
             block_decay = weight_decay
             if backbone_weight_decay is not None and parameters and id(parameters[0]) not in head_ids:
                 block_decay = backbone_weight_decay
-            if decay:
-                groups.append({"params": decay, "lr": block_lr, "weight_decay": block_decay})
-            if no_decay:
-                groups.append({"params": no_decay, "lr": block_lr, "weight_decay": 0.0})
+            groups += decay_groups(parameters, block_lr, block_decay)
         return groups
 
     @staticmethod
