@@ -52,6 +52,10 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument("--allow-pickle", dest="allow_pickle", action="store_const", const=True, default=None,
                                 help="allow loading pickle (.bin/.pt) model weights, which can run code: trusted sources only")
             continue
+        if f.name == "compile":
+            parser.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
+                                help="compile the model with torch.compile (pays a compile time up front; see docs/benchmarks.md)")
+            continue
         if f.name == "baseline":
             parser.add_argument("--no-baseline", dest="baseline", action="store_const", const=False, default=None,
                                 help="skip the linear-probe baseline")
@@ -79,10 +83,13 @@ def _fit_config(args: argparse.Namespace) -> tuple[RunConfig | None, dict]:
 
 def _cmd_fit(args: argparse.Namespace) -> int:
     from .demo import results_table
+    from .engine import distributed
     from .finetune import finetune
 
     config, overrides = _fit_config(args)
     metrics = finetune(config, resume=args.resume, overwrite=args.overwrite, **overrides)
+    if not distributed.is_main():
+        return 0  # process 0 of a data-parallel run reports
     out = config.out if config else overrides["out"]
     print(results_table(metrics))
     print(f"run written to {out}: metrics.json, report.html, model/")

@@ -85,6 +85,7 @@ class RunConfig:
     patience: int | None = 2
     monitor: str = "val_accuracy"
     precision: str = "fp32"
+    compile: bool = False
     seed: int = 0
     checkpoint_every: int | None = None
     on_divergence: str = "stop"

@@ -23,6 +23,7 @@ from .backbones.registry import create_backbone
 from .config import RunConfig
 from .data.dataset import encode_labels
 from .data.splits import Splits, load_splits
+from .engine import distributed
 from .engine.batches import Batches, feature_collate
 from .engine.checkpoint import CheckpointDir, atomic_write_text
 from .engine.feature_cache import cached_features
@@ -81,7 +82,7 @@ def _settings(config: RunConfig, epochs: int) -> EngineSettings:
                           grad_clip=config.grad_clip, precision=config.precision, monitor=config.monitor,
                           patience=config.patience, checkpoint_every=config.checkpoint_every,
                           on_divergence=config.on_divergence, optimizer=config.optimizer, momentum=config.momentum,
-                          accumulate=config.accumulate)
+                          accumulate=config.accumulate, compile=config.compile)
 
 
 def _train_head_on_features(config: RunConfig, features: dict[str, torch.Tensor], labels: dict[str, np.ndarray],
@@ -153,6 +154,26 @@ def _test_report(engine: Engine, features_or_batches: Batches, labels: np.ndarra
     return full_report(labels, logits.argmax(1), classes)
 
 
+def _write_run(run_dir: Path, config: RunConfig, strategy_name: str, model: Classifier, classes: list[str],
+               metrics: dict[str, Any]) -> None:
+    """model/, plots/, report.html/.md, then metrics.json (last: its presence marks the run finished)."""
+    save_classifier(model.cpu(), classes, run_dir / "model")
+    plots_dir = run_dir / "plots"
+    plots_dir.mkdir(exist_ok=True)
+    baseline = metrics.get("baseline") or {}
+    plots = {"Confusion matrix (test)": plot_confusion_matrix(metrics["test"]["confusion_matrix"], classes,
+                                                              plots_dir / "confusion_matrix.png",
+                                                              f"{config.model}, {strategy_name}"),
+             "Learning curves": plot_learning_curves(
+                 {"linear probe": baseline.get("history", []), strategy_name: metrics["history"]},
+                 plots_dir / "learning_curves.png", config.monitor)}
+    write_report(run_dir, metrics, plots)
+    # The best weights now live in model/; the cache and checkpoints only served an unfinished run.
+    shutil.rmtree(run_dir / "cache", ignore_errors=True)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
+
+
 def build(config: RunConfig) -> tuple[RunConfig, Splits, Strategy, Classifier]:
     """Everything a run needs before it writes anything: data, backbone, head, strategy, resolved LR.
 
@@ -183,7 +204,21 @@ def finetune(config: RunConfig | str | Path | None = None, *, resume: bool = Fal
     Example::
 
         transferkit.finetune(model="minilm-l6", train="reviews.csv", text_column="review", out="runs/reviews")
+
+    Launched by ``torchrun --nproc_per_node N`` (or ``accelerate launch``), the fine-tuning is
+    data-parallel across the N processes; process 0 writes the run directory.
     """
+    created_group = distributed.join_process_group()
+    try:
+        return _finetune(config, resume, overwrite, fields)
+    finally:
+        if created_group:
+            torch.distributed.destroy_process_group()
+
+
+def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bool, fields: dict[str, Any]) -> dict[str, Any]:
+    parallel = distributed.world_size() > 1
+    main = distributed.is_main()
     if resume and config is None:
         # Resuming needs only the run directory: its config.yaml says everything else.
         _check_run_dir(Path(fields.get("out", RunConfig.out)), resume, overwrite)
@@ -193,15 +228,21 @@ def finetune(config: RunConfig | str | Path | None = None, *, resume: bool = Fal
     _check_run_dir(run_dir, resume, overwrite)
     config, splits, strategy, model = build(config)
     backbone = model.backbone
+    if parallel and config.mixup and backbone.modality == "text":
+        raise UserError("mixup on text mixes pooled features outside the model's forward pass, which data-parallel "
+                        "runs cannot synchronise: drop --mixup or run in one process")
+    distributed.barrier()  # every process has checked the run directory before process 0 changes it
 
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(run_dir / "config.yaml")
-    warning = describe_classes(splits.train.labels, splits.classes, config)
-    if warning:
-        print(f"transferkit: warning: {warning}", file=sys.stderr)
-    log = JsonlLog(run_dir / "log.jsonl")
+    if main:
+        if overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / "config.yaml")
+        warning = describe_classes(splits.train.labels, splits.classes, config)
+        if warning:
+            print(f"transferkit: warning: {warning}", file=sys.stderr)
+    distributed.barrier()
+    log = JsonlLog(run_dir / "log.jsonl" if main else None)
     device = default_device()
     classes = splits.classes
     labels = {name: encode_labels(getattr(splits, name).labels, classes) for name in ("train", "val", "test")}
@@ -211,14 +252,16 @@ def finetune(config: RunConfig | str | Path | None = None, *, resume: bool = Fal
     baseline_path = run_dir / "baseline.json"
     baseline_done = resume and baseline_path.is_file()
     feature_started = time.time()
-    if strategy.uses_feature_cache or (config.baseline and not baseline_done):
+    # In a data-parallel run only process 0 trains the baseline; a frozen-backbone strategy trains the same
+    # head in every process (cheap), and only process 0 keeps files.
+    if strategy.uses_feature_cache or (config.baseline and not baseline_done and main):
         for name in ("train", "val", "test"):
-            features[name] = cached_features(run_dir / "cache", name, backbone, prepared[name],
+            features[name] = cached_features(run_dir / "cache" if main else None, name, backbone, prepared[name],
                                              config.eval_batch_size, device)
     feature_seconds = time.time() - feature_started
 
     baseline = None
-    if config.baseline and not strategy.uses_feature_cache:
+    if config.baseline and not strategy.uses_feature_cache and main:
         if baseline_done:
             baseline = json.loads(baseline_path.read_text())
         else:
@@ -237,7 +280,7 @@ def finetune(config: RunConfig | str | Path | None = None, *, resume: bool = Fal
     if strategy.uses_feature_cache:
         probe, engine = _train_head_on_features(
             config, features, labels, len(classes), epochs=config.epochs, lr=config.head_lr or config.lr,
-            description="linear probe", checkpoints=checkpoints, log=log, resume=resume,
+            description="linear probe", checkpoints=checkpoints if main else None, log=log, resume=resume and main,
             objective=_objective(config, model, labels["train"]), oversample=config.sampler == "oversample")
         model.head = probe.head
         test_batches = Batches(features["test"], labels["test"], feature_collate, config.eval_batch_size)
@@ -250,7 +293,9 @@ def finetune(config: RunConfig | str | Path | None = None, *, resume: bool = Fal
                       lengths=backbone.lengths(prepared["val"]))
         groups = strategy.param_groups(model, config.lr, config.head_lr, config.weight_decay,
                                        backbone_weight_decay=0.0 if config.l2_sp else None)
-        engine = Engine(model, groups, _objective(config, model, labels["train"]), train, val, _settings(config, config.epochs),
+        settings = _settings(config, config.epochs)
+        settings.data_parallel = parallel
+        engine = Engine(model, groups, _objective(config, model, labels["train"]), train, val, settings,
                         set_train_mode=strategy.set_train_mode, on_epoch_start=strategy.on_epoch_start,
                         checkpoints=checkpoints, log=log, description=f"fine-tune ({strategy.name})")
         resuming = resume and checkpoints.find_resumable() is not None
@@ -263,9 +308,6 @@ def finetune(config: RunConfig | str | Path | None = None, *, resume: bool = Fal
                                lengths=backbone.lengths(prepared["test"]))
     seconds = time.time() - started + (feature_seconds if strategy.uses_feature_cache else 0.0)
     test = _test_report(engine, test_batches, labels["test"], classes)
-
-    model_dir = run_dir / "model"
-    save_classifier(model.cpu(), classes, model_dir)
     metrics: dict[str, Any] = {
         "model": config.model, "strategy": strategy.name,
         "trainable_parameters": strategy.trainable_parameters(model),
@@ -276,19 +318,8 @@ def finetune(config: RunConfig | str | Path | None = None, *, resume: bool = Fal
     }
     if baseline is not None:
         metrics["baseline"] = baseline
-    plots_dir = run_dir / "plots"
-    plots_dir.mkdir(exist_ok=True)
-    plots = {"Confusion matrix (test)": plot_confusion_matrix(test["confusion_matrix"], classes,
-                                                              plots_dir / "confusion_matrix.png",
-                                                              f"{config.model}, {strategy.name}"),
-             "Learning curves": plot_learning_curves(
-                 {"linear probe": (baseline or {}).get("history", []), strategy.name: engine.history},
-                 plots_dir / "learning_curves.png", config.monitor)}
-    write_report(run_dir, metrics, plots)
-    # The best weights now live in model/; the cache and checkpoints only served an unfinished run.
-    shutil.rmtree(run_dir / "cache", ignore_errors=True)
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    # metrics.json is written last: its presence is what marks the run as finished.
-    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
+    if main:
+        _write_run(run_dir, config, strategy.name, model, classes, metrics)
+    distributed.barrier()  # no process returns before the run directory is complete
     return metrics
 

@@ -64,11 +64,18 @@ class Batches:
         shuffled = torch.randperm(len(batches) - 1, generator=generator).tolist() + [len(batches) - 1]
         return np.concatenate([batches[i] for i in shuffled])
 
-    def iterate(self, epoch: int = 0, start: int = 0) -> Iterator[dict]:
-        """Batches of ``epoch`` from batch number ``start`` on."""
+    def iterate(self, epoch: int = 0, start: int = 0, shard: tuple[int, int] | None = None) -> Iterator[dict]:
+        """Batches of ``epoch`` from batch number ``start`` on.
+
+        ``shard=(rank, processes)``: this process's part of each batch in a data-parallel run, so all
+        processes together see exactly the one-process batches (a batch smaller than the number of
+        processes is given whole to each, which averages to the same gradient).
+        """
         order = self.order(epoch)
         for b in range(start, len(self)):
             indices = order[b * self.batch_size : (b + 1) * self.batch_size]
+            if shard is not None and len(indices) >= shard[1]:
+                indices = np.array_split(indices, shard[1])[shard[0]]
             batch = {"inputs": self.collate(self.prepared, indices), "indices": indices}
             if self.labels is not None:
                 batch["labels"] = self.labels[indices]

@@ -8,6 +8,7 @@ bar with ETA and a JSONL log.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import sys
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from ..evaluation.metrics import summary_metrics
 from .batches import Batches, map_in_order
+from . import distributed
 from .checkpoint import CheckpointDir, load_weights, rng_state, set_rng_state
 from .log import JsonlLog
 from .schedules import make_schedule
@@ -43,10 +45,25 @@ class EngineSettings:
     optimizer: str = "adamw"  # or "sgd" (with momentum)
     accumulate: int = 1  # batches whose gradients add up to one optimiser step
     momentum: float = 0.9
+    compile: bool = False  # torch.compile the model (dynamic shapes: text batches vary in length)
+    data_parallel: bool = False  # split each batch across the processes of a torchrun/accelerate launch
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # The current CUDA device: a data-parallel launcher gives each process its own.
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _optimizer(param_groups: list[dict], settings: EngineSettings) -> torch.optim.Optimizer:
+    """AdamW or SGD with the multi-tensor (foreach) kernels.
+
+    Not ``fused=True``: with torch 2.13 on CPU the fused AdamW mis-updates a parameter whose gradient has
+    other strides than the parameter itself (seen with channels_last convolutions), and on the text
+    models it measured no faster (docs/benchmarks.md).
+    """
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, momentum=settings.momentum, foreach=True)
+    return torch.optim.AdamW(param_groups, foreach=True)
 
 
 def _to(device: torch.device, batch: dict) -> dict:
@@ -74,10 +91,14 @@ class Engine:
         self.checkpoints = checkpoints
         self.log = log or JsonlLog(None)
         self.description = description
-        if settings.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(param_groups, momentum=settings.momentum, foreach=True)
-        else:
-            self.optimizer = torch.optim.AdamW(param_groups, foreach=True)
+        self.optimizer = _optimizer(param_groups, settings)
+        # The compiled module shares its parameters with self.model, which stays the one saved and loaded.
+        self.eval_model = torch.compile(self.model, dynamic=True) if settings.compile else self.model
+        self.parallel = settings.data_parallel and distributed.world_size() > 1
+        self.shard = (distributed.rank(), distributed.world_size()) if self.parallel else None
+        self.main = distributed.is_main()
+        self._wrapped_for: frozenset[int] | None = None
+        self.forward_model = self.eval_model
         total = settings.epochs * math.ceil(len(train) / settings.accumulate)
         self.scheduler = make_schedule(self.optimizer, settings.schedule, total, int(settings.warmup_ratio * total))
         self.history: list[dict] = []
@@ -96,7 +117,7 @@ class Engine:
         self.model.eval()
         def forward(inputs: dict) -> torch.Tensor:
             with self._autocast():
-                return self.model(**inputs)
+                return self.eval_model(**inputs)
 
         return map_in_order(batches, forward, self.device).numpy()
 
@@ -160,13 +181,19 @@ class Engine:
         group_start = step - step % settings.accumulate
         group_size = min(settings.accumulate, steps_per_epoch - group_start)
         with self._autocast():
-            loss, _ = self.objective(self.model, batch)
-        if not torch.isfinite(loss):
+            loss, _ = self.objective(self.forward_model, batch)
+        finite = bool(torch.isfinite(loss))
+        if self.parallel:  # every process must take the same decision, or the gradient exchange hangs
+            finite = distributed.all_true(finite, self.device)
+        if not finite:
             self._diverged(f"loss became {loss.item()}", epoch, step)
             return None
-        (loss / group_size).backward()
         if step + 1 < group_start + group_size:
+            # Gradients of the group's earlier batches stay local; the last backward averages the sum.
+            with self.forward_model.no_sync() if self.parallel else contextlib.nullcontext():
+                (loss / group_size).backward()
             return loss.item()
+        (loss / group_size).backward()
         parameters = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(parameters, settings.grad_clip or math.inf)
         if not torch.isfinite(norm):
@@ -187,13 +214,15 @@ class Engine:
         steps_per_epoch = len(self.train_batches)
         stopped = self.bad_epochs >= (settings.patience or math.inf)
         bar = tqdm(total=settings.epochs * steps_per_epoch, initial=epoch * steps_per_epoch + start,
-                   desc=self.description, unit="step", dynamic_ncols=True, mininterval=1.0, leave=True)
+                   desc=self.description, unit="step", dynamic_ncols=True, mininterval=1.0, leave=True,
+                   disable=True if not self.main else None)
         while epoch < settings.epochs and not stopped:
             started = time.time()
             self.optimizer.zero_grad(set_to_none=True)
             self.on_epoch_start(self.model, epoch)
             self.set_train_mode(self.model)
-            for step, batch in enumerate(self.train_batches.iterate(epoch, start), start=start):
+            self._wrap_for_data_parallel()
+            for step, batch in enumerate(self.train_batches.iterate(epoch, start, shard=self.shard), start=start):
                 batch = _to(self.device, batch)
                 loss = self._train_step(batch, epoch, step)
                 if loss is not None:
@@ -222,8 +251,9 @@ class Engine:
             self.log.write(phase=self.description, **record)
             shown = {k: f"{v:.4f}" for k, v in record.items() if k in ("train_loss", "val_loss", "val_accuracy")}
             bar.set_postfix(**shown, refresh=True)
-            bar.write(f"{self.description} epoch {epoch + 1}/{settings.epochs}: "
-                      + ", ".join(f"{k} {v}" for k, v in shown.items()) + (" (best)" if improved else ""))
+            if self.main:
+                bar.write(f"{self.description} epoch {epoch + 1}/{settings.epochs}: "
+                          + ", ".join(f"{k} {v}" for k, v in shown.items()) + (" (best)" if improved else ""))
             stopped = settings.patience is not None and self.bad_epochs >= settings.patience
             self._save(epoch, steps_per_epoch, running, seen, improved)
             epoch, start, running, seen = epoch + 1, 0, 0.0, 0
@@ -231,16 +261,29 @@ class Engine:
         self._restore_best()
         return self.history
 
+    def _wrap_for_data_parallel(self) -> None:
+        """Wrap the model in DDP for the parameters that train now; strategies such as gradual unfreezing
+        change that set between epochs, and DDP only exchanges gradients of the set it was built with."""
+        if not self.parallel:
+            return
+        trainable = frozenset(id(p) for p in self.model.parameters() if p.requires_grad)
+        if trainable != self._wrapped_for:
+            self.forward_model = distributed.wrap(self.eval_model, self.device)
+            self._wrapped_for = trainable
+
     def _save(self, epoch: int, steps_done: int, running: float, seen: int, improved: bool) -> None:
         if self.checkpoints is None:
             if improved:
                 self._best_state = copy.deepcopy(self.model.state_dict())
             return
-        resumable = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "rng": rng_state()}
-        pointers = ("latest", "best") if improved else ("latest",)
-        self.checkpoints.save(f"epoch-{epoch + 1:04d}-step-{steps_done:06d}", self.model,
-                              self._state(epoch, steps_done, running, seen), resumable, pointers)
+        if self.main:  # all processes hold the same weights; one writes them
+            resumable = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                         "rng": rng_state()}
+            pointers = ("latest", "best") if improved else ("latest",)
+            self.checkpoints.save(f"epoch-{epoch + 1:04d}-step-{steps_done:06d}", self.model,
+                                  self._state(epoch, steps_done, running, seen), resumable, pointers)
+        if self.parallel:
+            distributed.barrier()
 
     def _restore_best(self) -> None:
         if self.checkpoints is not None:

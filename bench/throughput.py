@@ -1,0 +1,587 @@
+"""Training throughput: transferkit against the Hugging Face Trainer (and a plain PyTorch loop for images),
+model-FLOPs utilisation, what each speed feature buys, and how time and memory scale.
+
+Every measurement runs in its own subprocess, so peak RSS is that job's alone and no state (threads,
+compiled kernels, allocator caches) carries from one job to the next. Throughput is examples per
+second of training (validation and test excluded), from the sum of the epochs' wall-clock times.
+
+    python bench/throughput.py                          # all sections (about 45 min on 2 CPU cores)
+    python bench/throughput.py --only trainer vision    # some sections
+    python bench/throughput.py --tiny --model DIR       # seconds: a smoke run on a tiny model (tests)
+
+Sections: trainer (MiniLM-L6 on SST-2 vs HF Trainer + PEFT: full, lora, linear-probe; fp32, bf16),
+vision (EfficientNet-Lite0 on Fashion-MNIST vs a plain PyTorch loop), features (each speed feature
+switched off alone), scaling (1k-60k sentences; sequence lengths 64/128/256), progress (bar on vs off).
+The device is chosen automatically (CUDA when present); the same script runs unchanged on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SST2 = ROOT.parent / "shared" / "data" / "sst2"
+RESULTS = ROOT / "bench" / "results" / "throughput.json"
+LR = {"full": 1e-4, "lora": 5e-4, "linear-probe": 1e-3, "freeze-bottom": 1e-4}
+EPOCHS = {"full": 1, "lora": 1, "linear-probe": 3, "freeze-bottom": 2}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Workers: each runs in a fresh process and prints one JSON line.
+# ---------------------------------------------------------------------------------------------------
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def gemm_peak(dtype_name: str) -> float:
+    """Measured GFLOP/s of a 2048^3 matrix product (best of several), the machine's practical peak."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    device = _device()
+    n = 2048
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    best = float("inf")
+    for _ in range(6):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(3):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - started) / 3)
+    return 2 * n**3 / best / 1e9
+
+
+def _apply_ablation(ablation: str | None, max_length: int) -> None:
+    """Switch one speed feature off (worker processes only)."""
+    if not ablation:
+        return
+    import torch
+
+    from transferkit.backbones.hf_text import HFTextBackbone
+
+    if ablation == "no-length-grouping":
+        HFTextBackbone.lengths = lambda self, prepared: None
+    elif ablation == "pad-to-max-length":
+        HFTextBackbone.lengths = lambda self, prepared: None
+        original = HFTextBackbone.collate
+
+        def padded(self, prepared, indices):
+            batch = original(self, prepared, indices)
+            extra = max_length - batch["input_ids"].shape[1]
+            pad_id = self.tokenizer.pad_token_id or 0
+            return {"input_ids": torch.nn.functional.pad(batch["input_ids"], (0, extra), value=pad_id),
+                    "attention_mask": torch.nn.functional.pad(batch["attention_mask"], (0, extra), value=0)}
+
+        HFTextBackbone.collate = padded
+    elif ablation in ("optimizer-for-loop", "optimizer-fused"):
+        original_adamw = torch.optim.AdamW
+        choice = {"foreach": False} if ablation == "optimizer-for-loop" else {"fused": True}
+
+        def adamw(params, **kwargs):
+            kwargs.pop("foreach", None)
+            return original_adamw(params, **kwargs, **choice)
+
+        torch.optim.AdamW = adamw
+    else:
+        raise SystemExit(f"unknown ablation {ablation}")
+
+
+def _epoch_flops(config: dict) -> float:
+    """FLOPs of one training epoch (forward + backward), counted by torch's FLOP counter on every
+    distinct batch shape of the epoch that the run itself goes through."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from transferkit.config import RunConfig
+    from transferkit.data.dataset import encode_labels
+    from transferkit.engine.batches import Batches
+    from transferkit.finetune import build
+
+    run_config, splits, _, model = build(RunConfig.from_dict(config, source="bench"))
+    backbone = model.backbone
+    prepared = backbone.prepare(splits.train.inputs)
+    labels = encode_labels(splits.train.labels, splits.classes)
+    batches = Batches(prepared, labels, backbone.collate, run_config.batch_size, shuffle=True, seed=run_config.seed,
+                      lengths=backbone.lengths(prepared))
+    counted: dict[tuple, float] = {}
+    total = 0.0
+    model.train()
+    for batch in batches.iterate(0):
+        shape = tuple(tuple(v.shape) for v in batch["inputs"].values())
+        if shape not in counted:
+            counter = FlopCounterMode(display=False)
+            with counter:
+                logits = model(**batch["inputs"])
+                torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
+            model.zero_grad(set_to_none=True)
+            counted[shape] = counter.get_total_flops()
+        total += counted[shape]
+    return total
+
+
+def worker_transferkit(p: dict) -> dict:
+    _apply_ablation(p.get("ablation"), p.get("max_length") or 128)
+    import transferkit
+
+    config = dict(model=p["model"], train=p["train"], val=p["val"], test=p["test"], strategy=p["strategy"],
+                  epochs=p["epochs"], batch_size=p["batch_size"], eval_batch_size=128, lr=p["lr"], warmup_ratio=0.06,
+                  schedule="linear", weight_decay=0.01, precision=p["precision"], patience=None, baseline=False,
+                  seed=0, compile=p.get("compile", False))
+    if p["modality"] == "text":
+        config.update(text_column="sentence", max_length=p.get("max_length") or 128)
+    else:
+        config.update(image_size=32, max_train_examples=p["examples"], val_fraction=0.05)
+    flops = _epoch_flops(config) if p.get("count_flops") else None
+    with tempfile.TemporaryDirectory() as out:
+        started = time.time()
+        metrics = transferkit.finetune(**config, out=str(Path(out) / "run"), overwrite=True)
+        wall = time.time() - started
+    epochs = [h["seconds"] for h in metrics["history"]]
+    if metrics["strategy"] == "linear-probe":
+        # Epoch 1 pays for the features: everything before the later epochs.
+        epochs[0] = metrics["seconds"] - sum(epochs[1:])
+    return {"epoch_seconds": epochs, "train_examples": metrics["data"]["train"],
+            "test_accuracy": metrics["test"]["accuracy"], "epoch_flops": flops, "wall_seconds": wall,
+            "trainable_parameters": metrics["trainable_parameters"]}
+
+
+def worker_trainer(p: dict) -> dict:
+    """The HF Trainer as its documentation sets it up: AutoModelForSequenceClassification, dynamic padding
+    (DataCollatorWithPadding), length grouping, PEFT for LoRA, frozen base model for the linear probe."""
+    import numpy as np
+    import pandas as pd
+    import torch
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                              TrainerCallback, TrainingArguments)
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(p["model_dir"])
+    model = AutoModelForSequenceClassification.from_pretrained(p["model_dir"], num_labels=2)
+    if p["strategy"] == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.1,
+                                                 target_modules=["query", "value"]))
+    elif p["strategy"] == "linear-probe":
+        for parameter in model.base_model.parameters():
+            parameter.requires_grad_(False)
+
+    def dataset(path: str) -> list[dict]:
+        frame = pd.read_csv(path, sep="\t", dtype={"sentence": str}, keep_default_na=False)
+        encoded = tokenizer(list(frame["sentence"]), truncation=True, max_length=p.get("max_length") or 128)
+        return [{"input_ids": ids, "attention_mask": mask, "labels": int(label)}
+                for ids, mask, label in zip(encoded["input_ids"], encoded["attention_mask"], frame["label"])]
+
+    train, test = dataset(p["train"]), dataset(p["test"])
+
+    class EpochTimer(TrainerCallback):
+        def __init__(self):
+            self.seconds, self.started = [], 0.0
+
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            self.started = time.time()
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            self.seconds.append(time.time() - self.started)
+
+    timer = EpochTimer()
+    with tempfile.TemporaryDirectory() as out:
+        steps = p["epochs"] * -(-len(train) // p["batch_size"])
+        args = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=p["batch_size"], per_device_eval_batch_size=128,
+            num_train_epochs=p["epochs"], learning_rate=p["lr"], warmup_steps=int(0.06 * steps),
+            lr_scheduler_type="linear", weight_decay=0.01, max_grad_norm=1.0, bf16=p["precision"] == "bf16",
+            train_sampling_strategy="group_by_length", logging_steps=50, save_strategy="no", eval_strategy="no", report_to=[],
+            dataloader_num_workers=0, seed=0, disable_tqdm=False)
+        trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tokenizer),
+                          callbacks=[timer])
+        trainer.train()
+        predictions = trainer.predict(test).predictions
+    predictions = predictions[0] if isinstance(predictions, tuple) else predictions
+    accuracy = float((np.asarray(predictions).argmax(1) == np.array([r["labels"] for r in test])).mean())
+    trainable = sum(q.numel() for q in model.parameters() if q.requires_grad)
+    return {"epoch_seconds": timer.seconds, "train_examples": len(train), "test_accuracy": accuracy,
+            "trainable_parameters": trainable}
+
+
+def worker_plain_image(p: dict) -> dict:
+    """Fashion-MNIST fine-tuning written as a PyTorch user would: tensors prepared once, a DataLoader, AdamW,
+    a warm-up + linear schedule, autocast for bf16."""
+    import gzip
+
+    import numpy as np
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+    from torch.utils.data import DataLoader, TensorDataset
+    from transformers import get_linear_schedule_with_warmup
+
+    from transferkit.backbones.efficientnet_lite import _weights_file
+    from transferkit.data.packaged import fashion_mnist_dir
+
+    def idx(name: str) -> np.ndarray:
+        path = next(fashion_mnist_dir(download=False).glob(f"{name}*"))
+        data = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+        ndim = data[3]
+        dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+        return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+    def tensors(images: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(images.copy()).float().unsqueeze(1)
+        x = torch.nn.functional.interpolate(x, size=32, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+        return (x - 127.0) / 128.0
+
+    torch.manual_seed(0)
+    device = _device()
+    train_x, train_y = tensors(idx("train-images")[: p["examples"]]), torch.from_numpy(idx("train-labels")[: p["examples"]].astype(np.int64))
+    test_x, test_y = tensors(idx("t10k-images")), torch.from_numpy(idx("t10k-labels").astype(np.int64))
+    model = EfficientNet.from_name("efficientnet-lite0", image_size=32)
+    state = torch.load(_weights_file(0), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    model._fc = torch.nn.Linear(model._fc.in_features, 10)
+    model.to(device)
+    loader = DataLoader(TensorDataset(train_x, train_y), batch_size=p["batch_size"], shuffle=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=0.01)
+    steps = p["epochs"] * len(loader)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(0.06 * steps), steps)
+    epoch_seconds = []
+    for _ in range(p["epochs"]):
+        started = time.time()
+        model.train()
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=p["precision"] == "bf16"):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        epoch_seconds.append(time.time() - started)
+    model.eval()
+    correct = 0
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=p["precision"] == "bf16"):
+        for i in range(0, len(test_x), 256):
+            correct += int((model(test_x[i:i + 256].to(device)).argmax(1).cpu() == test_y[i:i + 256]).sum())
+    return {"epoch_seconds": epoch_seconds, "train_examples": len(train_x), "test_accuracy": correct / len(test_x)}
+
+
+WORKERS = {"transferkit": worker_transferkit, "trainer": worker_trainer, "plain-image": worker_plain_image}
+
+
+def run_worker(spec: dict) -> dict:
+    result = WORKERS[spec["worker"]](spec)
+    result["peak_rss_mib"] = _peak_rss_mib()
+    return result
+
+
+def spawn(spec: dict, env: dict | None = None) -> dict:
+    """Run one measurement in a fresh Python process."""
+    print(f"  running {spec['label']} ...", flush=True)
+    process = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
+                             env={**os.environ, **(env or {})})
+    if process.returncode != 0:
+        raise SystemExit(f"{spec['label']} failed:\n{process.stderr[-3000:]}")
+    result = json.loads(process.stdout.strip().splitlines()[-1])
+    return {**spec, **result}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------------
+def per_second(result: dict, skip_first: bool = False) -> float:
+    seconds = result["epoch_seconds"][1:] if skip_first else result["epoch_seconds"]
+    return result["train_examples"] * len(seconds) / sum(seconds)
+
+
+def sst2_sample(folder: Path, count: int, seed: int = 0, source: str = "train.tsv") -> str:
+    import pandas as pd
+
+    frame = pd.read_csv(SST2 / source, sep="\t", dtype=str, keep_default_na=False)
+    frame = frame.sample(n=min(count, len(frame)), random_state=seed)
+    path = folder / f"{Path(source).stem}-{count}.tsv"
+    frame.to_csv(path, sep="\t", index=False)
+    return str(path)
+
+
+def text_data(args, folder: Path, count: int) -> dict:
+    if args.tiny:
+        return {"train": args.tiny_data["train"], "val": args.tiny_data["val"], "test": args.tiny_data["test"]}
+    return {"train": sst2_sample(folder, count), "val": sst2_sample(folder, 500, source="dev.tsv"),
+            "test": str(SST2 / "test.tsv")}
+
+
+def section_trainer(args, folder: Path, peaks: dict) -> list[dict]:
+    data = text_data(args, folder, args.examples)
+    rows = []
+    for strategy in args.strategies:
+        for precision in args.precisions:
+            common = {**data, "modality": "text", "strategy": strategy, "precision": precision, "lr": LR[strategy],
+                      "epochs": EPOCHS[strategy], "batch_size": 32, "max_length": 128}
+            ours = spawn({**common, "worker": "transferkit", "model": args.model, "count_flops": strategy == "full",
+                          "label": f"transferkit {strategy} {precision}"})
+            theirs = spawn({**common, "worker": "trainer", "model_dir": args.model_dir,
+                            "label": f"HF Trainer {strategy} {precision}"})
+            later = strategy == "linear-probe"
+            row = {"strategy": strategy, "precision": precision, "ours": ours, "trainer": theirs,
+                   "ours_per_s": per_second(ours), "trainer_per_s": per_second(theirs),
+                   "ratio": per_second(ours) / per_second(theirs)}
+            if later:
+                row["ratio_later_epochs"] = per_second(ours, True) / per_second(theirs, True)
+            if ours.get("epoch_flops"):
+                row["mfu"] = ours["epoch_flops"] / ours["epoch_seconds"][0] / (peaks[precision] * 1e9)
+                row["achieved_gflops"] = ours["epoch_flops"] / ours["epoch_seconds"][0] / 1e9
+            rows.append(row)
+    return rows
+
+
+def section_vision(args, folder: Path, peaks: dict) -> list[dict]:
+    rows = []
+    for precision in args.precisions:
+        common = {"modality": "image", "strategy": "full", "precision": precision, "lr": 1e-3, "epochs": 1,
+                  "batch_size": 64, "examples": args.image_examples}
+        ours = spawn({**common, "worker": "transferkit", "model": "efficientnet-lite0", "train": "fashion-mnist",
+                      "val": None, "test": None, "count_flops": True, "label": f"transferkit efficientnet {precision}"})
+        theirs = spawn({**common, "worker": "plain-image", "label": f"plain PyTorch efficientnet {precision}"})
+        row = {"precision": precision, "ours": ours, "plain": theirs, "ours_per_s": per_second(ours),
+               "plain_per_s": per_second(theirs), "ratio": per_second(ours) / per_second(theirs)}
+        row["mfu"] = ours["epoch_flops"] / ours["epoch_seconds"][0] / (peaks[precision] * 1e9)
+        rows.append(row)
+    return rows
+
+
+FEATURES = [  # (label, strategy, epochs, ablation, precision, compile)
+    ("all on (full, fp32)", "full", 1, None, "fp32", False),
+    ("no length grouping (dynamic padding, random batches)", "full", 1, "no-length-grouping", "fp32", False),
+    ("pad every batch to max_length 128", "full", 1, "pad-to-max-length", "fp32", False),
+    ("AdamW fused kernel instead of foreach", "full", 1, "optimizer-fused", "fp32", False),
+    ("AdamW per-parameter loop", "full", 1, "optimizer-for-loop", "fp32", False),
+    ("bf16 autocast", "full", 1, None, "bf16", False),
+    ("torch.compile (first epoch includes compiling)", "full", 2, None, "fp32", True),
+]
+
+
+def section_features(args, folder: Path, peaks: dict) -> list[dict]:
+    data = text_data(args, folder, args.examples)
+    rows = []
+    for label, strategy, epochs, ablation, precision, compiled in FEATURES:
+        result = spawn({**data, "worker": "transferkit", "model": args.model, "modality": "text", "strategy": strategy,
+                        "precision": precision, "lr": LR[strategy], "epochs": epochs, "batch_size": 32,
+                        "max_length": 128, "ablation": ablation, "compile": compiled, "label": label})
+        rows.append({"feature": label, "result": result, "first_epoch_per_s": result["train_examples"] / result["epoch_seconds"][0],
+                     "later_per_s": per_second(result, True) if epochs > 1 else None})
+    return rows
+
+
+def long_texts(folder: Path, length: int, count: int) -> str:
+    """``count`` texts of at least ``length`` words (SST-2 sentences joined), so batches are ``length`` tokens."""
+    import pandas as pd
+
+    frame = pd.read_csv(SST2 / "train.tsv", sep="\t", dtype=str, keep_default_na=False).sample(frac=1.0, random_state=0)
+    sentences, labels = list(frame["sentence"]), list(frame["label"])
+    rows, words, start = [], [], 0
+    for i, sentence in enumerate(sentences):
+        words += sentence.split()
+        if len(words) >= length:
+            rows.append({"sentence": " ".join(words), "label": labels[start]})
+            words, start = [], i + 1
+            if len(rows) == count:
+                break
+    path = folder / f"long-{length}.tsv"
+    pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
+    return str(path)
+
+
+def section_scaling(args, folder: Path, peaks: dict) -> dict:
+    sizes = [] if args.tiny else args.scaling_sizes
+    by_size = []
+    for size in sizes:
+        data = {**text_data(args, folder, size)}
+        result = spawn({**data, "worker": "transferkit", "model": args.model, "modality": "text", "strategy": "full",
+                        "precision": "fp32", "lr": LR["full"], "epochs": 1, "batch_size": 32, "max_length": 128,
+                        "label": f"scaling {size} sentences"})
+        by_size.append({"examples": result["train_examples"], "epoch_seconds": result["epoch_seconds"][0],
+                        "per_s": per_second(result), "peak_rss_mib": result["peak_rss_mib"]})
+    by_length = []
+    for length in ([] if args.tiny else args.lengths):
+        train = long_texts(folder, length, 128)
+        data = {"train": train, "val": sst2_sample(folder, 64, source="dev.tsv"), "test": sst2_sample(folder, 64, source="dev.tsv")}
+        result = spawn({**data, "worker": "transferkit", "model": args.model, "modality": "text", "strategy": "full",
+                        "precision": "fp32", "lr": LR["full"], "epochs": 1, "batch_size": 32, "max_length": length,
+                        "count_flops": True, "label": f"sequence length {length}"})
+        by_length.append({"length": length, "examples": result["train_examples"], "per_s": per_second(result),
+                          "tokens_per_s": per_second(result) * length, "peak_rss_mib": result["peak_rss_mib"],
+                          "mfu": result["epoch_flops"] / result["epoch_seconds"][0] / (peaks["fp32"] * 1e9)})
+    return {"by_size": by_size, "by_length": by_length}
+
+
+def section_progress(args, folder: Path, peaks: dict) -> list[dict]:
+    data = text_data(args, folder, args.examples // 2)
+    rows = []
+    for shown in (True, False):
+        env = {} if shown else {"TQDM_DISABLE": "1"}
+        result = spawn({**data, "worker": "transferkit", "model": args.model, "modality": "text", "strategy": "full",
+                        "precision": "fp32", "lr": LR["full"], "epochs": 1, "batch_size": 32, "max_length": 128,
+                        "label": f"progress bar {'on' if shown else 'off'}"}, env)
+        rows.append({"bar": "on" if shown else "off", "per_s": per_second(result)})
+    return rows
+
+
+SECTIONS = {"trainer": section_trainer, "vision": section_vision, "features": section_features,
+            "scaling": section_scaling, "progress": section_progress}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------
+def tables(results: dict) -> str:
+    meta = results["machine"]
+    lines = [f"Machine: {meta['machine']}; torch {meta['torch']}; transformers {meta['transformers']}; device "
+             f"{meta['device']}; measured {meta['date']}. Measured GEMM peak (2048^3 matmul): "
+             f"{meta['peak_gflops']['fp32']:.0f} GFLOP/s fp32, {meta['peak_gflops']['bf16']:.0f} GFLOP/s bf16.", ""]
+    if results.get("trainer"):
+        lines += [f"### MiniLM-L6 on SST-2 ({results['trainer'][0]['ours']['train_examples']:,} sentences, batch 32): "
+                  "transferkit vs HF Trainer", "",
+                  "| strategy | precision | transferkit ex/s | Trainer ex/s | ratio | later epochs ratio | "
+                  "test acc transferkit / Trainer | peak RSS MiB transferkit / Trainer | MFU |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in results["trainer"]:
+            later = f"{r['ratio_later_epochs']:.1f}x" if "ratio_later_epochs" in r else ""
+            mfu = f"{r['mfu']:.0%} ({r['achieved_gflops']:.0f} GFLOP/s)" if "mfu" in r else ""
+            lines.append(f"| {r['strategy']} | {r['precision']} | {r['ours_per_s']:.1f} | {r['trainer_per_s']:.1f} | "
+                         f"{r['ratio']:.2f}x | {later} | {r['ours']['test_accuracy']:.4f} / {r['trainer']['test_accuracy']:.4f} | "
+                         f"{r['ours']['peak_rss_mib']:.0f} / {r['trainer']['peak_rss_mib']:.0f} | {mfu} |")
+        lines.append("")
+    if results.get("vision"):
+        lines += ["### EfficientNet-Lite0 on Fashion-MNIST (32x32, batch 64): transferkit vs a plain PyTorch loop", "",
+                  "| precision | transferkit ex/s | plain loop ex/s | ratio | test acc transferkit / plain | peak RSS MiB | MFU |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in results["vision"]:
+            lines.append(f"| {r['precision']} | {r['ours_per_s']:.1f} | {r['plain_per_s']:.1f} | {r['ratio']:.2f}x | "
+                         f"{r['ours']['test_accuracy']:.4f} / {r['plain']['test_accuracy']:.4f} | "
+                         f"{r['ours']['peak_rss_mib']:.0f} / {r['plain']['peak_rss_mib']:.0f} | {r['mfu']:.0%} |")
+        lines.append("")
+    if results.get("features"):
+        lines += ["### What each speed feature buys (MiniLM-L6, SST-2 sample, one feature changed per row)", "",
+                  "| configuration | epoch 1 ex/s | later epochs ex/s | test acc | peak RSS MiB |", "|---|---|---|---|---|"]
+        for r in results["features"]:
+            later = f"{r['later_per_s']:.1f}" if r["later_per_s"] else ""
+            lines.append(f"| {r['feature']} | {r['first_epoch_per_s']:.1f} | {later} | {r['result']['test_accuracy']:.4f} | "
+                         f"{r['result']['peak_rss_mib']:.0f} |")
+        lines.append("")
+    scaling = results.get("scaling") or {}
+    if scaling.get("by_size"):
+        lines += ["### Scaling with data (full, fp32, 1 epoch)", "", "| sentences | epoch time | ex/s | peak RSS MiB |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['examples']:,} | {r['epoch_seconds']:.0f} s | {r['per_s']:.1f} | {r['peak_rss_mib']:.0f} |"
+                  for r in scaling["by_size"]]
+        lines.append("")
+    if scaling.get("by_length"):
+        lines += ["### Scaling with sequence length (full, fp32, 128 texts of exactly that many tokens)", "",
+                  "| tokens | ex/s | tokens/s | peak RSS MiB | MFU |", "|---|---|---|---|---|"]
+        lines += [f"| {r['length']} | {r['per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['peak_rss_mib']:.0f} | {r['mfu']:.0%} |"
+                  for r in scaling["by_length"]]
+        lines.append("")
+    if results.get("progress"):
+        on, off = results["progress"]
+        lines += ["### Cost of the progress bar", "", f"full fine-tune, fp32: {on['per_s']:.1f} ex/s with the bar, "
+                  f"{off['per_s']:.1f} ex/s with TQDM_DISABLE=1 (ratio {on['per_s'] / off['per_s']:.3f}).", ""]
+    return "\n".join(lines)
+
+
+def write_doc(results: dict) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from docs_section import replace_section
+
+    section = "\n".join(["## Training throughput (bench/throughput.py)", "",
+                         "Examples per second of training (validation and test excluded); every row is its own process.",
+                         "MFU: FLOPs of the epoch counted by `torch.utils.flop_counter` on every batch shape, divided by",
+                         "the epoch time, as a share of the GEMM peak measured in the same run.", "", tables(results)])
+    replace_section("## Training throughput", section)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--only", nargs="+", choices=list(SECTIONS), help="sections to run (default: all)")
+    parser.add_argument("--examples", type=int, default=4000, help="SST-2 training sentences (default 4000)")
+    parser.add_argument("--image-examples", type=int, default=4000, help="Fashion-MNIST training images (default 4000)")
+    parser.add_argument("--strategies", nargs="+", default=["full", "lora", "linear-probe"])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--scaling-sizes", nargs="+", type=int, default=[1000, 4000, 16000, 60614])
+    parser.add_argument("--lengths", nargs="+", type=int, default=[64, 128, 256])
+    parser.add_argument("--model", default="minilm-l6", help="text model (packaged name or directory)")
+    parser.add_argument("--tiny", action="store_true", help="smoke run: --model is a tiny local model, tiny data")
+    parser.add_argument("--results", default=str(RESULTS), help="where to keep the results JSON")
+    parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(run_worker(json.loads(args.worker))))
+        return
+
+    import torch
+    import transformers
+
+    from transferkit.backbones.registry import PACKAGED, _minilm_path
+
+    args.model_dir = _minilm_path() if args.model in PACKAGED else args.model
+    sections = args.only or list(SECTIONS)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        if args.tiny:
+            sections = [s for s in sections if s != "vision"]
+            args.tiny_data = tiny_data(folder)
+        elif not (SST2 / "train.tsv").is_file():
+            sys.exit(f"SST-2 not found at {SST2}: the text sections need ../shared/data/sst2")
+        results = json.loads(Path(args.results).read_text()) if Path(args.results).is_file() else {}
+        peaks = {"fp32": gemm_peak("fp32"), "bf16": gemm_peak("bf16")}
+        results["machine"] = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "torch": torch.__version__,
+                              "transformers": transformers.__version__, "device": str(_device()),
+                              "date": time.strftime("%Y-%m-%d"), "peak_gflops": peaks}
+        for name in sections:
+            print(f"section {name}", flush=True)
+            results[name] = SECTIONS[name](args, folder, peaks)
+            Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.results).write_text(json.dumps(results, indent=1))
+    print(tables(results))
+    if not args.no_doc:
+        write_doc(results)
+
+
+def tiny_data(folder: Path) -> dict:
+    """A few dozen labelled sentences (smoke runs only)."""
+    import random
+
+    rng = random.Random(0)
+    words = {1: ["good", "great", "fine"], 0: ["bad", "poor", "awful"]}
+    files = {}
+    for name, count in (("train", 64), ("val", 16), ("test", 16)):
+        rows = ["sentence\tlabel"]
+        for i in range(count):
+            label = i % 2
+            rows.append(f"the movie was {rng.choice(words[label])}\t{label}")
+        path = folder / f"{name}.tsv"
+        path.write_text("\n".join(rows) + "\n")
+        files[name] = str(path)
+    return files
+
+
+if __name__ == "__main__":
+    main()
