@@ -292,11 +292,13 @@ def run_worker(spec: dict) -> dict:
     return result
 
 
-def spawn(spec: dict, env: dict | None = None) -> dict:
-    """Run one measurement in a fresh Python process."""
+def spawn(spec: dict, env: dict | None = None, processes: int = 1) -> dict:
+    """Run one measurement in a fresh Python process (or ``processes`` of them under torchrun)."""
     print(f"  running {spec['label']} ...", flush=True)
-    process = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                             env={**os.environ, **(env or {})})
+    launcher = [] if processes == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                                          "--master_port", "29533"]
+    process = subprocess.run([sys.executable, *launcher, __file__, "--worker", json.dumps(spec)], capture_output=True,
+                             text=True, env={**os.environ, **(env or {})})
     if process.returncode != 0:
         raise SystemExit(f"{spec['label']} failed:\n{process.stderr[-3000:]}")
     result = json.loads(process.stdout.strip().splitlines()[-1])
@@ -444,8 +446,22 @@ def section_progress(args, folder: Path, peaks: dict) -> list[dict]:
     return rows
 
 
+def section_ddp(args, folder: Path, peaks: dict) -> list[dict]:
+    """The same fine-tune in one process (all cores) and in two data-parallel processes (one core each)."""
+    data = text_data(args, folder, args.examples)
+    spec = {**data, "worker": "transferkit", "model": args.model, "modality": "text", "strategy": "full",
+            "precision": "fp32", "lr": LR["full"], "epochs": 1, "batch_size": 32, "max_length": 128}
+    rows = []
+    for processes in (1, 2):
+        threads = max(1, (os.cpu_count() or 1) // processes)
+        result = spawn({**spec, "label": f"{processes} process(es)"}, {"OMP_NUM_THREADS": str(threads)}, processes)
+        rows.append({"processes": processes, "threads_each": threads, "per_s": per_second(result),
+                     "test_accuracy": result["test_accuracy"], "peak_rss_mib": result["peak_rss_mib"]})
+    return rows
+
+
 SECTIONS = {"trainer": section_trainer, "vision": section_vision, "features": section_features,
-            "scaling": section_scaling, "progress": section_progress}
+            "scaling": section_scaling, "progress": section_progress, "ddp": section_ddp}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -499,6 +515,13 @@ def tables(results: dict) -> str:
         lines += [f"| {r['length']} | {r['per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['peak_rss_mib']:.0f} | {r['mfu']:.0%} |"
                   for r in scaling["by_length"]]
         lines.append("")
+    if results.get("ddp"):
+        one = results["ddp"][0]
+        lines += ["### Data-parallel (DDP, gloo) on this machine: full, fp32, 1 epoch, global batch 32", "",
+                  "| processes | threads each | ex/s | speed-up | test acc | peak RSS MiB (process 0) |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['processes']} | {r['threads_each']} | {r['per_s']:.1f} | {r['per_s'] / one['per_s']:.2f}x | "
+                  f"{r['test_accuracy']:.4f} | {r['peak_rss_mib']:.0f} |" for r in results["ddp"]]
+        lines.append("")
     if results.get("progress"):
         on, off = results["progress"]
         lines += ["### Cost of the progress bar", "", f"full fine-tune, fp32: {on['per_s']:.1f} ex/s with the bar, "
@@ -533,7 +556,9 @@ def main() -> None:
     parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(run_worker(json.loads(args.worker))))
+        result = run_worker(json.loads(args.worker))
+        if os.environ.get("RANK", "0") == "0":  # in a data-parallel run, process 0 reports
+            print(json.dumps(result))
         return
 
     import torch

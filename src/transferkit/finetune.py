@@ -238,6 +238,9 @@ def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bo
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         config.save(run_dir / "config.yaml")
+        if parallel:
+            print(f"data-parallel run: {distributed.world_size()} processes, "
+                  f"{torch.distributed.get_backend()} backend, {config.batch_size} examples per step in all")
         warning = describe_classes(splits.train.labels, splits.classes, config)
         if warning:
             print(f"transferkit: warning: {warning}", file=sys.stderr)

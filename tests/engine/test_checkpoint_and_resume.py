@@ -229,3 +229,18 @@ def test_gradient_accumulation_matches_one_large_batch(tmp_path):
     accumulated.fit()
     for (name, a), b in zip(large.model.state_dict().items(), accumulated.model.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_compiled_training_matches_eager_and_saves_the_trained_weights(tmp_path):
+    """--compile: the compiled module shares the parameters that are checkpointed, and trains the same."""
+    eager = _engine(tmp_path / "eager")
+    eager.model.head.dropout.p = 0.0
+    compiled = _engine(tmp_path / "compiled", compile=True)
+    compiled.model.head.dropout.p = 0.0
+    eager_history, compiled_history = eager.fit(), compiled.fit()
+    assert compiled.forward_model is not compiled.model
+    assert [h["val_loss"] for h in compiled_history] == pytest.approx([h["val_loss"] for h in eager_history], abs=1e-5)
+    saved = HeadOnFeatures(ClassificationHead(8, 2))
+    load_weights(saved, CheckpointDir(tmp_path / "compiled").find("best") / "model.safetensors")
+    for name, tensor in saved.state_dict().items():
+        assert torch.equal(tensor, compiled.model.state_dict()[name]), name
