@@ -165,6 +165,23 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rank(args: argparse.Namespace) -> int:
+    from .ranking import rank, rank_table
+
+    given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name) is not None}
+    if "model" in given:
+        raise UserError("rank compares several candidates: give them as --models a,b,c (not --model)")
+    if "train" not in given:
+        raise UserError("rank needs the data: --data FILE (a table, image folder, IDX file or 'fashion-mnist')")
+    out = given.pop("out", "runs/rank")
+    estimators = [e.strip() for e in args.estimators.split(",") if e.strip()] if args.estimators else None
+    result = rank([m.strip() for m in args.models.split(",")], sample=args.sample, validate=args.validate, by=args.by,
+                  estimators=estimators, out=out, overwrite=args.overwrite, **given)
+    print(rank_table(result))
+    print(f"\nwritten to {out}: rank.json, rank.png (score vs cost, Pareto front marked)")
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from .backbones.registry import packaged_models
 
@@ -211,6 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--output", required=name == "predict",
                          help="CSV of predictions" if name == "predict" else "write the full report as JSON")
         sub.set_defaults(func=_cmd_evaluate if name == "evaluate" else _cmd_predict)
+
+    ranker = commands.add_parser("rank", help="rank candidate pretrained models for your data before fine-tuning")
+    _add_fit_arguments(ranker)
+    ranker.add_argument("--data", dest="train", default=None, help="the labelled data to rank for (same as --train)")
+    ranker.add_argument("--models", required=True, help="comma-separated candidates; random:NAME is NAME with random weights")
+    ranker.add_argument("--sample", type=int, default=1000, help="stratified sample of the data to score on (default 1000)")
+    ranker.add_argument("--validate", type=int, default=0,
+                        help="fine-tune the top K (and the bottom one) with --epochs and report rank correlations")
+    ranker.add_argument("--by", default="logme", help="estimator that orders the table (default logme)")
+    ranker.add_argument("--estimators", help="comma-separated estimators (default: all of logme, hscore, nleep, leep, nce)")
+    ranker.set_defaults(func=_cmd_rank)
 
     commands.add_parser("models", help="list the packaged pretrained models").set_defaults(func=_cmd_models)
     commands.add_parser("strategies", help="list the fine-tuning strategies").set_defaults(func=_cmd_strategies)

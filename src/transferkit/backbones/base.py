@@ -55,6 +55,11 @@ class Backbone(nn.Module, ABC):
         """Per-example sequence lengths, for length-grouped batches; None when inputs have one size."""
         return None
 
+    def source_probabilities(self, features: torch.Tensor) -> torch.Tensor | None:
+        """The pre-training classifier's class probabilities for these features (LEEP, NCE need them);
+        None for backbones without one (sentence encoders, hub models loaded without their head)."""
+        return None
+
     def add_adapters(self, adapter: dict[str, Any]) -> None:
         """Insert parameter-efficient adapters (LoRA, IA3); backbones that cannot take them say so."""
         from ..errors import UserError

@@ -100,12 +100,16 @@ class EfficientNetLiteBackbone(PeftAdapterHost, Backbone):
         image_size = image_size or NATIVE_SIZE[variant]
         network = _build(variant, image_size)
         state = torch.load(_weights_file(variant), map_location="cpu", weights_only=True)
+        imagenet_head = (state["_fc.weight"], state["_fc.bias"])
         state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
         network.load_state_dict(state, strict=True)
         _plain_convolutions(network)
         spec = {"family": "efficientnet-lite", "name": name, "variant": variant, "image_size": image_size,
                 "mean": list(LITE_MEAN), "std": list(LITE_STD)}
-        return cls(network, spec)
+        backbone = cls(network, spec)
+        # The ImageNet classifier is kept aside (not a parameter, not saved) for transferability scores.
+        backbone.imagenet_head = imagenet_head
+        return backbone
 
     @classmethod
     def rebuild(cls, spec: dict[str, Any], directory: Path) -> "EfficientNetLiteBackbone":
@@ -121,6 +125,12 @@ class EfficientNetLiteBackbone(PeftAdapterHost, Backbone):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.network.extract_features(pixel_values).mean(dim=(2, 3))
+
+    def source_probabilities(self, features: torch.Tensor) -> torch.Tensor | None:
+        head = getattr(self, "imagenet_head", None)
+        if head is None:
+            return None
+        return torch.softmax(features.float() @ head[0].T.float() + head[1].float(), dim=1)
 
     def layer_groups(self) -> list[nn.Module]:
         n = self.network

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from ..errors import UserError
 from .base import Backbone
 from .efficientnet_lite import EfficientNetLiteBackbone
@@ -54,6 +56,21 @@ def packaged_models() -> dict[str, tuple[str, str]]:
     return {name: (modality, summary) for name, (modality, summary, _) in PACKAGED.items()}
 
 
+RANDOM_PREFIX = "random:"
+
+
+def randomise(backbone: Backbone, seed: int = 0) -> None:
+    """Re-initialise every layer (PyTorch's default initialisers, seeded) and forget any source classifier."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    for module in backbone.modules():
+        if module is not backbone and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    torch.random.set_rng_state(generator_state)
+    if hasattr(backbone, "imagenet_head"):
+        backbone.imagenet_head = None
+
+
 def _is_vision_source(source: str) -> bool:
     """A local checkpoint is an image model when it ships an image-processor config."""
     return (Path(source) / "preprocessor_config.json").is_file()
@@ -61,7 +78,17 @@ def _is_vision_source(source: str) -> bool:
 
 def create_backbone(name: str, *, image_size: int | None = None, max_length: int | None = None,
                     pooling: str = "mean", allow_pickle: bool = False) -> Backbone:
-    """Load the pretrained backbone ``name`` with the preprocessing that belongs to its weights."""
+    """Load the pretrained backbone ``name`` with the preprocessing that belongs to its weights.
+
+    ``random:NAME`` is the same architecture and preprocessing with freshly initialised weights: the
+    training-from-scratch control that shows what pre-training is worth (and must rank last).
+    """
+    if name.startswith(RANDOM_PREFIX):
+        backbone = create_backbone(name[len(RANDOM_PREFIX):], image_size=image_size, max_length=max_length,
+                                   pooling=pooling, allow_pickle=allow_pickle)
+        randomise(backbone)
+        backbone.spec["name"] = name
+        return backbone
     if name in PACKAGED:
         return PACKAGED[name][2](image_size, max_length, pooling)
     known = ", ".join(PACKAGED)

@@ -60,3 +60,28 @@ def plot_learning_curves(histories: dict[str, list[dict]], path: Path, monitor: 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_score_vs_cost(names: Sequence[str], points: Sequence[tuple[float, float]], front: Sequence[int], path: Path,
+                       score_name: str) -> Path:
+    """Transferability score against FLOPs per example; the Pareto front (nothing cheaper scores higher) joined."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    costs = np.array([max(p[0], 1.0) for p in points]) / 1e9
+    scores = np.array([p[1] for p in points])
+    on_front = np.zeros(len(points), dtype=bool)
+    on_front[list(front)] = True
+    ax.scatter(costs[~on_front], scores[~on_front], color="tab:gray", label="dominated")
+    ax.scatter(costs[on_front], scores[on_front], color="tab:red", label="Pareto front")
+    order = sorted(front, key=lambda i: costs[i])
+    ax.plot(costs[order], scores[order], color="tab:red", linewidth=1)
+    for name, x, y in zip(names, costs, scores):
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("GFLOPs per example (inference, counted)")
+    ax.set_ylabel(score_name)
+    ax.set_title(f"{score_name} vs cost")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,221 @@
+"""Rank candidate backbones for a dataset before fine-tuning any: transferability scores from frozen
+features, the cost of each candidate, and (optionally) a check of the ranking by fine-tuning some.
+
+data -> stratified sample -> per candidate: load, features (feature cache), scores, cost -> table,
+rank.json, score-vs-cost plot with the Pareto front -> --validate K: fine-tune the top K and the
+bottom one, report Kendall tau and weighted tau between each estimator and the accuracies reached.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..backbones.registry import create_backbone
+from ..config import RunConfig
+from ..data.dataset import encode_labels
+from ..data.splits import load_splits, subsample
+from ..engine.checkpoint import atomic_write_text
+from ..engine.feature_cache import cached_features
+from ..engine.loop import default_device
+from ..errors import UserError
+from ..model import Classifier
+from ..strategies import create_strategy
+from . import hscore, leep, logme, nce  # noqa: F401  (registers the estimators)
+from .cost import profile_cost
+from .registry import ESTIMATORS, NotApplicable
+
+
+PREFERRED_ORDER = ["logme", "hscore", "nleep", "leep", "nce"]
+
+
+def _folder_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def _score_candidate(name: str, config: RunConfig, sample, classes: list[str], estimators: list[str],
+                     cache: Path, device: torch.device) -> dict[str, Any]:
+    """One row of the table; a candidate that cannot be loaded or used gets its reason instead."""
+    row: dict[str, Any] = {"model": name, "scores": {}, "not_applicable": {}}
+    started = time.time()
+    try:
+        backbone = create_backbone(name, image_size=config.image_size, max_length=config.max_length,
+                                   pooling=config.pooling, allow_pickle=config.allow_pickle)
+    except UserError as error:
+        return {**row, "error": str(error)}
+    except Exception as error:  # a broken third-party checkpoint must not stop the other candidates
+        return {**row, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"}
+    if backbone.modality != sample.modality:
+        return {**row, "error": f"takes {backbone.modality}s but the data are {sample.modality}s"}
+    prepared = backbone.prepare(sample.inputs)
+    features = cached_features(cache / _folder_name(name), "sample", backbone, prepared, config.eval_batch_size, device)
+    labels = encode_labels(sample.labels, classes)
+    source = backbone.source_probabilities(features.to(device))
+    source = None if source is None else source.cpu().numpy()
+    f = features.numpy()
+    for estimator in estimators:
+        try:
+            row["scores"][estimator] = ESTIMATORS[estimator](f, labels, source)
+        except NotApplicable as reason:
+            row["scores"][estimator] = None
+            row["not_applicable"][estimator] = str(reason)
+    row["rank_seconds"] = time.time() - started
+    model = Classifier(backbone, len(classes), config.dropout)
+    strategy = create_strategy(config)
+    strategy.prepare(model)
+    strategy.apply(model)
+    first_32 = list(range(min(32, len(sample))))
+    row["cost"] = profile_cost(model, strategy, backbone.collate(prepared, [0]), backbone.collate(prepared, first_32), device)
+    row["feature_dim"] = int(f.shape[1])
+    return row
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the (cost, score) points no other point beats on both (lower cost, higher score)."""
+    front = []
+    for i, (cost_i, score_i) in enumerate(points):
+        dominated = any(cost_j <= cost_i and score_j >= score_i and (cost_j < cost_i or score_j > score_i)
+                        for j, (cost_j, score_j) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def rank_correlations(scores: list[float], accuracies: list[float]) -> dict[str, float | None]:
+    """Kendall tau and weighted tau (top ranks weigh more) between scores and fine-tuned accuracies."""
+    from scipy.stats import kendalltau, weightedtau
+
+    if len(scores) < 3:
+        return {"kendall_tau": None, "weighted_tau": None}
+    taus = {"kendall_tau": float(kendalltau(scores, accuracies).statistic),
+            "weighted_tau": float(weightedtau(scores, accuracies).statistic)}
+    # Undefined (NaN) when all accuracies or all scores tie: there is no order to agree with.
+    return {name: (None if np.isnan(value) else value) for name, value in taus.items()}
+
+
+def _validate(rows: list[dict], config: RunConfig, by: str, k: int, sample_size: int, out: Path,
+              estimators: list[str]) -> dict[str, Any]:
+    """Fine-tune the top k (and the bottom one) with a short budget; correlate every estimator with it."""
+    from ..finetune import finetune
+
+    ranked = [r for r in rows if r["scores"].get(by) is not None]
+    chosen = ranked[:k] + ([ranked[-1]] if len(ranked) > k else [])
+    for row in chosen:
+        print(f"validating the ranking: fine-tuning {row['model']}", flush=True)
+        metrics = finetune(config.replace(model=row["model"], out=str(out / "validate" / _folder_name(row["model"])),
+                                          baseline=False, max_train_examples=sample_size), overwrite=True)
+        row["fine_tuned_accuracy"] = metrics["test"]["accuracy"]
+        row["fine_tune_seconds"] = metrics["seconds"]
+    correlations = {}
+    for estimator in estimators:
+        pairs = [(r["scores"][estimator], r["fine_tuned_accuracy"]) for r in chosen if r["scores"].get(estimator) is not None]
+        correlations[estimator] = {**rank_correlations([p[0] for p in pairs], [p[1] for p in pairs]), "candidates": len(pairs)}
+    return {"fine_tuned": [r["model"] for r in chosen], "correlations": correlations,
+            "rank_seconds": sum(r["rank_seconds"] for r in chosen),
+            "fine_tune_seconds": sum(r["fine_tune_seconds"] for r in chosen)}
+
+
+def _format(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def rank_table(result: dict[str, Any]) -> str:
+    estimators = result["estimators"]
+    head = ["rank", "model", *estimators, "params", "trainable", "GFLOPs/ex", "ms @1", "ms @32", "peak MiB"]
+    if result.get("validation"):
+        head.append("fine-tuned acc")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for position, row in enumerate(result["candidates"], start=1):
+        if "error" in row:
+            lines.append(f"| - | {row['model']} | failed: {row['error']} |" + " |" * (len(head) - 3))
+            continue
+        cost = row["cost"]
+        cells = [str(position), row["model"], *(_format(row["scores"][e]) for e in estimators),
+                 f"{cost['total_parameters'] / 1e6:.2f}M", f"{cost['trainable_parameters'] / 1e6:.3g}M",
+                 f"{cost['flops_per_example'] / 1e9:.3g}", f"{cost['latency_ms_batch_1']:.1f}",
+                 f"{cost['latency_ms_batch_32']:.1f}", f"{cost['peak_memory_mib']:.0f}"]
+        if result.get("validation"):
+            cells.append(_format(row.get("fine_tuned_accuracy")))
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = sorted({f"{e}: {reason}" for row in result["candidates"] for e, reason in row.get("not_applicable", {}).items()})
+    if notes:
+        lines += ["", "n/a: " + "; ".join(notes)]
+    validation = result.get("validation")
+    if validation:
+        lines += ["", f"Ranking checked by fine-tuning {', '.join(validation['fine_tuned'])}:", "",
+                  "| estimator | Kendall tau | weighted tau | candidates |", "|---|---|---|---|"]
+        for estimator, c in validation["correlations"].items():
+            lines.append(f"| {estimator} | {_format(c['kendall_tau'])} | {_format(c['weighted_tau'])} | {c['candidates']} |")
+    return "\n".join(lines)
+
+
+def rank(models: list[str], *, sample: int = 1000, validate: int = 0, by: str = "logme",
+         estimators: list[str] | None = None, out: str = "runs/rank", overwrite: bool = False,
+         **fields: Any) -> dict[str, Any]:
+    """Score ``models`` on the data of ``fields`` (``train=``, ``text_column=``, ... as in ``finetune``).
+
+    Example::
+
+        transferkit.rank(["efficientnet-lite0", "efficientnet-lite1"], train="photos/", sample=500)
+    """
+    estimators = list(estimators or sorted(ESTIMATORS, key=lambda e: (PREFERRED_ORDER + [e]).index(e)))
+    unknown = [e for e in estimators + [by] if e not in ESTIMATORS]
+    if unknown:
+        raise UserError(f"unknown estimator '{unknown[0]}': choose from {', '.join(ESTIMATORS)}")
+    if by not in estimators:
+        estimators.insert(0, by)
+    if len(models) < 1 or any(not m.strip() for m in models):
+        raise UserError("--models needs a comma-separated list of candidate models, e.g. minilm-l6,random:minilm-l6")
+    if sample < 2:
+        raise UserError(f"--sample is {sample}: it must be at least the number of classes (and at least 2)")
+    if validate < 0:
+        raise UserError(f"--validate is {validate}: give how many top candidates to fine-tune (0 for none)")
+    out_dir = Path(out)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise UserError(f"output directory {out_dir} already exists: choose another --out or pass --overwrite")
+    config = RunConfig.from_dict({**fields, "model": models[0], "out": str(out_dir)}, source="rank")
+    splits = load_splits(config)
+    if sample < len(splits.classes):
+        raise UserError(f"--sample is {sample} but the data have {len(splits.classes)} classes: "
+                        f"sample at least one example per class (more is better, e.g. {20 * len(splits.classes)})")
+    chosen = subsample(splits.train, sample, config.seed)
+    if overwrite and out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = default_device()
+    rows = []
+    for name in models:
+        print(f"ranking {name}", flush=True)
+        rows.append(_score_candidate(name.strip(), config, chosen, splits.classes, estimators, out_dir / "cache", device))
+        gc.collect()
+        if "error" in rows[-1]:
+            print(f"transferkit: warning: candidate {name} skipped: {rows[-1]['error']}", file=sys.stderr)
+    ok = [r for r in rows if "error" not in r]
+    if not ok:
+        raise UserError("no candidate could be scored: " + "; ".join(f"{r['model']}: {r['error']}" for r in rows))
+    ok.sort(key=lambda r: (r["scores"][by] is None, -(r["scores"][by] or 0.0)))
+    result: dict[str, Any] = {"data": chosen.source, "sample": len(chosen), "classes": splits.classes,
+                              "by": by, "estimators": estimators, "strategy": config.strategy,
+                              "candidates": ok + [r for r in rows if "error" in r]}
+    if validate:
+        result["validation"] = _validate(ok, config, by, validate, sample, out_dir, estimators)
+    from ..evaluation.plots import plot_score_vs_cost
+
+    scored = [r for r in ok if r["scores"][by] is not None]
+    points = [(r["cost"]["flops_per_example"], r["scores"][by]) for r in scored]
+    front = pareto_front(points)
+    for i, row in enumerate(scored):
+        row["pareto"] = i in front
+    result["plot"] = str(plot_score_vs_cost([r["model"] for r in scored], points, front, out_dir / "rank.png", by))
+    shutil.rmtree(out_dir / "cache", ignore_errors=True)
+    atomic_write_text(out_dir / "rank.json", json.dumps(result, indent=1))
+    return result

@@ -1,0 +1,100 @@
+"""Each transferability estimator against a hand-checked case or a plain reference implementation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.optimize import minimize
+
+from transferkit.ranking import ESTIMATORS, NotApplicable
+
+
+def _evidence(f: np.ndarray, y: np.ndarray, alpha: float, beta: float) -> float:
+    """log p(y | F, alpha, beta) of Bayesian linear regression, written out with matrices (Bishop 3.86)."""
+    n, d = f.shape
+    a = alpha * np.eye(d) + beta * f.T @ f
+    m = beta * np.linalg.solve(a, f.T @ y)
+    return (d / 2 * np.log(alpha) + n / 2 * np.log(beta) - beta / 2 * np.sum((y - f @ m) ** 2) - alpha / 2 * m @ m
+            - 0.5 * np.linalg.slogdet(a)[1] - n / 2 * np.log(2 * np.pi))
+
+
+def test_logme_is_the_maximised_evidence_per_example():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 60)
+    f = rng.normal(size=(60, 5)) + labels[:, None] * np.array([1.0, 0.5, 0, 0, 0])
+    expected = []
+    for c in range(3):
+        y = (labels == c).astype(float)
+        best = minimize(lambda p: -_evidence(f, y, np.exp(p[0]), np.exp(p[1])), x0=[0.0, 0.0], method="Nelder-Mead",
+                        options={"xatol": 1e-8, "fatol": 1e-10, "maxiter": 5000})
+        expected.append(-best.fun / 60)
+    assert ESTIMATORS["logme"](f, labels, None) == pytest.approx(np.mean(expected), abs=1e-5)
+
+
+def test_logme_prefers_features_that_carry_the_labels():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 200)
+    noise = rng.normal(size=(200, 16))
+    informative = noise.copy()
+    informative[:, 0] += 3 * labels
+    assert ESTIMATORS["logme"](informative, labels, None) > ESTIMATORS["logme"](noise, labels, None)
+
+
+def _leep_reference(probs: np.ndarray, labels: np.ndarray) -> float:
+    n, z = probs.shape
+    classes = sorted(set(labels.tolist()))
+    joint = {(k, y): sum(probs[i, k] for i in range(n) if labels[i] == y) / n for k in range(z) for y in classes}
+    marginal = {k: sum(joint[(k, y)] for y in classes) for k in range(z)}
+    total = 0.0
+    for i in range(n):
+        total += np.log(sum(joint[(k, labels[i])] / marginal[k] * probs[i, k] for k in range(z)))
+    return total / n
+
+
+def test_leep_matches_a_loop_reference():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(40, 6))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    labels = rng.integers(0, 3, 40)
+    assert ESTIMATORS["leep"](None, labels, probs) == pytest.approx(_leep_reference(probs, labels), abs=1e-10)
+
+
+def test_nce_hand_checked_cases():
+    labels = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+    same = np.eye(2)[labels]  # the source classifier predicts exactly the target labels
+    assert ESTIMATORS["nce"](None, labels, same) == pytest.approx(0.0, abs=1e-12)
+    independent = np.eye(2)[np.array([0, 0, 1, 1, 0, 0, 1, 1])]  # each source class holds both labels equally
+    assert ESTIMATORS["nce"](None, labels, independent) == pytest.approx(-np.log(2), abs=1e-12)
+
+
+def test_source_based_estimators_say_when_there_is_no_source_head():
+    for name in ("leep", "nce"):
+        with pytest.raises(NotApplicable, match="source head"):
+            ESTIMATORS[name](np.zeros((4, 2)), np.array([0, 1, 0, 1]), None)
+
+
+def test_hscore_matches_a_reference_and_ranks_informative_features_higher():
+    from sklearn.covariance import ledoit_wolf
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 3, 90)
+    f = rng.normal(size=(90, 8))
+    f[:, :2] += np.eye(3)[labels][:, :2] * 2
+    centred = f - f.mean(0)
+    covariance, shrinkage = ledoit_wolf(centred, assume_centered=True)
+    means = np.stack([centred[labels == label].mean(0) for label in labels])
+    between = means.T @ means / len(f)
+    reference = np.trace(np.linalg.inv(covariance) @ ((1 - shrinkage) * between))
+    assert ESTIMATORS["hscore"](f, labels, None) == pytest.approx(reference, rel=1e-8)
+    assert ESTIMATORS["hscore"](f, labels, None) > ESTIMATORS["hscore"](rng.normal(size=(90, 8)), labels, None)
+
+
+def test_nleep_scores_clustered_features_above_noise_and_is_deterministic():
+    rng = np.random.default_rng(4)
+    labels = np.repeat([0, 1, 2], 40)
+    clustered = rng.normal(size=(120, 6)) * 0.3 + np.eye(3, 6)[labels] * 4
+    noise = rng.normal(size=(120, 6))
+    score = ESTIMATORS["nleep"](clustered, labels, None)
+    assert score == ESTIMATORS["nleep"](clustered, labels, None)
+    assert score > ESTIMATORS["nleep"](noise, labels, None)
+    assert score <= 0.0  # a mean log-probability

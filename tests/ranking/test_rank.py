@@ -1,0 +1,111 @@
+"""transferkit rank: scores, cost, table, plot, validation, and the bad inputs it must refuse."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import transferkit
+from transferkit.cli import main
+from transferkit.ranking.rank import pareto_front
+
+from ..conftest import make_sentences, write_table
+
+
+@pytest.fixture()
+def sentiment_csv(tmp_path):
+    return write_table(tmp_path / "sentiment.csv", make_sentences(120, seed=5))
+
+
+@pytest.fixture()
+def digits_folder(tmp_path):
+    """scikit-learn's handwritten digits (real data, bundled offline) as an image folder."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    root = tmp_path / "digits"
+    for i, (image, label) in enumerate(zip(digits.images[:300], digits.target[:300])):
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 255 / 16).astype(np.uint8)).save(root / str(label) / f"{i}.png")
+    return root
+
+
+def test_random_weight_control_ranks_last_on_real_digits(digits_folder, tmp_path):
+    result = transferkit.rank(["random:efficientnet-lite0", "efficientnet-lite0"], train=str(digits_folder), sample=200,
+                              image_size=32, by="nleep", out=str(tmp_path / "rank"))
+    assert [row["model"] for row in result["candidates"]] == ["efficientnet-lite0", "random:efficientnet-lite0"]
+    pretrained, control = result["candidates"]
+    # The pretrained model has its ImageNet classifier, so LEEP and NCE apply; the control has none.
+    assert pretrained["scores"]["leep"] is not None and control["scores"]["leep"] is None
+    assert "source head" in control["not_applicable"]["nce"]
+    saved = json.loads((tmp_path / "rank" / "rank.json").read_text())
+    assert saved["candidates"][0]["model"] == "efficientnet-lite0" and (tmp_path / "rank" / "rank.png").is_file()
+
+
+def test_cost_profile_counts_parameters_exactly(tiny_bert_dir, text_data, tmp_path):
+    from transformers import BertConfig
+
+    config = BertConfig.from_pretrained(tiny_bert_dir)
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    embeddings = (config.vocab_size + config.max_position_embeddings + config.type_vocab_size) * h + 2 * h
+    layer = 4 * (h * h + h) + 2 * h + (h * i + i) + (i * h + h) + 2 * h
+    head = h * 2 + 2
+    result = transferkit.rank([str(tiny_bert_dir)], train=str(text_data["train"]), sample=40, strategy="lora",
+                              lora_rank=4, out=str(tmp_path / "rank"))
+    cost = result["candidates"][0]["cost"]
+    lora = layers * 2 * 4 * (h + h)  # query and value: A (r x h) and B (h x r) each
+    assert cost["total_parameters"] == embeddings + layers * layer + head + lora
+    assert cost["trainable_parameters"] == lora + head
+    assert cost["flops_per_example"] > 0 and cost["latency_ms_batch_1"] > 0
+
+
+def test_validation_fine_tunes_top_and_bottom_and_reports_rank_correlations(tiny_bert_dir, text_data, tmp_path):
+    from transformers import BertModel
+
+    second = tmp_path / "second-bert"
+    torch.manual_seed(1)
+    BertModel.from_pretrained(tiny_bert_dir).save_pretrained(second)  # same weights, other folder
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(second)
+    result = transferkit.rank([str(tiny_bert_dir), f"random:{tiny_bert_dir}", str(second), "random:efficientnet-lite0"],
+                              train=str(text_data["train"]), val=str(text_data["val"]), test=str(text_data["test"]),
+                              sample=60, validate=2, epochs=1, out=str(tmp_path / "rank"))
+    validation = result["validation"]
+    assert len(validation["fine_tuned"]) == 3  # the top two and the bottom one
+    assert all(-1 <= c["kendall_tau"] <= 1 for e, c in validation["correlations"].items() if c["kendall_tau"] is not None)
+    assert validation["correlations"]["logme"]["candidates"] == 3
+    failed = [row for row in result["candidates"] if "error" in row]
+    assert [row["model"] for row in failed] == ["random:efficientnet-lite0"] and "images" in failed[0]["error"]
+
+
+def test_pareto_front_keeps_what_nothing_cheaper_beats():
+    assert sorted(pareto_front([(1.0, 0.5), (2.0, 0.9), (3.0, 0.7), (1.0, 0.4)])) == [0, 1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--models", "minilm-l6", "--sample", "1"], "--sample is 1"),
+    (["--models", "minilm-l6", "--estimators", "logm"], "unknown estimator 'logm'"),
+    (["--models", "minilm-l6", "--model", "minilm-l6"], "--models a,b,c"),
+])
+def test_bad_rank_requests_get_one_line_and_exit_2(argv, message, sentiment_csv, tmp_path, capsys):
+    assert main(["rank", "--data", str(sentiment_csv), "--out", str(tmp_path / "r"), *argv]) == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and len(error.splitlines()) == 1
+
+
+def test_sample_smaller_than_the_classes_is_refused(tmp_path, capsys):
+    rows = [(f"text {i}", f"class{i % 5}") for i in range(50)]
+    data = write_table(tmp_path / "five.csv", rows)
+    assert main(["rank", "--data", str(data), "--models", "minilm-l6", "--sample", "3", "--out", str(tmp_path / "r")]) == 2
+    assert "5 classes" in capsys.readouterr().err
+
+
+def test_one_class_is_refused(tmp_path, capsys):
+    data = write_table(tmp_path / "one.csv", [(f"text {i}", "same") for i in range(20)])
+    assert main(["rank", "--data", str(data), "--models", "minilm-l6", "--out", str(tmp_path / "r")]) == 2
+    assert "at least two classes" in capsys.readouterr().err
