@@ -157,7 +157,7 @@ def table(results: dict) -> str:
             f">= {r['goal']:.2f}: {met} | {r['finetune_seconds'] / 60:.1f} min | {r['wall_seconds'] / 60:.1f} min |")
     for name, r in results.items():
         if "sweep" in r:
-            lines += ["", f"{name}: recipe `{r['recipe']}` chosen by validation accuracy among:", "",
+            lines += ["", f"{name}: recipe `{r['recipe']}` chosen by validation accuracy (a tie goes to the first recipe of the grid) among:", "",
                       "| recipe | val acc | test acc (not used to choose) | fine-tune time |", "|---|---|---|---|"]
             lines += [f"| {key} | {s['val_accuracy']:.4f} | {s['test_accuracy']:.4f} | {s['finetune_seconds'] / 60:.1f} min |"
                       for key, s in r["sweep"].items()]
@@ -184,9 +184,10 @@ def write_doc(results: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=list(EXPERIMENTS), help="experiments to run (default: all)")
+    parser.add_argument("--doc-only", action="store_true", help="rebuild the docs table from recorded results")
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    for name in args.only or list(EXPERIMENTS):
+    for name in [] if args.doc_only else (args.only or list(EXPERIMENTS)):
         if "grid" in EXPERIMENTS[name][3]:
             run_grid(name, results)
         else:

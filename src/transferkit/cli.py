@@ -175,7 +175,8 @@ def _cmd_rank(args: argparse.Namespace) -> int:
         raise UserError("rank needs the data: --data FILE (a table, image folder, IDX file or 'fashion-mnist')")
     out = given.pop("out", "runs/rank")
     estimators = [e.strip() for e in args.estimators.split(",") if e.strip()] if args.estimators else None
-    result = rank([m.strip() for m in args.models.split(",")], sample=args.sample, validate=args.validate, by=args.by,
+    result = rank([m.strip() for m in args.models.split(",")], sample=args.sample, validate=args.validate,
+                  validate_examples=args.validate_examples, by=args.by,
                   estimators=estimators, out=out, overwrite=args.overwrite, **given)
     print(rank_table(result))
     print(f"\nwritten to {out}: rank.json, rank.png (score vs cost, Pareto front marked)")
@@ -236,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     ranker.add_argument("--sample", type=int, default=1000, help="stratified sample of the data to score on (default 1000)")
     ranker.add_argument("--validate", type=int, default=0,
                         help="fine-tune the top K (and the bottom one) with --epochs and report rank correlations")
+    ranker.add_argument("--validate-examples", type=int, default=None,
+                        help="training examples for those fine-tunes (default: --sample)")
     ranker.add_argument("--by", default="logme", help="estimator that orders the table (default logme)")
     ranker.add_argument("--estimators", help="comma-separated estimators (default: all of logme, hscore, nleep, leep, nce)")
     ranker.set_defaults(func=_cmd_rank)

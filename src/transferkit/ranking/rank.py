@@ -158,10 +158,13 @@ def rank_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def rank(models: list[str], *, sample: int = 1000, validate: int = 0, by: str = "logme",
-         estimators: list[str] | None = None, out: str = "runs/rank", overwrite: bool = False,
+def rank(models: list[str], *, sample: int = 1000, validate: int = 0, validate_examples: int | None = None,
+         by: str = "logme", estimators: list[str] | None = None, out: str = "runs/rank", overwrite: bool = False,
          **fields: Any) -> dict[str, Any]:
     """Score ``models`` on the data of ``fields`` (``train=``, ``text_column=``, ... as in ``finetune``).
+
+    ``validate=K`` fine-tunes the top K and the bottom candidate on ``validate_examples`` training
+    examples (default: ``sample``) with the fine-tuning fields given (``strategy``, ``epochs``, ``lr``...).
 
     Example::
 
@@ -207,7 +210,7 @@ def rank(models: list[str], *, sample: int = 1000, validate: int = 0, by: str = 
                               "by": by, "estimators": estimators, "strategy": config.strategy,
                               "candidates": ok + [r for r in rows if "error" in r]}
     if validate:
-        result["validation"] = _validate(ok, config, by, validate, sample, out_dir, estimators)
+        result["validation"] = _validate(ok, config, by, validate, validate_examples or sample, out_dir, estimators)
     from ..evaluation.plots import plot_score_vs_cost
 
     scored = [r for r in ok if r["scores"][by] is not None]
