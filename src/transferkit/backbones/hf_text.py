@@ -14,6 +14,7 @@ from .base import Backbone
 from .layers import stack_layer_groups
 
 DEFAULT_MAX_LENGTH = 256
+TOKENIZE_CHUNK = 4096
 
 
 def _sentence_transformers_max_length(source: str) -> int | None:
@@ -83,7 +84,14 @@ class HFTextBackbone(PeftAdapterHost, Backbone):
 
     def prepare(self, texts: list[str]) -> list[list[int]]:
         # Tokenise once, unpadded: batches are padded to their own longest sequence (dynamic padding).
-        return self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        # In chunks, keeping only the ids: the tokenizer's per-text encodings (tokens, offsets, masks)
+        # would otherwise all be alive at once and make peak memory grow with the data set.
+        texts = list(texts)
+        ids: list[list[int]] = []
+        for start in range(0, len(texts), TOKENIZE_CHUNK):
+            ids += self.tokenizer(texts[start:start + TOKENIZE_CHUNK], truncation=True, max_length=self.max_length,
+                                  return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        return ids
 
     def lengths(self, prepared: list[list[int]]) -> list[int]:
         return [len(ids) for ids in prepared]
