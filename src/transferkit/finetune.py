@@ -77,12 +77,12 @@ def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         raise UserError(f"run directory {run_dir} already exists: choose another --out, pass --resume to continue it, or --overwrite to replace it")
 
 
-def _settings(config: RunConfig, epochs: int) -> EngineSettings:
+def _settings(config: RunConfig, epochs: int, data_parallel: bool = False) -> EngineSettings:
     return EngineSettings(epochs=epochs, schedule=config.schedule, warmup_ratio=config.warmup_ratio,
                           grad_clip=config.grad_clip, precision=config.precision, monitor=config.monitor,
                           patience=config.patience, checkpoint_every=config.checkpoint_every,
                           on_divergence=config.on_divergence, optimizer=config.optimizer, momentum=config.momentum,
-                          accumulate=config.accumulate, compile=config.compile)
+                          accumulate=config.accumulate, compile=config.compile, data_parallel=data_parallel)
 
 
 def _train_head_on_features(config: RunConfig, features: dict[str, torch.Tensor], labels: dict[str, np.ndarray],
@@ -296,9 +296,8 @@ def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bo
                       lengths=backbone.lengths(prepared["val"]))
         groups = strategy.param_groups(model, config.lr, config.head_lr, config.weight_decay,
                                        backbone_weight_decay=0.0 if config.l2_sp else None)
-        settings = _settings(config, config.epochs)
-        settings.data_parallel = parallel
-        engine = Engine(model, groups, _objective(config, model, labels["train"]), train, val, settings,
+        engine = Engine(model, groups, _objective(config, model, labels["train"]), train, val,
+                        _settings(config, config.epochs, data_parallel=parallel),
                         set_train_mode=strategy.set_train_mode, on_epoch_start=strategy.on_epoch_start,
                         checkpoints=checkpoints, log=log, description=f"fine-tune ({strategy.name})")
         resuming = resume and checkpoints.find_resumable() is not None
