@@ -183,6 +183,27 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .deploy.export import export_onnx
+
+    result = export_onnx(args.run, args.out, tolerance=args.tolerance, opset=args.opset)
+    print(f"exported {result['path']} ({result['bytes'] / 1e6:.1f} MB, opset {result['opset']}, {result['exporter']} "
+          f"exporter{', adapters merged' if result['adapters_merged'] else ''}); onnxruntime matches PyTorch to "
+          f"{result['max_abs_diff']:.2g} (tolerance {result['tolerance']:g}) on batch shapes {result['checked_shapes']}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .deploy.server import ServeLimits, serve
+
+    limits = ServeLimits(max_items=args.max_items, max_text_chars=args.max_text_chars,
+                         max_body_bytes=args.max_body_mb << 20)
+    serve(args.run, host=args.host, port=args.port, runtime=args.runtime, onnx_path=args.onnx,
+          max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, limits=limits, token=args.token,
+          log_level=args.log_level)
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from .backbones.registry import packaged_models
 
@@ -243,6 +264,33 @@ def build_parser() -> argparse.ArgumentParser:
                         help="estimator that orders the table (default nleep: the best rank correlation in docs/benchmarks.md)")
     ranker.add_argument("--estimators", help="comma-separated estimators (default: all of nleep, logme, hscore, leep, nce)")
     ranker.set_defaults(func=_cmd_rank)
+
+    exporter = commands.add_parser("export", help="export a finished run's model to ONNX, checked against PyTorch")
+    exporter.add_argument("run", help="a finished run directory")
+    exporter.add_argument("--format", choices=["onnx"], default="onnx", help="export format (onnx)")
+    exporter.add_argument("--out", help="the .onnx file to write (default RUN/model.onnx)")
+    exporter.add_argument("--tolerance", type=float, default=1e-4,
+                          help="largest allowed absolute logit difference from PyTorch (default 1e-4)")
+    exporter.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    exporter.set_defaults(func=_cmd_export)
+
+    server = commands.add_parser("serve", help="serve a finished run over HTTP with dynamic batching")
+    server.add_argument("run", help="a finished run directory")
+    server.add_argument("--host", default="127.0.0.1", help="interface to listen on (default loopback only)")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
+                        help="torch (the run's model) or onnx (RUN/model.onnx from 'transferkit export')")
+    server.add_argument("--onnx", help="the .onnx file for --runtime onnx (default RUN/model.onnx)")
+    server.add_argument("--max-batch-size", type=int, default=32,
+                        help="inputs per forward pass across concurrent requests (1 turns batching off)")
+    server.add_argument("--max-wait-ms", type=float, default=5.0,
+                        help="how long a batch waits for more requests before it runs (default 5)")
+    server.add_argument("--max-items", type=int, default=64, help="inputs per request (default 64)")
+    server.add_argument("--max-text-chars", type=int, default=20_000, help="characters per text (default 20000)")
+    server.add_argument("--max-body-mb", type=int, default=16, help="request body size limit in MiB (default 16)")
+    server.add_argument("--token", help="require 'Authorization: Bearer TOKEN' (default: $TRANSFERKIT_TOKEN if set)")
+    server.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    server.set_defaults(func=_cmd_serve)
 
     commands.add_parser("models", help="list the packaged pretrained models").set_defaults(func=_cmd_models)
     commands.add_parser("strategies", help="list the fine-tuning strategies").set_defaults(func=_cmd_strategies)

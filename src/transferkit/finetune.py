@@ -37,6 +37,7 @@ from .model import ClassificationHead, Classifier
 from .data.augmentation import BatchAugmenter
 from .objectives import (CrossEntropyObjective, L1Penalty, L2SPPenalty, MixupObjective, RegularisedObjective,
                          balanced_class_weights)
+from .deploy.model_card import write_model_card
 from .saved_model import save_classifier
 from .strategies import Strategy, create_strategy
 from .strategies.base import decay_groups
@@ -172,6 +173,7 @@ def _write_run(run_dir: Path, config: RunConfig, strategy_name: str, model: Clas
     shutil.rmtree(run_dir / "cache", ignore_errors=True)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
+    write_model_card(run_dir)
 
 
 def build(config: RunConfig) -> tuple[RunConfig, Splits, Strategy, Classifier]:

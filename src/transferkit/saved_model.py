@@ -52,10 +52,8 @@ class FineTunedModel:
     @classmethod
     def load(cls, run: str | Path) -> "FineTunedModel":
         run = Path(run)
-        directory = run / "model" if (run / "model").is_dir() else run
+        directory = model_directory(run)
         meta_path = directory / "transferkit.json"
-        if not meta_path.is_file():
-            raise UserError(f"{run} holds no finished model (no model/transferkit.json): point at a finished run directory")
         meta = json.loads(meta_path.read_text())
         if meta.get("format") != FORMAT_VERSION:
             raise UserError(f"{meta_path} has format {meta.get('format')}; this transferkit reads format {FORMAT_VERSION}")
@@ -100,6 +98,17 @@ class FineTunedModel:
         labels = encode_labels(examples.labels, self.classes)
         predictions = self.predict_proba(examples.inputs).argmax(1)
         return full_report(labels, predictions, self.classes)
+
+
+def model_directory(run: str | Path) -> Path:
+    """The ``model/`` folder of a finished run (or ``run`` itself when it is that folder)."""
+    run = Path(run)
+    if not run.exists():
+        raise UserError(f"run directory {run} does not exist: point at the --out of a finished 'transferkit fit'")
+    directory = run / "model" if (run / "model").is_dir() else run
+    if not (directory / "transferkit.json").is_file():
+        raise UserError(f"{run} holds no finished model (no model/transferkit.json): point at a finished run directory")
+    return directory
 
 
 def load_run(run: str | Path) -> FineTunedModel:

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ..errors import UserError
 from .adapters import PeftAdapterHost
 from .base import Backbone
 from .layers import stack_layer_groups
@@ -23,6 +24,18 @@ def _sentence_transformers_max_length(source: str) -> int | None:
     if config.is_file():
         return json.loads(config.read_text()).get("max_seq_length")
     return None
+
+
+# These families number positions from padding_idx + 1, so two position embeddings are never used.
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "data2vec-text"}
+
+
+def _position_limit(config: Any) -> int | None:
+    """The longest sequence the position embeddings allow (None for relative/rotary positions)."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if not positions:
+        return None
+    return int(positions) - (2 if getattr(config, "model_type", "") in _OFFSET_POSITIONS else 0)
 
 
 class HFTextBackbone(PeftAdapterHost, Backbone):
@@ -50,9 +63,15 @@ class HFTextBackbone(PeftAdapterHost, Backbone):
         tokenizer = AutoTokenizer.from_pretrained(source)
         # safetensors only, unless the user opts in: pickle weights (.bin) can run code when loaded.
         encoder = AutoModel.from_pretrained(source, dtype=torch.float32, use_safetensors=not allow_pickle)
+        positions = _position_limit(encoder.config)
         if max_length is None:
             model_max = getattr(tokenizer, "model_max_length", DEFAULT_MAX_LENGTH) or DEFAULT_MAX_LENGTH
             max_length = _sentence_transformers_max_length(source) or min(int(model_max), DEFAULT_MAX_LENGTH)
+            # A tokenizer saved without model_max_length must not let texts outrun the position embeddings.
+            max_length = min(max_length, positions or max_length)
+        elif positions and max_length > positions:
+            raise UserError(f"'max_length' {max_length} is more than model '{name}' can take ({positions} positions): "
+                            f"choose at most {positions}")
         spec = {"family": "hf-text", "name": name, "max_length": int(max_length), "pooling": pooling}
         return cls(encoder, tokenizer, int(max_length), pooling, spec)
 
@@ -97,12 +116,15 @@ class HFTextBackbone(PeftAdapterHost, Backbone):
         return [len(ids) for ids in prepared]
 
     def collate(self, prepared: list[list[int]], indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        rows = [prepared[i] for i in indices]
-        width = max(len(r) for r in rows)
-        pad_id = self.tokenizer.pad_token_id or 0
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            attention_mask[i, : len(row)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return pad_token_ids([prepared[i] for i in indices], self.tokenizer.pad_token_id or 0)
+
+
+def pad_token_ids(rows: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Token id rows padded to the longest one (dynamic padding), with the attention mask."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, : len(row)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -1,0 +1,132 @@
+"""What serving calls to predict: a run's PyTorch model or its ONNX export, behind one small interface.
+
+Both take raw inputs (a list of texts, or a list of decoded RGB images as uint8 arrays) and return
+class probabilities. The ONNX predictor preprocesses with the run's own saved tokenizer or image
+settings and never builds the PyTorch network.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+
+from ..backbones.hf_text import pad_token_ids
+from ..backbones.images import images_to_batch
+from ..engine.batches import Batches, map_in_order
+from ..errors import UserError
+from ..saved_model import FineTunedModel, model_directory
+
+
+class Predictor(Protocol):
+    classes: list[str]
+    modality: str
+    runtime: str
+    backbone_spec: dict
+
+    def predict_proba(self, inputs) -> np.ndarray: ...
+
+    def truncated(self, texts: Sequence[str]) -> list[bool]: ...
+
+
+def truncation_flags(tokenizer, max_length: int, texts: Sequence[str]) -> list[bool]:
+    """Which texts are longer than ``max_length`` tokens (the model sees only their first tokens).
+
+    Only texts that reach the limit after truncation are tokenised again in full, so the common case
+    costs one tokenisation.
+    """
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length, return_attention_mask=False,
+                    return_token_type_ids=False)["input_ids"]
+    flags = []
+    for text, row in zip(texts, ids):
+        flags.append(len(row) >= max_length and len(tokenizer(text, truncation=False, verbose=False,
+                                                                return_attention_mask=False)["input_ids"]) > max_length)
+    return flags
+
+
+class TorchPredictor:
+    """A run's PyTorch model (LoRA adapters kept as trained)."""
+
+    runtime = "torch"
+
+    def __init__(self, model: FineTunedModel):
+        self.model = model
+        self.classes = model.classes
+        self.modality = model.modality
+        self.backbone_spec = dict(model.model.backbone.spec)
+
+    @classmethod
+    def load(cls, run: str | Path) -> "TorchPredictor":
+        return cls(FineTunedModel.load(run))
+
+    def predict_proba(self, inputs) -> np.ndarray:
+        return self.model.predict_proba(inputs)
+
+    def truncated(self, texts: Sequence[str]) -> list[bool]:
+        backbone = self.model.model.backbone
+        return truncation_flags(backbone.tokenizer, backbone.max_length, texts)
+
+
+class OnnxPredictor:
+    """A run's ONNX export run by onnxruntime, with the run's saved preprocessing."""
+
+    runtime = "onnx"
+
+    def __init__(self, run: str | Path, onnx_path: str | Path | None = None, batch_size: int = 64, threads: int = 0):
+        try:
+            import onnxruntime
+        except ImportError:
+            raise UserError("the ONNX runtime needs onnxruntime: pip install 'transferkit[deploy]'") from None
+        directory = model_directory(run)
+        meta = json.loads((directory / "transferkit.json").read_text())
+        path = Path(onnx_path) if onnx_path else Path(run) / "model.onnx"
+        if not path.is_file():
+            raise UserError(f"{path} does not exist: run 'transferkit export {run} --format onnx' first, or pass --onnx PATH")
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.classes = list(meta["classes"])
+        self.backbone_spec = dict(meta["backbone"])
+        self.backbone_spec.pop("adapter", None)  # adapters are merged into the exported weights
+        self.modality = "text" if self.backbone_spec.get("family") == "hf-text" else "image"
+        self.batch_size = batch_size
+        self.path = path
+        if self.modality == "text":
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(directory / "backbone")
+            self.max_length = int(self.backbone_spec["max_length"])
+
+    def _run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        feeds = {name: inputs[name].contiguous().numpy() for name in self.input_names}
+        return torch.from_numpy(self.session.run(None, feeds)[0])
+
+    def predict_proba(self, inputs) -> np.ndarray:
+        if self.modality == "text":
+            ids = self.tokenizer(list(inputs), truncation=True, max_length=self.max_length, return_attention_mask=False,
+                                 return_token_type_ids=False)["input_ids"]
+            pad_id = self.tokenizer.pad_token_id or 0
+            batches = Batches(ids, None, lambda rows, idx: pad_token_ids([rows[i] for i in idx], pad_id), self.batch_size,
+                              lengths=[len(r) for r in ids])
+        else:
+            spec = self.backbone_spec
+            batches = Batches(inputs, None, lambda images, idx: {"pixel_values": images_to_batch(
+                images, idx, int(spec["image_size"]), spec["mean"], spec["std"], channels_last=False)}, self.batch_size)
+        logits = map_in_order(batches, self._run, torch.device("cpu"))
+        return torch.softmax(logits, dim=-1).numpy()
+
+    def truncated(self, texts: Sequence[str]) -> list[bool]:
+        return truncation_flags(self.tokenizer, self.max_length, texts)
+
+
+def load_predictor(run: str | Path, runtime: str = "torch", onnx_path: str | Path | None = None) -> Predictor:
+    if runtime == "torch":
+        return TorchPredictor.load(run)
+    if runtime == "onnx":
+        return OnnxPredictor(run, onnx_path)
+    raise UserError(f"unknown runtime '{runtime}': choose torch or onnx")
