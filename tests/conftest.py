@@ -48,7 +48,7 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}, do_lower_case=True)
     tokenizer.save_pretrained(directory)
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
+                        intermediate_size=64, max_position_embeddings=128)
     import torch
 
     torch.manual_seed(0)

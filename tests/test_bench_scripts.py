@@ -25,3 +25,16 @@ def test_throughput_benchmark_runs_on_a_tiny_model(tiny_bert_dir, tmp_path):
     assert "ratio_later_epochs" in next(r for r in saved["trainer"] if r["strategy"] == "linear-probe")
     assert [r["processes"] for r in saved["ddp"]] == [1, 2]
     assert saved["machine"]["peak_gflops"]["fp32"] > 0
+
+
+def test_serve_benchmark_runs_on_a_tiny_model(tiny_bert_dir, tmp_path):
+    results = tmp_path / "serve.json"
+    process = subprocess.run(
+        [sys.executable, str(BENCH / "serve.py"), "--tiny", "--model", str(tiny_bert_dir), "--concurrency", "1", "4",
+         "--requests", "12", "--seconds", "5", "--repeats", "2", "--results", str(results), "--no-doc"],
+        capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0, process.stderr[-3000:] + process.stdout[-3000:]
+    assert "| batching on (torch) | 4 |" in process.stdout and "ONNX Runtime vs PyTorch" in process.stdout
+    saved = json.loads(results.read_text())
+    assert len(saved["serving"]) == 6 and all(r["failures"] == 0 and r["rps"] > 0 for r in saved["serving"])
+    assert [r["batch"] for r in saved["latency"]] == [1, 32]

@@ -56,12 +56,12 @@ def test_concurrent_requests_are_batched_and_match_transferkit_predict(text_run,
 
 
 def test_bad_requests_get_json_4xx_and_the_server_keeps_answering(text_run):
-    limits = ServeLimits(max_items=4, max_text_chars=500, max_body_bytes=1500)
+    limits = ServeLimits(max_items=4, max_text_chars=700, max_body_bytes=1500)
     app = create_app(TorchPredictor.load(text_run), run=text_run, limits=limits)
     bad = [
         ({"json": {"texts": []}}, 422, "is empty"),
         ({"json": {"texts": ["good"] * 5}}, 422, "over the limit of 4"),
-        ({"json": {"texts": ["x" * 501]}}, 422, "501 characters"),
+        ({"json": {"texts": ["x" * 701]}}, 422, "701 characters"),
         ({"json": {"images": ["aGk="]}}, 422, "takes texts"),
         ({"json": {}}, 422, "under 'texts'"),
         ({"json": {"texts": ["good"], "task": "a"}}, 422, "invalid request"),
@@ -80,7 +80,7 @@ def test_bad_requests_get_json_4xx_and_the_server_keeps_answering(text_run):
         assert httpx.get(f"{server.url}/nowhere").json() == {"error": "Not Found"}
         # Over the model's token limit: truncated as in training, and said so.
         long_text = "good " * 300
-        response = httpx.post(f"{server.url}/predict", json={"texts": ["good film", long_text[:499]]})
+        response = httpx.post(f"{server.url}/predict", json={"texts": ["good film", long_text[:699]]})
         assert response.status_code == 200
         assert [p["truncated"] for p in response.json()["predictions"]] == [False, True]
         assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
