@@ -31,6 +31,9 @@ FIT_FLAGS_HELP = {
     "schedule": "linear, cosine, exponential, one-cycle or constant (after --warmup-ratio)",
     "optimizer": "adamw or sgd (with --momentum)",
     "accumulate": "add up the gradients of N batches per optimiser step (an N times larger effective batch)",
+    "teacher": "a finished run whose model teaches this one (knowledge distillation; same classes)",
+    "distill_alpha": "distillation: weight of the hard-label loss; 1 - alpha weighs the teacher's soft labels",
+    "distill_temperature": "distillation: softmax temperature T of the soft labels",
     "class_weights": "none or balanced (loss weights inversely proportional to class frequency)",
     "sampler": "shuffle or oversample (draw rare classes as often as common ones)",
     "mixup": "mixup Beta alpha (e.g. 0.2): inputs for images, pooled features for text",
@@ -94,6 +97,12 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     print(results_table(metrics))
     print(f"run written to {out}: metrics.json, report.html, model/")
     return 0
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    if not args.teacher and not args.resume and not args.config:
+        raise UserError("distill needs --teacher RUN: a finished run whose model teaches the student")
+    return _cmd_fit(args)
 
 
 def _cmd_lr_find(args: argparse.Namespace) -> int:
@@ -204,6 +213,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ensemble(args: argparse.Namespace) -> int:
+    from .ensemble import build_ensemble
+
+    metrics = build_ensemble(args.runs, method=args.method, val=args.val, test=args.test, out=args.out,
+                             text_column=args.text_column, image_column=args.image_column,
+                             label_column=args.label_column, overwrite=args.overwrite)
+    print(f"{'model':50s} {'test accuracy':>13s} {'macro-F1':>9s}")
+    for member in metrics["members"]:
+        print(f"{member['run'][-50:]:50s} {member['accuracy']:13.4f} {member['macro_f1']:9.4f}")
+    print(f"{'ensemble (' + args.method + ')':50s} {metrics['test']['accuracy']:13.4f} {metrics['test']['macro_f1']:9.4f}")
+    gain = metrics["gain_over_best_member"]
+    print(f"\n{'+' if gain >= 0 else ''}{100 * gain:.2f} pts over the best member; run written to {args.out}")
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from .backbones.registry import packaged_models
 
@@ -228,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit = commands.add_parser("fit", help="fine-tune a pretrained model and write a run directory")
     _add_fit_arguments(fit)
     fit.set_defaults(func=_cmd_fit)
+
+    distill = commands.add_parser("distill", help="train a (smaller) student model from a fine-tuned teacher run")
+    _add_fit_arguments(distill)
+    distill.add_argument("--student", dest="model", default=None, help="the student model (same as --model)")
+    distill.add_argument("--data", dest="train", default=None, help="the labelled training data (same as --train)")
+    distill.set_defaults(func=_cmd_distill)
 
     finder = commands.add_parser("lr-find", help="LR range test: plot loss vs learning rate and suggest one")
     _add_fit_arguments(finder)
@@ -264,6 +294,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="estimator that orders the table (default nleep: the best rank correlation in docs/benchmarks.md)")
     ranker.add_argument("--estimators", help="comma-separated estimators (default: all of nleep, logme, hscore, leep, nce)")
     ranker.set_defaults(func=_cmd_rank)
+
+    from .ensemble import COMBINERS, METHODS
+
+    ensembler = commands.add_parser("ensemble", help="combine finished runs by voting, averaging, stacking or a weight soup")
+    ensembler.add_argument("runs", nargs="+", help="two or more finished run directories with the same classes")
+    ensembler.add_argument("--method", required=True, choices=METHODS,
+                           help="; ".join([f"{n}: {c.summary}" for n, c in sorted(COMBINERS.items())]
+                                          + ["soup: greedy weight soup of fine-tunes of one backbone, chosen on validation"]))
+    ensembler.add_argument("--val", help="labelled validation file: what weighted, stack and soup learn from")
+    ensembler.add_argument("--test", required=True, help="labelled test file, predicted once to report")
+    ensembler.add_argument("--out", required=True, help="run directory to write")
+    ensembler.add_argument("--text-column")
+    ensembler.add_argument("--image-column")
+    ensembler.add_argument("--label-column", default="label")
+    ensembler.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    ensembler.set_defaults(func=_cmd_ensemble)
 
     exporter = commands.add_parser("export", help="export a finished run's model to ONNX, checked against PyTorch")
     exporter.add_argument("run", help="a finished run directory")

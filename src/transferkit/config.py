@@ -71,6 +71,9 @@ class RunConfig:
     l2_sp: float | None = None
     l1: float | None = None
     label_smoothing: float = 0.0
+    teacher: str | None = None
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
     class_weights: str = "none"
     sampler: str = "shuffle"
     mixup: float | None = None
@@ -188,6 +191,14 @@ class RunConfig:
                 raise UserError(f"config field '{name}' is {value}: it must be a positive strength, or absent")
         if self.l2_sp is not None and self.strategy == "linear-probe":
             raise UserError("'l2_sp' pulls the backbone towards its pretrained weights, but linear-probe freezes the backbone: drop one")
+        if not 0 <= self.distill_alpha <= 1:
+            raise UserError(f"config field 'distill_alpha' is {self.distill_alpha}: it is the weight of the hard-label "
+                            f"loss, in [0, 1] (0.5 is usual)")
+        if not self.distill_temperature > 0:
+            raise UserError(f"config field 'distill_temperature' is {self.distill_temperature}: it must be positive (1-4 is usual)")
+        if self.teacher and self.mixup:
+            raise UserError("'teacher' and 'mixup' together are not supported: the teacher's predictions are computed once "
+                            "for the unmixed examples; drop --mixup")
         if self.mixup is not None and not self.mixup > 0:
             raise UserError(f"config field 'mixup' is {self.mixup}: it is the Beta alpha, a positive number (0.2-0.4 is usual)")
         if self.noise is not None and not self.noise > 0:

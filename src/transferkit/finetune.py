@@ -37,10 +37,12 @@ from .model import ClassificationHead, Classifier
 from .data.augmentation import BatchAugmenter
 from .objectives import (CrossEntropyObjective, L1Penalty, L2SPPenalty, MixupObjective, RegularisedObjective,
                          balanced_class_weights)
+from .objectives.distillation import DistillationObjective
 from .deploy.model_card import write_model_card
-from .saved_model import save_classifier
+from .saved_model import FineTunedModel, save_classifier
 from .strategies import Strategy, create_strategy
 from .strategies.base import decay_groups
+from .teacher import check_teacher, median_latency_ms, teacher_logits
 
 DEFAULT_LR = {"probe": 1e-3, "text": 5e-5, "image": 5e-4}
 IMBALANCE_WARNING = 5.0  # largest/smallest class ratio above which an unhandled imbalance is flagged
@@ -102,13 +104,16 @@ def _train_head_on_features(config: RunConfig, features: dict[str, torch.Tensor]
     return probe, engine
 
 
-def _objective(config: RunConfig, model: Classifier, train_labels: np.ndarray):
-    """Cross-entropy (class-weighted, smoothed, or mixup as asked), plus L2-SP and L1 penalties."""
+def _objective(config: RunConfig, model: Classifier, train_labels: np.ndarray, teacher_logits: torch.Tensor | None = None):
+    """Cross-entropy (class-weighted, smoothed, or mixup as asked), distilled from a teacher's logits when
+    given, plus L2-SP and L1 penalties."""
     weight = balanced_class_weights(train_labels, model.head.linear.out_features) if config.class_weights == "balanced" else None
     if config.mixup:
         objective = MixupObjective(config.mixup, weight=weight, label_smoothing=config.label_smoothing)
     else:
         objective = CrossEntropyObjective(label_smoothing=config.label_smoothing, weight=weight)
+    if teacher_logits is not None:
+        objective = DistillationObjective(objective, teacher_logits, config.distill_alpha, config.distill_temperature)
     penalties = []
     if config.l2_sp:
         penalties.append(L2SPPenalty(model.backbone, config.l2_sp))  # the backbone is still at its pretrained weights
@@ -176,6 +181,24 @@ def _write_run(run_dir: Path, config: RunConfig, strategy_name: str, model: Clas
     write_model_card(run_dir)
 
 
+def _compare_with_teacher(config: RunConfig, teacher: FineTunedModel, model: Classifier, classes: list[str],
+                          splits: Splits) -> dict[str, Any]:
+    """The teacher on this run's test split, and both models' size and latency on a batch of test inputs."""
+    report = teacher.evaluate(splits.test)
+    student = FineTunedModel(model, classes, Path(config.out), config.eval_batch_size)
+    n = min(64, len(splits.test))
+    sample = splits.test.subset(list(range(n))).inputs
+    student_ms = median_latency_ms(student.predict_logits, sample)
+    teacher_ms = median_latency_ms(teacher.predict_logits, sample)
+    return {"teacher": config.teacher, "alpha": config.distill_alpha, "temperature": config.distill_temperature,
+            "teacher_test": {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"]},
+            "teacher_parameters": teacher.parameter_count(),
+            "student_parameters": sum(p.numel() for p in model.parameters()),
+            "latency_examples": n,
+            "teacher_latency_ms": teacher_ms, "student_latency_ms": student_ms,
+            "speedup": teacher_ms / student_ms}
+
+
 def build(config: RunConfig) -> tuple[RunConfig, Splits, Strategy, Classifier]:
     """Everything a run needs before it writes anything: data, backbone, head, strategy, resolved LR.
 
@@ -183,6 +206,8 @@ def build(config: RunConfig) -> tuple[RunConfig, Splits, Strategy, Classifier]:
     """
     strategy = create_strategy(config)
     splits = load_splits(config)
+    if config.teacher:  # before the backbone loads: a wrong teacher is a quick, clean error
+        check_teacher(config.teacher, splits.classes, splits.train.modality)
     backbone = create_backbone(config.model, image_size=config.image_size, max_length=config.max_length,
                                pooling=config.pooling, allow_pickle=config.allow_pickle)
     if backbone.modality != splits.train.modality:
@@ -253,6 +278,11 @@ def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bo
     labels = {name: encode_labels(getattr(splits, name).labels, classes) for name in ("train", "val", "test")}
     prepared = {name: backbone.prepare(getattr(splits, name).inputs) for name in ("train", "val", "test")}
 
+    teacher, soft_targets = None, None
+    if config.teacher:
+        teacher = FineTunedModel.load(config.teacher)
+        soft_targets = teacher_logits(teacher, splits.train.inputs, classes)
+
     features: dict[str, torch.Tensor] = {}
     baseline_path = run_dir / "baseline.json"
     baseline_done = resume and baseline_path.is_file()
@@ -286,7 +316,7 @@ def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bo
         probe, engine = _train_head_on_features(
             config, features, labels, len(classes), epochs=config.epochs, lr=config.head_lr or config.lr,
             description="linear probe", checkpoints=checkpoints if main else None, log=log, resume=resume and main,
-            objective=_objective(config, model, labels["train"]), oversample=config.sampler == "oversample")
+            objective=_objective(config, model, labels["train"], soft_targets), oversample=config.sampler == "oversample")
         model.head = probe.head
         test_batches = Batches(features["test"], labels["test"], feature_collate, config.eval_batch_size)
     else:
@@ -298,7 +328,7 @@ def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bo
                       lengths=backbone.lengths(prepared["val"]))
         groups = strategy.param_groups(model, config.lr, config.head_lr, config.weight_decay,
                                        backbone_weight_decay=0.0 if config.l2_sp else None)
-        engine = Engine(model, groups, _objective(config, model, labels["train"]), train, val,
+        engine = Engine(model, groups, _objective(config, model, labels["train"], soft_targets), train, val,
                         _settings(config, config.epochs, data_parallel=parallel),
                         set_train_mode=strategy.set_train_mode, on_epoch_start=strategy.on_epoch_start,
                         checkpoints=checkpoints, log=log, description=f"fine-tune ({strategy.name})")
@@ -322,6 +352,8 @@ def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bo
     }
     if baseline is not None:
         metrics["baseline"] = baseline
+    if teacher is not None:
+        metrics["distillation"] = _compare_with_teacher(config, teacher, model, classes, splits)
     if main:
         _write_run(run_dir, config, strategy.name, model, classes, metrics)
     distributed.barrier()  # no process returns before the run directory is complete

@@ -55,6 +55,10 @@ class FineTunedModel:
         directory = model_directory(run)
         meta_path = directory / "transferkit.json"
         meta = json.loads(meta_path.read_text())
+        if meta.get("kind") == "ensemble":
+            from .ensemble import EnsembleModel
+
+            return EnsembleModel.load(directory, meta)
         if meta.get("format") != FORMAT_VERSION:
             raise UserError(f"{meta_path} has format {meta.get('format')}; this transferkit reads format {FORMAT_VERSION}")
         backbone = rebuild_backbone(meta["backbone"], directory / "backbone")
@@ -70,14 +74,31 @@ class FineTunedModel:
     def modality(self) -> str:
         return self.model.backbone.modality
 
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def backbone_spec(self) -> dict:
+        return dict(self.model.backbone.spec)
+
+    def truncated(self, texts) -> list[bool]:
+        """Which texts are longer than the model's maximum length (only their first tokens are used)."""
+        from .deploy.predictors import truncation_flags
+
+        backbone = self.model.backbone
+        return truncation_flags(backbone.tokenizer, backbone.max_length, texts)
+
     @torch.no_grad()
-    def predict_proba(self, inputs) -> np.ndarray:
-        """Class probabilities, shape (N, classes); ``inputs`` are texts, an ImageArray or ImagePaths."""
+    def predict_logits(self, inputs, progress: str | None = None) -> torch.Tensor:
+        """Logits, shape (N, classes), in the order of ``inputs`` (texts, an ImageArray or ImagePaths)."""
         backbone = self.model.backbone
         prepared = backbone.prepare(inputs)
         batches = Batches(prepared, None, backbone.collate, self.eval_batch_size, lengths=backbone.lengths(prepared))
-        logits = map_in_order(batches, lambda inputs: self.model(**inputs), self.device)
-        return torch.softmax(logits, dim=-1).numpy()
+        return map_in_order(batches, lambda inputs: self.model(**inputs), self.device, progress=progress)
+
+    def predict_proba(self, inputs) -> np.ndarray:
+        """Class probabilities, shape (N, classes); ``inputs`` are texts, an ImageArray or ImagePaths."""
+        return torch.softmax(self.predict_logits(inputs), dim=-1).numpy()
 
     def predict(self, inputs) -> list[str]:
         return [self.classes[i] for i in self.predict_proba(inputs).argmax(1)]

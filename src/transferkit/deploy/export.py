@@ -114,6 +114,9 @@ def export_onnx(run: str | Path, out: str | Path | None = None, *, tolerance: fl
         raise UserError(f"--tolerance must be positive, got {tolerance}")
     run = Path(run)
     model = FineTunedModel.load(run)
+    if not isinstance(model, FineTunedModel):
+        raise UserError(f"{run} is an ensemble of several models: export its members one by one, or build a "
+                        f"'soup' ensemble, which is a single model")
     merged = bool(model.model.backbone.spec.get("adapter"))
     model.merge_adapters()
     classifier = model.model.cpu().eval()

@@ -20,8 +20,13 @@ def _pct(value) -> str:
 
 
 def _is_text(run: Path) -> bool:
-    meta = run / "model" / "transferkit.json"
-    return meta.is_file() and json.loads(meta.read_text())["backbone"].get("family") == "hf-text"
+    directory = run / "model"
+    if not (directory / "transferkit.json").is_file():
+        return False
+    meta = json.loads((directory / "transferkit.json").read_text())
+    if meta.get("kind") == "ensemble":
+        meta = json.loads((directory / meta["members"][0] / "transferkit.json").read_text())
+    return meta["backbone"].get("family") == "hf-text"
 
 
 def model_card(run: Path) -> str:
@@ -33,27 +38,42 @@ def model_card(run: Path) -> str:
     classes = data.get("classes", [])
     test = metrics.get("test", {})
     baseline = (metrics.get("baseline") or {}).get("test", {})
-    lines = [f"# Model card: {run.name}", "",
-             f"A classifier fine-tuned with transferkit from the pretrained model `{metrics.get('model', config.get('model'))}` "
-             f"with the `{metrics.get('strategy', config.get('strategy'))}` strategy.", "",
-             "## Training data", "",
-             f"- training file: `{data.get('train_source', config.get('train'))}`",
-             f"- examples: {data.get('train', '?')} train, {data.get('val', '?')} validation, {data.get('test', '?')} test",
-             f"- classes ({len(classes)}): {', '.join(f'`{c}`' for c in classes[:50])}{' ...' if len(classes) > 50 else ''}",
-             "", "## Training", "",
-             f"- strategy `{metrics.get('strategy')}`: {metrics.get('trainable_parameters', '?'):,} of "
-             f"{metrics.get('total_parameters', '?'):,} parameters trained" if metrics.get("total_parameters") else
-             f"- strategy `{config.get('strategy')}`",
-             f"- learning rate {config.get('lr')}, {config.get('epochs')} epochs at most, batch {config.get('batch_size')}, "
-             f"seed {config.get('seed')}; best epoch {metrics.get('best_epoch', '?')} chosen on the validation split",
-             f"- training time {metrics.get('seconds', 0):.0f} s; the full configuration is in `config.yaml`",
-             "", "## Evaluation (held-out test split)", "",
-             "| model | accuracy | macro-F1 |", "|---|---|---|",
-             f"| fine-tuned | {_pct(test.get('accuracy'))} | {_pct(test.get('macro_f1'))} |"]
+    is_ensemble = bool(metrics.get("members"))
+    lines = [f"# Model card: {run.name}", ""]
+    if is_ensemble:
+        lines += [f"An ensemble ({metrics.get('ensemble', {}).get('method')}) of {len(metrics['members'])} classifiers "
+                  f"fine-tuned with transferkit; each member's own model card is in its run directory.", "",
+                  f"- classes ({len(classes)}): {', '.join(f'`{c}`' for c in classes[:50])}{' ...' if len(classes) > 50 else ''}"]
+    else:
+        lines += [f"A classifier fine-tuned with transferkit from the pretrained model `{metrics.get('model', config.get('model'))}` "
+                  f"with the `{metrics.get('strategy', config.get('strategy'))}` strategy.", "",
+                  "## Training data", "",
+                  f"- training file: `{data.get('train_source', config.get('train'))}`",
+                  f"- examples: {data.get('train', '?')} train, {data.get('val', '?')} validation, {data.get('test', '?')} test",
+                  f"- classes ({len(classes)}): {', '.join(f'`{c}`' for c in classes[:50])}{' ...' if len(classes) > 50 else ''}",
+                  "", "## Training", "",
+                  f"- strategy `{metrics.get('strategy')}`: {metrics.get('trainable_parameters', 0):,} of "
+                  f"{metrics.get('total_parameters', 0):,} parameters trained",
+                  f"- learning rate {config.get('lr')}, {config.get('epochs')} epochs at most, batch {config.get('batch_size')}, "
+                  f"seed {config.get('seed')}; best epoch {metrics.get('best_epoch', '?')} chosen on the validation split",
+                  f"- training time {metrics.get('seconds', 0):.0f} s; the full configuration is in `config.yaml`"]
+        if metrics.get("distillation"):
+            d = metrics["distillation"]
+            lines.append(f"- distilled from the teacher `{d['teacher']}` (alpha {d['alpha']}, temperature {d['temperature']}): "
+                         f"teacher test accuracy {_pct(d['teacher_test']['accuracy'])}, {d['speedup']:.1f}x the student's latency")
+    lines += ["", f"## Evaluation (held-out test split, {data.get('test', '?')} examples)", "",
+              "| model | accuracy | macro-F1 |", "|---|---|---|",
+              f"| {'ensemble' if is_ensemble else 'fine-tuned'} | {_pct(test.get('accuracy'))} | {_pct(test.get('macro_f1'))} |"]
     if baseline:
         lines.append(f"| linear probe on the frozen pretrained features | {_pct(baseline.get('accuracy'))} | "
                      f"{_pct(baseline.get('macro_f1'))} |")
-    lines += ["", "Per-class precision, recall and the confusion matrix are in `report.html` and `metrics.json`."]
+    if is_ensemble:
+        ensemble = metrics.get("ensemble", {})
+        lines += [f"| member `{m['run']}` | {_pct(m['accuracy'])} | {_pct(m['macro_f1'])} |" for m in metrics["members"]]
+        if ensemble.get("val"):
+            lines += ["", f"The combination was fitted on `{ensemble['val']}` only; the test file was predicted once."]
+    lines += ["", "Per-class precision, recall and the confusion matrix are in `metrics.json`"
+              + (" and `report.html`." if (run / "report.html").is_file() else ".")]
     if export:
         lines += ["", "## Exported", "",
                   f"- `{Path(export['path']).name}`: ONNX opset {export['opset']} ({export['exporter']} exporter), "

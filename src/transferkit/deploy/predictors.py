@@ -53,10 +53,10 @@ class TorchPredictor:
     runtime = "torch"
 
     def __init__(self, model: FineTunedModel):
-        self.model = model
+        self.model = model  # a FineTunedModel or an EnsembleModel: both predict and flag truncation
         self.classes = model.classes
         self.modality = model.modality
-        self.backbone_spec = dict(model.model.backbone.spec)
+        self.backbone_spec = model.backbone_spec
 
     @classmethod
     def load(cls, run: str | Path) -> "TorchPredictor":
@@ -66,8 +66,7 @@ class TorchPredictor:
         return self.model.predict_proba(inputs)
 
     def truncated(self, texts: Sequence[str]) -> list[bool]:
-        backbone = self.model.model.backbone
-        return truncation_flags(backbone.tokenizer, backbone.max_length, texts)
+        return self.model.truncated(texts)
 
 
 class OnnxPredictor:

@@ -78,6 +78,8 @@ def _to(device: torch.device, batch: dict) -> dict:
     moved = {"inputs": {k: v.to(device, non_blocking=True) for k, v in batch["inputs"].items()}}
     if "labels" in batch:
         moved["labels"] = batch["labels"].to(device, non_blocking=True)
+    if "indices" in batch:  # which examples these are: objectives with per-example targets look them up
+        moved["indices"] = batch["indices"]
     return moved
 
 
