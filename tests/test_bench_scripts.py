@@ -38,3 +38,21 @@ def test_serve_benchmark_runs_on_a_tiny_model(tiny_bert_dir, tmp_path):
     saved = json.loads(results.read_text())
     assert len(saved["serving"]) == 6 and all(r["failures"] == 0 and r["rps"] > 0 for r in saved["serving"])
     assert [r["batch"] for r in saved["latency"]] == [1, 32]
+
+
+def test_ensemble_and_distill_benchmarks_run_on_a_tiny_model(tiny_bert_dir, tmp_path):
+    for script, extra, expected in (("ensemble.py", [], "| ensemble: stack |"),
+                                    ("distill.py", ["--keep", "1"], "| 1 layers, distilled |")):
+        results = tmp_path / f"{script}.json"
+        process = subprocess.run(
+            [sys.executable, str(BENCH / script), "--tiny", "--model", str(tiny_bert_dir), "--examples", "64",
+             "--epochs", "1", *extra, "--results", str(results), "--no-doc"],
+            capture_output=True, text=True, timeout=600)
+        assert process.returncode == 0, process.stderr[-3000:] + process.stdout[-3000:]
+        assert expected in process.stdout
+        saved = json.loads(results.read_text())
+        if script == "ensemble.py":
+            assert [e["method"] for e in saved["ensembles"]] == ["vote", "average", "weighted", "stack", "soup"]
+            assert len(saved["members"]) == 4
+        else:
+            assert saved["students"][0]["speedup"] > 0 and 0 <= saved["students"][0]["alone_test_accuracy"] <= 1

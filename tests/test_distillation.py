@@ -99,3 +99,24 @@ def test_distill_errors(teacher_run, tiny_bert_dir, image_folder, tmp_path, caps
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
         assert not (tmp_path / "out").exists()
+
+
+def test_a_student_with_fewer_layers_reloads_with_fewer_layers(teacher_run, tiny_bert_dir, tmp_path, capsys):
+    out = tmp_path / "small"
+    assert main(["distill", "--teacher", str(teacher_run / "run"), "--student", str(tiny_bert_dir), "--keep-layers", "1",
+                 "--data", str(teacher_run / "train.csv"), "--test", str(teacher_run / "test.csv"), "--epochs", "2",
+                 "--lr", "1e-3", "--no-baseline", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["distillation"]["student_parameters"] < metrics["distillation"]["teacher_parameters"]
+    from transferkit import load_run
+
+    student = load_run(out)
+    assert student.model.backbone.encoder.config.num_hidden_layers == 1
+    assert len(student.model.backbone.encoder.encoder.layer) == 1
+    # The reloaded one-layer model reproduces the run's own test accuracy.
+    assert main(["evaluate", str(out), "--test", str(teacher_run / "test.csv")]) == 0
+    assert f"accuracy {metrics['test']['accuracy']:.4f}" in capsys.readouterr().out
+
+    assert main(["fit", "--train", str(teacher_run / "train.csv"), "--model", str(tiny_bert_dir), "--keep-layers", "3",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "has 2 layers: choose 1 to 2" in capsys.readouterr().err

@@ -31,6 +31,7 @@ FIT_FLAGS_HELP = {
     "schedule": "linear, cosine, exponential, one-cycle or constant (after --warmup-ratio)",
     "optimizer": "adamw or sgd (with --momentum)",
     "accumulate": "add up the gradients of N batches per optimiser step (an N times larger effective batch)",
+    "keep_layers": "keep only the K lowest transformer layers of the model (a smaller, faster student)",
     "teacher": "a finished run whose model teaches this one (knowledge distillation; same classes)",
     "distill_alpha": "distillation: weight of the hard-label loss; 1 - alpha weighs the teacher's soft labels",
     "distill_temperature": "distillation: softmax temperature T of the soft labels",
@@ -228,6 +229,23 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from .pretrain import pretrain
+
+    result = pretrain(args.model, args.text_data, args.out, text_column=args.text_column, epochs=args.epochs,
+                      batch_size=args.batch_size, lr=args.lr, mask_probability=args.mask_probability,
+                      max_length=args.max_length, max_examples=args.max_examples, val_fraction=args.val_fraction,
+                      seed=args.seed, precision=args.precision, allow_pickle=args.allow_pickle, resume=args.resume,
+                      overwrite=args.overwrite)
+    head = "a new masked-LM head (the checkpoint had none)" if result["new_mlm_head"] else "the checkpoint's masked-LM head"
+    print(f"masked-LM pre-training on {result['train']} texts ({result['val']} held out), {head}: validation loss "
+          f"{result['val_loss_before']:.4f} -> {result['val_loss_after']:.4f} (perplexity "
+          f"{result['val_perplexity_before']:.1f} -> {result['val_perplexity_after']:.1f})"
+          + (f"; {result['empty_lines_skipped']} empty lines skipped" if result["empty_lines_skipped"] else ""))
+    print(f"encoder written to {args.out}: fine-tune it with 'transferkit fit --model {args.out} ...'")
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from .backbones.registry import packaged_models
 
@@ -310,6 +328,25 @@ def build_parser() -> argparse.ArgumentParser:
     ensembler.add_argument("--label-column", default="label")
     ensembler.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     ensembler.set_defaults(func=_cmd_ensemble)
+
+    pretrainer = commands.add_parser("pretrain", help="continue masked-LM pre-training of a text encoder on unlabelled domain text")
+    pretrainer.add_argument("--model", required=True, help="a text encoder: minilm-l6, a local checkpoint folder or a hub name")
+    pretrainer.add_argument("--text-data", required=True, help="unlabelled text: a .txt file (one text per line) or a table")
+    pretrainer.add_argument("--text-column", help="the text column of a table")
+    pretrainer.add_argument("--out", required=True, help="folder for the adapted encoder (a transformers checkpoint)")
+    pretrainer.add_argument("--epochs", type=int, default=1)
+    pretrainer.add_argument("--batch-size", type=int, default=32)
+    pretrainer.add_argument("--lr", type=float, default=5e-5)
+    pretrainer.add_argument("--mask-probability", type=float, default=0.15, help="share of tokens masked (default 0.15)")
+    pretrainer.add_argument("--max-length", type=int, help="tokens per text (default: the model's, at most 256)")
+    pretrainer.add_argument("--max-examples", type=int, help="use only the first N texts")
+    pretrainer.add_argument("--val-fraction", type=float, default=0.05, help="texts held out for the validation loss")
+    pretrainer.add_argument("--seed", type=int, default=0)
+    pretrainer.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    pretrainer.add_argument("--allow-pickle", action="store_true", help="allow pickle weights (trusted sources only)")
+    pretrainer.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    pretrainer.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    pretrainer.set_defaults(func=_cmd_pretrain)
 
     exporter = commands.add_parser("export", help="export a finished run's model to ONNX, checked against PyTorch")
     exporter.add_argument("run", help="a finished run directory")

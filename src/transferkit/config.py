@@ -48,6 +48,7 @@ class RunConfig:
     model: str = ""
     image_size: int | None = None
     max_length: int | None = None
+    keep_layers: int | None = None
     pooling: str = "mean"
     allow_pickle: bool = False
 
@@ -143,6 +144,8 @@ class RunConfig:
             raise UserError(f"config field 'max_train_examples' is {self.max_train_examples}: it must be >= 2")
         if self.image_size is not None and not 8 <= self.image_size <= 1024:
             raise UserError(f"config field 'image_size' is {self.image_size}: choose a size between 8 and 1024 pixels")
+        if self.keep_layers is not None and self.keep_layers < 1:
+            raise UserError(f"config field 'keep_layers' is {self.keep_layers}: keep at least 1 layer")
         if self.max_length is not None and self.max_length < 2:
             raise UserError(f"config field 'max_length' is {self.max_length}: it must be >= 2 tokens")
         for name, given_file in (("val_fraction", self.val), ("test_fraction", self.test)):

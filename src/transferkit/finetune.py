@@ -210,6 +210,8 @@ def build(config: RunConfig) -> tuple[RunConfig, Splits, Strategy, Classifier]:
         check_teacher(config.teacher, splits.classes, splits.train.modality)
     backbone = create_backbone(config.model, image_size=config.image_size, max_length=config.max_length,
                                pooling=config.pooling, allow_pickle=config.allow_pickle)
+    if config.keep_layers is not None:
+        backbone.keep_bottom_layers(config.keep_layers)
     if backbone.modality != splits.train.modality:
         raise UserError(f"model '{config.model}' takes {backbone.modality}s but {splits.train.source} holds "
                         f"{splits.train.modality}s: choose a {splits.train.modality} model")

@@ -60,6 +60,12 @@ class Backbone(nn.Module, ABC):
         None for backbones without one (sentence encoders, hub models loaded without their head)."""
         return None
 
+    def keep_bottom_layers(self, keep: int) -> None:
+        """Keep only the ``keep`` lowest blocks (a smaller student); transformers backbones support it."""
+        from ..errors import UserError
+
+        raise UserError(f"model '{self.spec.get('name')}' does not support keep_layers: it applies to transformers models")
+
     def add_adapters(self, adapter: dict[str, Any]) -> None:
         """Insert parameter-efficient adapters (LoRA, IA3); backbones that cannot take them say so."""
         from ..errors import UserError

@@ -12,7 +12,7 @@ from torch import nn
 from ..errors import UserError
 from .adapters import PeftAdapterHost
 from .base import Backbone
-from .layers import stack_layer_groups
+from .layers import keep_bottom_layers, stack_layer_groups
 
 DEFAULT_MAX_LENGTH = 256
 TOKENIZE_CHUNK = 4096
@@ -100,6 +100,10 @@ class HFTextBackbone(PeftAdapterHost, Backbone):
 
     def layer_groups(self) -> list[nn.Module]:
         return stack_layer_groups(self.encoder)
+
+    def keep_bottom_layers(self, keep: int) -> None:
+        keep_bottom_layers(self.encoder, keep)
+        self.spec = {**self.spec, "layers_kept": keep}  # the saved config already rebuilds the shorter model
 
     def prepare(self, texts: list[str]) -> list[list[int]]:
         # Tokenise once, unpadded: batches are padded to their own longest sequence (dynamic padding).

@@ -15,7 +15,7 @@ from torch import nn
 from .adapters import PeftAdapterHost
 from .base import Backbone
 from .images import images_to_batch
-from .layers import stack_layer_groups
+from .layers import keep_bottom_layers, stack_layer_groups
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -87,6 +87,10 @@ class HFVisionBackbone(PeftAdapterHost, Backbone):
 
     def layer_groups(self) -> list[nn.Module]:
         return stack_layer_groups(self.encoder)
+
+    def keep_bottom_layers(self, keep: int) -> None:
+        keep_bottom_layers(self.encoder, keep)
+        self.spec = {**self.spec, "layers_kept": keep}  # the saved config already rebuilds the shorter model
 
     def prepare(self, images):
         return images

@@ -52,3 +52,34 @@ def stack_layer_groups(model: nn.Module) -> list[nn.Module]:
         blocks[-1] = ParameterGroup([blocks[-1], *above])
     groups.extend(blocks)
     return groups
+
+
+LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layers", "num_layers")
+
+
+def keep_bottom_layers(model: nn.Module, keep: int) -> int:
+    """Drop all but the ``keep`` lowest blocks of a transformers model, in place; returns the original count.
+
+    The model's config is updated too, so the saved config rebuilds the shorter model. Keeping the
+    bottom layers of a pretrained encoder gives a smaller, faster student that starts from pretrained
+    weights (Sajjad et al. 2023, "On the effect of dropping layers of pre-trained transformer models";
+    DistilBERT initialises its student from the teacher's layers the same way).
+    """
+    from ..errors import UserError
+
+    name, stack = largest_layer_stack(model)
+    config = getattr(model, "config", None)
+    field = next((f for f in LAYER_COUNT_FIELDS if isinstance(getattr(config, f, None), int)), None)
+    if field is None:
+        raise UserError(f"'keep_layers' needs a transformers model whose config counts its layers; "
+                        f"{type(model).__name__} does not: drop keep_layers")
+    total = len(stack)
+    if not 1 <= keep <= total:
+        raise UserError(f"'keep_layers' is {keep} but the model has {total} layers: choose 1 to {total}")
+    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    setattr(parent, name.rsplit(".", 1)[-1], nn.ModuleList(list(stack)[:keep]))
+    setattr(config, field, keep)
+    for per_layer in ("layer_types",):  # configs that describe each layer (e.g. attention types) shrink too
+        if isinstance(getattr(config, per_layer, None), list):
+            setattr(config, per_layer, getattr(config, per_layer)[:keep])
+    return total

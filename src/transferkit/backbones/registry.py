@@ -76,6 +76,26 @@ def _is_vision_source(source: str) -> bool:
     return (Path(source) / "preprocessor_config.json").is_file()
 
 
+def text_model_source(name: str) -> str:
+    """Where a text model's transformers checkpoint is (a folder or a hub name), for tasks that load the
+    checkpoint with another head than a backbone's (e.g. masked-language-model pre-training)."""
+    if name == "minilm-l6":
+        return _minilm_path()
+    if name in PACKAGED or name.startswith(RANDOM_PREFIX):
+        raise UserError(f"model '{name}' has no token embeddings (it is not a text model): choose a text model such as minilm-l6")
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise UserError(f"model directory {local} has no config.json: point --model at a transformers checkpoint folder")
+        if _is_vision_source(str(local)):
+            raise UserError(f"model {local} is an image model (it has preprocessor_config.json) and has no token embeddings: "
+                            f"choose a text model")
+        return str(local)
+    if "/" in name and not name.startswith((".", "/")) and name.count("/") == 1:
+        return name
+    raise UserError(f"unknown model '{name}': use minilm-l6, a local transformers checkpoint folder, or a hub name org/name")
+
+
 def create_backbone(name: str, *, image_size: int | None = None, max_length: int | None = None,
                     pooling: str = "mean", allow_pickle: bool = False) -> Backbone:
     """Load the pretrained backbone ``name`` with the preprocessing that belongs to its weights.

@@ -74,7 +74,7 @@ def _optimizer(param_groups: list[dict], settings: EngineSettings) -> torch.opti
     return torch.optim.AdamW(param_groups, foreach=True)
 
 
-def _to(device: torch.device, batch: dict) -> dict:
+def move_batch(device: torch.device, batch: dict) -> dict:
     moved = {"inputs": {k: v.to(device, non_blocking=True) for k, v in batch["inputs"].items()}}
     if "labels" in batch:
         moved["labels"] = batch["labels"].to(device, non_blocking=True)
@@ -89,7 +89,8 @@ class Engine:
                  set_train_mode: Callable[[nn.Module], None] | None = None,
                  on_epoch_start: Callable[[nn.Module, int], None] | None = None,
                  checkpoints: CheckpointDir | None = None, log: JsonlLog | None = None,
-                 description: str = "train", device: torch.device | None = None):
+                 description: str = "train", device: torch.device | None = None,
+                 evaluator: Callable[["Engine", Batches], dict[str, float]] | None = None):
         self.device = device or default_device()
         self.model = model.to(self.device)
         self.objective = objective
@@ -101,6 +102,8 @@ class Engine:
         self.checkpoints = checkpoints
         self.log = log or JsonlLog(None)
         self.description = description
+        # Validation metrics; classification (loss, accuracy, macro-F1) unless an objective brings its own.
+        self.evaluator = evaluator
         self.optimizer = _optimizer(param_groups, settings)
         # The compiled module shares its parameters with self.model, which stays the one saved and loaded.
         self.eval_model = torch.compile(self.model, dynamic=True) if settings.compile else self.model
@@ -132,6 +135,8 @@ class Engine:
         return map_in_order(batches, forward, self.device).numpy()
 
     def evaluate(self, batches: Batches) -> dict[str, float]:
+        if self.evaluator is not None:
+            return self.evaluator(self, batches)
         logits = self.predict_logits(batches)
         labels = batches.labels.numpy()
         loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), batches.labels))
@@ -233,7 +238,7 @@ class Engine:
             self.set_train_mode(self.model)
             self._wrap_for_data_parallel()
             for step, batch in enumerate(self.train_batches.iterate(epoch, start, shard=self.shard), start=start):
-                batch = _to(self.device, batch)
+                batch = move_batch(self.device, batch)
                 loss = self._train_step(batch, epoch, step)
                 if loss is not None:
                     running += loss * len(batch["labels"])
