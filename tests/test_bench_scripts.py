@@ -56,3 +56,15 @@ def test_ensemble_and_distill_benchmarks_run_on_a_tiny_model(tiny_bert_dir, tmp_
             assert len(saved["members"]) == 4
         else:
             assert saved["students"][0]["speedup"] > 0 and 0 <= saved["students"][0]["alone_test_accuracy"] <= 1
+
+
+def test_pretrain_benchmark_runs_on_a_tiny_model(tiny_bert_dir, tmp_path):
+    results = tmp_path / "pretrain.json"
+    process = subprocess.run(
+        [sys.executable, str(BENCH / "pretrain.py"), "--tiny", "--model", str(tiny_bert_dir), "--unlabelled", "64",
+         "--labels", "16", "--epochs", "1", "--seeds", "0", "1", "--results", str(results), "--no-doc"],
+        capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0, process.stderr[-3000:] + process.stdout[-3000:]
+    assert "| adapted |" in process.stdout and "held-out masked-token loss" in process.stdout
+    saved = json.loads(results.read_text())
+    assert [(r["encoder"], r["seed"]) for r in saved["runs"]] == [("original", 0), ("adapted", 0), ("original", 1), ("adapted", 1)]
