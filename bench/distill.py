@@ -29,87 +29,145 @@ from docs_section import replace_section  # noqa: E402
 from ensemble import data_files  # noqa: E402
 
 
+IMAGE_PAIR = {"teacher": {"model": "efficientnet-lite2", "image_size": 64},
+              "student": {"model": "efficientnet-lite0", "image_size": 32}}
+
+
+def text_pair(args, folder: Path) -> dict:
+    """MiniLM-L6 (all layers) teaches its own bottom K layers."""
+    import transferkit
+
+    files = data_files(folder, args.tiny)
+    recipe = dict(train=files["train"], val=files["val"], test=files["test"], text_column="sentence",
+                  max_train_examples=args.examples, epochs=args.epochs, patience=None, baseline=False, lr=1e-4)
+    result = {"teacher_name": f"{args.model} (all layers)", "examples": args.examples, "epochs": args.epochs}
+    started = time.time()
+    teacher = transferkit.finetune(model=args.model, out=str(folder / "teacher"), **recipe)
+    result["teacher"] = {"test_accuracy": teacher["test"]["accuracy"], "seconds": time.time() - started,
+                         "parameters": teacher["total_parameters"]}
+    result["students"] = [student(args, folder, f"{keep} layers", dict(model=args.model, keep_layers=keep, **recipe),
+                                  result["teacher"]) for keep in args.keep]
+    return result
+
+
+def image_pair(args, folder: Path) -> dict:
+    """EfficientNet-Lite2 at 64 px teaches EfficientNet-Lite0 at 32 px on Fashion-MNIST."""
+    import transferkit
+
+    data = dict(train=args.image_data, val_fraction=0.1, max_train_examples=args.image_examples,
+                epochs=args.image_epochs, patience=None, baseline=False, lr=1e-3, batch_size=64, schedule="cosine")
+    if args.tiny:
+        data.update(test_fraction=0.2)
+    teacher_spec, student_spec = IMAGE_PAIR["teacher"], IMAGE_PAIR["student"]
+    if args.tiny:
+        teacher_spec = student_spec = {"model": args.image_model, "image_size": 16}
+    result = {"teacher_name": f"{teacher_spec['model']} at {teacher_spec['image_size']} px",
+              "examples": args.image_examples, "epochs": args.image_epochs}
+    started = time.time()
+    teacher = transferkit.finetune(out=str(folder / "image-teacher"), **teacher_spec, **data)
+    result["teacher"] = {"test_accuracy": teacher["test"]["accuracy"], "seconds": time.time() - started,
+                         "parameters": teacher["total_parameters"]}
+    result["students"] = [student(args, folder, f"{student_spec['model']} at {student_spec['image_size']} px",
+                                  dict(**student_spec, **data), result["teacher"], teacher_dir=folder / "image-teacher")]
+    return result
+
+
+def student(args, folder: Path, name: str, recipe: dict, teacher: dict, teacher_dir: Path | None = None) -> dict:
+    """The same student fine-tuned alone and distilled."""
+    import transferkit
+
+    row = {"student": name}
+    for mode in ("alone", "distilled"):
+        extra = {"teacher": str(teacher_dir or folder / "teacher"), "distill_alpha": args.alpha,
+                 "distill_temperature": args.temperature} if mode == "distilled" else {}
+        started = time.time()
+        metrics = transferkit.finetune(out=str(folder / f"{mode}-{name.replace(' ', '-')}"), **recipe, **extra)
+        row[f"{mode}_test_accuracy"] = metrics["test"]["accuracy"]
+        row[f"{mode}_seconds"] = time.time() - started
+        if mode == "distilled":
+            d = metrics["distillation"]
+            row.update(parameters=d["student_parameters"], teacher_latency_ms=d["teacher_latency_ms"],
+                       student_latency_ms=d["student_latency_ms"], speedup=d["speedup"])
+    row["share_of_teacher"] = row["distilled_test_accuracy"] / teacher["test_accuracy"]
+    print(f"{name}: alone {row['alone_test_accuracy']:.4f}, distilled {row['distilled_test_accuracy']:.4f} "
+          f"({100 * row['share_of_teacher']:.1f}% of the teacher), {row['speedup']:.2f}x faster", flush=True)
+    return row
+
+
+PAIRS = {"text": text_pair, "image": image_pair}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="minilm-l6", help="teacher and student backbone")
+    parser.add_argument("--only", nargs="+", choices=list(PAIRS), default=list(PAIRS))
+    parser.add_argument("--model", default="minilm-l6", help="text teacher and student backbone")
     parser.add_argument("--examples", type=int, default=4000, help="training sentences (default 4000)")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--keep", nargs="+", type=int, default=[2, 1], help="student depths (layers kept)")
+    parser.add_argument("--keep", nargs="+", type=int, default=[2, 1], help="text student depths (layers kept)")
+    parser.add_argument("--image-data", default="fashion-mnist")
+    parser.add_argument("--image-model", default="efficientnet-lite0", help="tiny runs: the image model for both")
+    parser.add_argument("--image-examples", type=int, default=4000, help="training images (default 4000)")
+    parser.add_argument("--image-epochs", type=int, default=3)
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--temperature", type=float, default=2.0)
-    parser.add_argument("--tiny", action="store_true", help="smoke run: --model is a tiny local model, tiny data")
+    parser.add_argument("--tiny", action="store_true", help="smoke run: tiny local models, tiny data")
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--no-doc", action="store_true")
     parser.add_argument("--doc-only", action="store_true", help="rebuild the docs section from the recorded results")
     args = parser.parse_args()
-    if args.doc_only:
-        write_doc(json.loads(Path(args.results).read_text()))
-        return
-    import torch
+    results = json.loads(Path(args.results).read_text()) if Path(args.results).is_file() else {}
+    if "students" in results:  # the first recorded format held the text pair alone
+        results = {"text": results, "machine": results.get("machine"), "date": results.get("date")}
+    if not args.doc_only:
+        import torch
 
-    import transferkit
-
-    results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
-               "date": time.strftime("%Y-%m-%d"), "model": args.model, "examples": args.examples, "epochs": args.epochs,
-               "alpha": args.alpha, "temperature": args.temperature, "students": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        files = data_files(folder, args.tiny)
-        recipe = dict(train=files["train"], val=files["val"], test=files["test"], text_column="sentence",
-                      max_train_examples=args.examples, epochs=args.epochs, patience=None, baseline=False, lr=1e-4)
-        started = time.time()
-        teacher = transferkit.finetune(model=args.model, out=str(folder / "teacher"), **recipe)
-        results["teacher"] = {"test_accuracy": teacher["test"]["accuracy"], "seconds": time.time() - started,
-                              "parameters": teacher["total_parameters"]}
-        for keep in args.keep:
-            row = {"layers": keep}
-            for mode in ("alone", "distilled"):
-                extra = {"teacher": str(folder / "teacher"), "distill_alpha": args.alpha,
-                         "distill_temperature": args.temperature} if mode == "distilled" else {}
-                started = time.time()
-                metrics = transferkit.finetune(model=args.model, keep_layers=keep, out=str(folder / f"{mode}-{keep}"),
-                                               **recipe, **extra)
-                row[f"{mode}_test_accuracy"] = metrics["test"]["accuracy"]
-                row[f"{mode}_seconds"] = time.time() - started
-                if mode == "distilled":
-                    d = metrics["distillation"]
-                    row.update(parameters=d["student_parameters"], teacher_latency_ms=d["teacher_latency_ms"],
-                               student_latency_ms=d["student_latency_ms"], speedup=d["speedup"],
-                               teacher_test_accuracy=d["teacher_test"]["accuracy"])
-            row["share_of_teacher"] = row["distilled_test_accuracy"] / results["teacher"]["test_accuracy"]
-            results["students"].append(row)
-            print(f"{keep} layers: alone {row['alone_test_accuracy']:.4f}, distilled {row['distilled_test_accuracy']:.4f} "
-                  f"({100 * row['share_of_teacher']:.1f}% of the teacher), {row['speedup']:.2f}x faster", flush=True)
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(json.dumps(results, indent=1))
-    print(table(results))
+        results.update(machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+                       date=time.strftime("%Y-%m-%d"), alpha=args.alpha, temperature=args.temperature)
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in args.only:
+                results[name] = PAIRS[name](args, Path(tmp))
+                results[name]["date"] = results["date"]
+        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.results).write_text(json.dumps(results, indent=1))
+        print(table(results))
     if not args.no_doc:
         write_doc(results)
 
 
 def table(results: dict) -> str:
-    t = results["teacher"]
-    lines = [f"### {results['model']} teacher (full fine-tune) -> its bottom K layers, SST-2, {results['examples']} sentences, "
-             f"{results['epochs']} epochs, alpha {results['alpha']}, T {results['temperature']} ({results['machine']}, "
-             f"{results['date']})", "",
-             "| model | parameters | test accuracy | share of teacher | latency (64 sentences) | speed-up |",
-             "|---|---|---|---|---|---|",
-             f"| teacher ({results['model']}, all layers) | {t['parameters'] / 1e6:.1f}M | {t['test_accuracy']:.4f} | 100% | "
-             f"{results['students'][0]['teacher_latency_ms']:.0f} ms | 1.00x |" if results["students"] else ""]
-    for s in results["students"]:
-        lines.append(f"| {s['layers']} layers, fine-tuned alone | {s['parameters'] / 1e6:.1f}M | {s['alone_test_accuracy']:.4f} | "
-                     f"{100 * s['alone_test_accuracy'] / t['test_accuracy']:.1f}% | {s['student_latency_ms']:.0f} ms | "
-                     f"{s['speedup']:.2f}x |")
-        lines.append(f"| {s['layers']} layers, distilled | {s['parameters'] / 1e6:.1f}M | {s['distilled_test_accuracy']:.4f} | "
-                     f"{100 * s['share_of_teacher']:.1f}% | {s['student_latency_ms']:.0f} ms | {s['speedup']:.2f}x |")
-    return "\n".join(lines)
+    lines = []
+    for name in PAIRS:
+        pair = results.get(name)
+        if not pair:
+            continue
+        t = pair["teacher"]
+        alpha, temperature = pair.get("alpha", results.get("alpha")), pair.get("temperature", results.get("temperature"))
+        data = f"SST-2, {pair['examples']} sentences" if name == "text" else f"Fashion-MNIST, {pair['examples']} images"
+        lines += [f"### {name}: {pair.get('teacher_name', pair.get('model'))} teaches smaller students ({data}, "
+                  f"{pair['epochs']} epochs, alpha {alpha}, T {temperature}; {results['machine']}, {pair.get('date', results['date'])})", "",
+                  "| model | parameters | test accuracy | share of teacher | latency (64 test inputs) | speed-up |",
+                  "|---|---|---|---|---|---|"]
+        if pair["students"]:
+            lines.append(f"| teacher: {pair.get('teacher_name', pair.get('model'))} | {t['parameters'] / 1e6:.1f}M | "
+                         f"{t['test_accuracy']:.4f} | 100% | {pair['students'][0]['teacher_latency_ms']:.0f} ms | 1.00x |")
+        for s in pair["students"]:
+            label = s.get("student") or f"{s['layers']} layers"
+            for mode in ("alone", "distilled"):
+                accuracy = s[f"{mode}_test_accuracy"]
+                lines.append(f"| {label}, {'fine-tuned alone' if mode == 'alone' else 'distilled'} | "
+                             f"{s['parameters'] / 1e6:.1f}M | {accuracy:.4f} | {100 * accuracy / t['test_accuracy']:.1f}% | "
+                             f"{s['student_latency_ms']:.0f} ms | {s['speedup']:.2f}x |")
+        lines.append("")
+    return "\n".join(lines).rstrip()
 
 
 def write_doc(results: dict) -> None:
-    intro = ("## Distillation (bench/distill.py)\n\nA fully fine-tuned teacher teaches a student made of its backbone's "
-             "bottom K pretrained layers (`--keep-layers K`); each student is also fine-tuned alone with the same "
-             "recipe. One seed; checkpoints chosen on 872 held-out training sentences, `test.tsv` predicted once. "
-             "Latency: one forward pass over 64 test sentences, median of 3.\n\n")
+    intro = ("## Distillation (bench/distill.py)\n\nEach student is fine-tuned twice with the same recipe: alone (labels "
+             "only) and distilled (labels + the teacher's soft predictions). Text: a fully fine-tuned MiniLM-L6 teaches "
+             "students made of its backbone's bottom K pretrained layers (`--keep-layers K`); checkpoints on 872 "
+             "held-out training sentences, `test.tsv` predicted once. Images: EfficientNet-Lite2 at 64 px teaches "
+             "EfficientNet-Lite0 at 32 px; checkpoints on 10% of the training images, the official test set predicted "
+             "once. One seed. Latency: one forward pass over 64 test inputs, median of 3.\n\n")
     replace_section("## Distillation (bench/distill.py)", intro + table(results) + "\n")
 
 

@@ -40,9 +40,11 @@ def test_serve_benchmark_runs_on_a_tiny_model(tiny_bert_dir, tmp_path):
     assert [r["batch"] for r in saved["latency"]] == [1, 32]
 
 
-def test_ensemble_and_distill_benchmarks_run_on_a_tiny_model(tiny_bert_dir, tmp_path):
+def test_ensemble_and_distill_benchmarks_run_on_a_tiny_model(tiny_bert_dir, tiny_vit_dir, image_folder, tmp_path):
+    image_flags = ["--image-data", str(image_folder), "--image-model", str(tiny_vit_dir), "--image-examples", "40",
+                   "--image-epochs", "1", "--keep", "1"]
     for script, extra, expected in (("ensemble.py", [], "| ensemble: stack |"),
-                                    ("distill.py", ["--keep", "1"], "| 1 layers, distilled |")):
+                                    ("distill.py", image_flags, "| 1 layers, distilled |")):
         results = tmp_path / f"{script}.json"
         process = subprocess.run(
             [sys.executable, str(BENCH / script), "--tiny", "--model", str(tiny_bert_dir), "--examples", "64",
@@ -55,7 +57,9 @@ def test_ensemble_and_distill_benchmarks_run_on_a_tiny_model(tiny_bert_dir, tmp_
             assert [e["method"] for e in saved["ensembles"]] == ["vote", "average", "weighted", "stack", "soup"]
             assert len(saved["members"]) == 4
         else:
-            assert saved["students"][0]["speedup"] > 0 and 0 <= saved["students"][0]["alone_test_accuracy"] <= 1
+            for pair in ("text", "image"):
+                row = saved[pair]["students"][0]
+                assert row["speedup"] > 0 and 0 <= row["alone_test_accuracy"] <= 1 and 0 <= row["distilled_test_accuracy"] <= 1
 
 
 def test_pretrain_benchmark_runs_on_a_tiny_model(tiny_bert_dir, tmp_path):
