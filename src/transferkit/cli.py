@@ -32,6 +32,10 @@ FIT_FLAGS_HELP = {
     "optimizer": "adamw or sgd (with --momentum)",
     "accumulate": "add up the gradients of N batches per optimiser step (an N times larger effective batch)",
     "keep_layers": "keep only the K lowest transformer layers of the model (a smaller, faster student)",
+    "target": "domain adaptation: unlabelled target-domain data (labels, if any, are ignored)",
+    "target_test": "domain adaptation: labelled target-domain test file, used only to report",
+    "adapt_method": "domain adaptation: source-only, dan, dann, coral or cdan",
+    "adapt_weight": "domain adaptation: weight of the transfer loss (ramped up from 0 during training)",
     "teacher": "a finished run whose model teaches this one (knowledge distillation; same classes)",
     "distill_alpha": "distillation: weight of the hard-label loss; 1 - alpha weighs the teacher's soft labels",
     "distill_temperature": "distillation: softmax temperature T of the soft labels",
@@ -98,6 +102,22 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     print(results_table(metrics))
     print(f"run written to {out}: metrics.json, report.html, model/")
     return 0
+
+
+def _cmd_adapt(args: argparse.Namespace) -> int:
+    if not args.target and not args.resume and not args.config:
+        raise UserError("adapt needs --target FILE: unlabelled data from the domain to adapt to")
+    code = _cmd_fit(args)
+    out = args.out or (RunConfig.load(args.config).out if args.config else None)
+    metrics_path = Path(out) / "metrics.json" if out else None
+    if code == 0 and metrics_path is not None and metrics_path.is_file():
+        adaptation = json.loads(metrics_path.read_text()).get("adaptation", {})
+        target = adaptation.get("target_test")
+        print(f"{adaptation.get('method')}: A-distance {adaptation.get('a_distance_before', 0):.2f} -> "
+              f"{adaptation.get('a_distance_after', 0):.2f}"
+              + (f"; target test accuracy {target['accuracy']:.4f} ({target['examples']} examples)" if target else "")
+              + f"; plot {Path(out) / adaptation.get('plot', '')}")
+    return code
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
@@ -270,6 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     fit = commands.add_parser("fit", help="fine-tune a pretrained model and write a run directory")
     _add_fit_arguments(fit)
     fit.set_defaults(func=_cmd_fit)
+
+    adapt = commands.add_parser("adapt", help="fine-tune on a labelled source domain while adapting to an unlabelled target")
+    _add_fit_arguments(adapt)
+    adapt.add_argument("--source", dest="train", default=None, help="labelled source-domain data (same as --train)")
+    adapt.add_argument("--method", dest="adapt_method", default=None,
+                       help="source-only, dan, dann, coral or cdan (same as --adapt-method)")
+    adapt.set_defaults(func=_cmd_adapt)
 
     distill = commands.add_parser("distill", help="train a (smaller) student model from a fine-tuned teacher run")
     _add_fit_arguments(distill)

@@ -72,6 +72,10 @@ class RunConfig:
     l2_sp: float | None = None
     l1: float | None = None
     label_smoothing: float = 0.0
+    target: str | None = None
+    target_test: str | None = None
+    adapt_method: str = "source-only"
+    adapt_weight: float = 1.0
     teacher: str | None = None
     distill_alpha: float = 0.5
     distill_temperature: float = 2.0
@@ -194,6 +198,20 @@ class RunConfig:
                 raise UserError(f"config field '{name}' is {value}: it must be a positive strength, or absent")
         if self.l2_sp is not None and self.strategy == "linear-probe":
             raise UserError("'l2_sp' pulls the backbone towards its pretrained weights, but linear-probe freezes the backbone: drop one")
+        if self.target_test and not self.target:
+            raise UserError("'target_test' is set without 'target': give the unlabelled target data with --target")
+        if self.adapt_method != "source-only" and not self.target:
+            raise UserError(f"'adapt_method' is '{self.adapt_method}' but no 'target' is given: pass --target FILE "
+                            f"(unlabelled target-domain data)")
+        if self.target and self.mixup:
+            raise UserError("'target' and 'mixup' together are not supported: drop --mixup for domain adaptation")
+        if self.target and self.teacher:
+            raise UserError("'target' and 'teacher' together are not supported: adapt first, then distil the adapted run")
+        if self.target and self.adapt_method != "source-only" and self.strategy == "linear-probe":
+            raise UserError("linear-probe freezes the backbone, so its features cannot adapt to the target: "
+                            "use full, lora, bitfit or freeze-bottom")
+        if not self.adapt_weight > 0:
+            raise UserError(f"config field 'adapt_weight' is {self.adapt_weight}: it must be positive (1.0 is usual)")
         if not 0 <= self.distill_alpha <= 1:
             raise UserError(f"config field 'distill_alpha' is {self.distill_alpha}: it is the weight of the hard-label "
                             f"loss, in [0, 1] (0.5 is usual)")

@@ -43,6 +43,8 @@ from .saved_model import FineTunedModel, save_classifier
 from .strategies import Strategy, create_strategy
 from .strategies.base import decay_groups
 from .teacher import check_teacher, median_latency_ms, teacher_logits
+from .adaptation import backbone_features, load_target, plot_domains, proxy_a_distance, sample_indices
+from .objectives.domain import ADAPTATION_METHODS, DomainAdaptationObjective, TargetStream
 
 DEFAULT_LR = {"probe": 1e-3, "text": 5e-5, "image": 5e-4}
 IMBALANCE_WARNING = 5.0  # largest/smallest class ratio above which an unhandled imbalance is flagged
@@ -181,6 +183,42 @@ def _write_run(run_dir: Path, config: RunConfig, strategy_name: str, model: Clas
     write_model_card(run_dir)
 
 
+def _adaptation_objective(config: RunConfig, model: Classifier, target_prepared, train_labels: np.ndarray,
+                          steps_per_epoch: int, device: torch.device):
+    backbone = model.backbone
+    target = Batches(target_prepared, None, backbone.collate, config.batch_size, shuffle=True, seed=config.seed + 7,
+                     lengths=backbone.lengths(target_prepared))
+    method = ADAPTATION_METHODS[config.adapt_method](backbone.feature_dim, model.head.linear.out_features).to(device)
+    weight = balanced_class_weights(train_labels, model.head.linear.out_features) if config.class_weights == "balanced" else None
+    objective = DomainAdaptationObjective(method, TargetStream(target, device), steps_per_epoch * config.epochs,
+                                          config.adapt_weight, config.label_smoothing, weight)
+    return objective, method
+
+
+def _domain_features(model: Classifier, prepared: dict, sample: dict, batch_size: int, device: torch.device):
+    return tuple(backbone_features(model, prepared[name], sample[name], batch_size, device) for name in ("train", "target"))
+
+
+def _adaptation_report(config: RunConfig, model: Classifier, splits: Splits, prepared: dict, sample: dict,
+                       before: tuple, classes: list[str], device: torch.device, run_dir: Path) -> dict[str, Any]:
+    """Target test accuracy (labels used only here), the A-distance before and after, the embedding plot."""
+    after = _domain_features(model, prepared, sample, config.eval_batch_size, device)
+    report: dict[str, Any] = {"method": config.adapt_method, "weight": config.adapt_weight, "target": config.target,
+                              "target_examples": len(splits.target.inputs), "selection": "source validation split",
+                              "a_distance_before": proxy_a_distance(*before), "a_distance_after": proxy_a_distance(*after)}
+    if splits.target_test is not None:
+        student = FineTunedModel(model, classes, run_dir, config.eval_batch_size)
+        full = student.evaluate(splits.target_test)
+        report["target_test"] = {"source": config.target_test, "accuracy": full["accuracy"], "macro_f1": full["macro_f1"],
+                                 "examples": len(splits.target_test.inputs)}
+    plot = plot_domains(before, after, run_dir / "plots" / "domains.png",
+                        f"source vs target features ({config.adapt_method}); A-distance "
+                        f"{report['a_distance_before']:.2f} -> {report['a_distance_after']:.2f}")
+    report["plot"] = str(plot.relative_to(run_dir))
+    model.train(False)
+    return report
+
+
 def _compare_with_teacher(config: RunConfig, teacher: FineTunedModel, model: Classifier, classes: list[str],
                           splits: Splits) -> dict[str, Any]:
     """The teacher on this run's test split, and both models' size and latency on a batch of test inputs."""
@@ -208,6 +246,15 @@ def build(config: RunConfig) -> tuple[RunConfig, Splits, Strategy, Classifier]:
     splits = load_splits(config)
     if config.teacher:  # before the backbone loads: a wrong teacher is a quick, clean error
         check_teacher(config.teacher, splits.classes, splits.train.modality)
+    if config.target:
+        if config.adapt_method not in ADAPTATION_METHODS:
+            raise UserError(f"unknown adaptation method '{config.adapt_method}': choose one of {', '.join(ADAPTATION_METHODS)}")
+        columns = dict(text_column=config.text_column, image_column=config.image_column, label_column=config.label_column)
+        splits.target = load_target(config.target, classes=splits.classes, modality=splits.train.modality,
+                                    role="target", **columns)
+        if config.target_test:
+            splits.target_test = load_target(config.target_test, classes=splits.classes, modality=splits.train.modality,
+                                             role="target test", **columns)
     backbone = create_backbone(config.model, image_size=config.image_size, max_length=config.max_length,
                                pooling=config.pooling, allow_pickle=config.allow_pickle)
     if config.keep_layers is not None:
@@ -279,6 +326,12 @@ def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bo
     classes = splits.classes
     labels = {name: encode_labels(getattr(splits, name).labels, classes) for name in ("train", "val", "test")}
     prepared = {name: backbone.prepare(getattr(splits, name).inputs) for name in ("train", "val", "test")}
+    domains_before = None
+    if splits.target is not None:
+        prepared["target"] = backbone.prepare(splits.target.inputs)
+        # The same examples before and after: the pretrained features' domain gap, then the fine-tuned one.
+        domain_sample = {name: sample_indices(len(prepared[name]), config.seed) for name in ("train", "target")}
+        domains_before = _domain_features(model, prepared, domain_sample, config.eval_batch_size, device)
 
     teacher, soft_targets = None, None
     if config.teacher:
@@ -330,7 +383,13 @@ def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bo
                       lengths=backbone.lengths(prepared["val"]))
         groups = strategy.param_groups(model, config.lr, config.head_lr, config.weight_decay,
                                        backbone_weight_decay=0.0 if config.l2_sp else None)
-        engine = Engine(model, groups, _objective(config, model, labels["train"], soft_targets), train, val,
+        objective = _objective(config, model, labels["train"], soft_targets)
+        if splits.target is not None:
+            if parallel:
+                raise UserError("domain adaptation runs in one process: launch it without torchrun/accelerate")
+            objective, method = _adaptation_objective(config, model, prepared["target"], labels["train"], len(train), device)
+            groups += decay_groups(list(method.parameters()), config.head_lr or config.lr, config.weight_decay)
+        engine = Engine(model, groups, objective, train, val,
                         _settings(config, config.epochs, data_parallel=parallel),
                         set_train_mode=strategy.set_train_mode, on_epoch_start=strategy.on_epoch_start,
                         checkpoints=checkpoints, log=log, description=f"fine-tune ({strategy.name})")
@@ -356,6 +415,9 @@ def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bo
         metrics["baseline"] = baseline
     if teacher is not None:
         metrics["distillation"] = _compare_with_teacher(config, teacher, model, classes, splits)
+    if domains_before is not None and main:
+        metrics["adaptation"] = _adaptation_report(config, model, splits, prepared, domain_sample, domains_before,
+                                                   classes, device, run_dir)
     if main:
         _write_run(run_dir, config, strategy.name, model, classes, metrics)
     distributed.barrier()  # no process returns before the run directory is complete

@@ -18,6 +18,9 @@ class Splits:
     val: Examples
     test: Examples
     classes: list[str]
+    # Domain adaptation: unlabelled target data used in training, and a labelled target test set to report.
+    target: Examples | None = None
+    target_test: Examples | None = None
 
 
 def _read(path: str, config: RunConfig) -> Examples:

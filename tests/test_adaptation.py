@@ -1,0 +1,118 @@
+"""Domain adaptation: the transfer losses' arithmetic, gradient reversal, and `adapt` end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from transferkit.cli import main
+from transferkit.objectives.domain import (ADAPTATION_METHODS, CDAN, coral_distance, multi_kernel_mmd, ramp,
+                                           reverse_gradient)
+
+from .conftest import FILLER, make_sentences, write_table
+
+
+def test_mmd_is_near_zero_for_one_distribution_and_grows_with_the_shift():
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 16, generator=generator), torch.randn(300, 16, generator=generator)
+    same = multi_kernel_mmd(a, b).item()
+    shifted = [multi_kernel_mmd(a, b + shift).item() for shift in (0.25, 0.5, 1.0, 2.0)]
+    # The biased estimator of a sum of 5 kernels is O(5/n) for one distribution: ~0 against a shift.
+    assert abs(same) < 0.05
+    assert shifted == sorted(shifted) and shifted[0] > 2 * same and shifted[-1] > 50 * same
+
+
+def test_gradient_reversal_flips_the_sign_with_the_scheduled_coefficient():
+    x = torch.randn(5, 3, requires_grad=True)
+    coefficient = ramp(0.3)
+    (reverse_gradient(x, coefficient) * 2.0).sum().backward()
+    assert torch.allclose(x.grad, torch.full_like(x, -2.0 * coefficient))
+    assert ramp(0.0) == 0.0 and ramp(1.0) > 0.99 and 0 < ramp(0.1) < ramp(0.5) < ramp(0.9)
+    assert torch.equal(reverse_gradient(x, 0.7), x)  # the forward pass is the identity
+
+
+def test_coral_is_zero_for_matching_covariances_and_positive_otherwise():
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 8, generator=generator)
+    assert coral_distance(x, x + 3.0).item() == pytest.approx(0.0, abs=1e-6)  # a shift keeps the covariance
+    assert coral_distance(x, x[torch.randperm(200, generator=generator)]).item() == pytest.approx(0.0, abs=1e-6)
+    assert coral_distance(x, 2.0 * x).item() > 0.01
+
+
+def test_cdan_uses_a_random_multilinear_map_only_for_wide_inputs():
+    assert CDAN(32, 2).exact and not CDAN(1280, 10).exact
+    wide = CDAN(1280, 10)
+    loss = wide(torch.randn(4, 1280), torch.randn(4, 1280), torch.randn(4, 10), torch.randn(4, 10), 0.5)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def _domains(tmp_path):
+    """Source: the usual sentences; target: the same sentiment words amid other filler words."""
+    source = make_sentences(160, seed=1)
+    other_filler = {w: f"zz{i}" for i, w in enumerate(FILLER)}
+    target = [(" ".join(other_filler.get(w, w) for w in text.split()), label) for text, label in make_sentences(120, seed=2)]
+    return (write_table(tmp_path / "source.csv", source), write_table(tmp_path / "target.csv", target[:80]),
+            write_table(tmp_path / "target_test.csv", target[80:]))
+
+
+@pytest.fixture(scope="module")
+def domains(tmp_path_factory):
+    return _domains(tmp_path_factory.mktemp("domains"))
+
+
+def _common(domains, tiny_bert_dir):
+    source, target, target_test = domains
+    return ["--source", str(source), "--target", str(target), "--target-test", str(target_test), "--model",
+            str(tiny_bert_dir), "--epochs", "2", "--lr", "1e-3", "--no-baseline"]
+
+
+@pytest.fixture(scope="module")
+def source_only_run(domains, tiny_bert_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("plain") / "run"
+    assert main(["adapt", *_common(domains, tiny_bert_dir), "--method", "source-only", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("method", ["dan", "dann", "coral", "cdan"])
+def test_adapt_runs_each_method_and_reports_the_target(method, domains, source_only_run, tiny_bert_dir, tmp_path, capsys):
+    assert main(["adapt", *_common(domains, tiny_bert_dir), "--method", method, "--out", str(tmp_path / method)]) == 0
+    assert "A-distance" in capsys.readouterr().out
+    report = json.loads((tmp_path / method / "metrics.json").read_text())["adaptation"]
+    assert report["method"] == method and report["target_examples"] == 80
+    assert 0 <= report["target_test"]["accuracy"] <= 1 and report["target_test"]["examples"] == 40
+    assert -2 <= report["a_distance_before"] <= 2 and -2 <= report["a_distance_after"] <= 2
+    assert (tmp_path / method / "plots" / "domains.png").is_file()
+    # The transfer term changes training: the weights differ from a source-only run with the same seed.
+    from safetensors.torch import load_file
+
+    adapted = load_file(tmp_path / method / "model" / "model.safetensors")
+    plain = load_file(source_only_run / "model" / "model.safetensors")
+    assert any(not torch.equal(adapted[k], plain[k]) for k in plain)
+
+
+def test_adapt_errors(tiny_bert_dir, image_folder, tmp_path, capsys):
+    source, target, _ = _domains(tmp_path)
+    unseen = write_table(tmp_path / "unseen.csv", [("good film", "pos"), ("so so film", "meh")])
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n")
+    base = ["--source", str(source), "--model", str(tiny_bert_dir), "--out", str(tmp_path / "out")]
+    cases = [
+        ([], "needs --target"),
+        (["--target", str(unseen)], "labels the source never has: ['meh']"),
+        (["--target", str(empty)], "empty"),
+        (["--target", str(target), "--method", "magic"], "unknown adaptation method 'magic'"),
+        (["--target", str(target), "--method", "dann", "--strategy", "linear-probe"], "cannot adapt"),
+        (["--target", str(image_folder)], "holds images"),
+    ]
+    for flags, message in cases:
+        assert main(["adapt", *base, *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "out").exists()
+    # fit with a target test but no target: the config names the missing field.
+    assert main(["fit", "--train", str(source), "--model", str(tiny_bert_dir), "--target-test", str(target),
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "without 'target'" in capsys.readouterr().err
+    assert sorted(ADAPTATION_METHODS) == ["cdan", "coral", "dan", "dann", "source-only"]
