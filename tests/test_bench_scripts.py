@@ -72,3 +72,18 @@ def test_pretrain_benchmark_runs_on_a_tiny_model(tiny_bert_dir, tmp_path):
     assert "| adapted |" in process.stdout and "held-out masked-token loss" in process.stdout
     saved = json.loads(results.read_text())
     assert [(r["encoder"], r["seed"]) for r in saved["runs"]] == [("original", 0), ("adapted", 0), ("original", 1), ("adapted", 1)]
+
+
+def test_adapt_benchmark_runs_on_a_tiny_model(tiny_bert_dir, tiny_vit_dir, tmp_path):
+    results = tmp_path / "adapt.json"
+    process = subprocess.run(
+        [sys.executable, str(BENCH / "adapt.py"), "--tiny", "--model", str(tiny_bert_dir), "--image-model", str(tiny_vit_dir),
+         "--methods", "source-only", "dann", "--epochs", "1", "--image-epochs", "1", "--image-examples", "40",
+         "--results", str(results), "--no-doc"],
+        capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0, process.stderr[-3000:] + process.stdout[-3000:]
+    assert "| dann |" in process.stdout and "vs source-only" in process.stdout
+    saved = json.loads(results.read_text())
+    for pair in ("text", "image"):
+        assert [r["method"] for r in saved[pair]["runs"]] == ["source-only", "dann"]
+        assert all(0 <= r["target_accuracy"] <= 1 for r in saved[pair]["runs"])
