@@ -29,7 +29,8 @@ from docs_section import replace_section  # noqa: E402
 
 # (strategy, lr, seed): fine-tunes of similar quality that differ by seed (head init, data order, dropout)
 # and, for one member, by strategy. A first run with linear-probe, BitFit, LoRA and full members (2,000
-# sentences) found no gain: one member was much stronger than the rest (see docs/benchmarks.md history).
+# sentences) found no gain: one member was much stronger than the rest (bench/results/ensemble-mixed-strategies.json,
+# shown under the main table in docs/benchmarks.md).
 MEMBERS = [("full", 1e-4, 0), ("full", 1e-4, 1), ("full", 1e-4, 2), ("lora", 5e-4, 3)]
 METHODS = ["vote", "average", "weighted", "stack", "soup"]
 
@@ -127,7 +128,12 @@ def write_doc(results: dict) -> None:
     intro = ("## Ensembles (bench/ensemble.py)\n\nFour fine-tunes of one backbone (different seeds and strategies) and "
              "every ensemble method over them. The weighted, stack and soup methods learn from the 872 held-out "
              "training sentences only; `test.tsv` (the GLUE dev set) is predicted once.\n\n")
-    replace_section("## Ensembles (bench/ensemble.py)", intro + table(results) + "\n")
+    earlier = RESULTS.with_name("ensemble-mixed-strategies.json")
+    extra = ""
+    if earlier.is_file():
+        # An earlier run with members of very different quality (linear probe .. full), kept for contrast.
+        extra = "\n\n#### Earlier run: members of very different quality\n\n" + table(json.loads(earlier.read_text()))
+    replace_section("## Ensembles (bench/ensemble.py)", intro + table(results) + extra + "\n")
 
 
 if __name__ == "__main__":
