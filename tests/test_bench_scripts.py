@@ -42,7 +42,7 @@ def test_serve_benchmark_runs_on_a_tiny_model(tiny_bert_dir, tmp_path):
 
 def test_ensemble_and_distill_benchmarks_run_on_a_tiny_model(tiny_bert_dir, tiny_vit_dir, image_folder, tmp_path):
     image_flags = ["--image-data", str(image_folder), "--image-model", str(tiny_vit_dir), "--image-examples", "40",
-                   "--image-epochs", "1", "--keep", "1"]
+                   "--image-epochs", "1", "--keep", "1", "--examples", "40", "--transfer", "16"]
     for script, extra, expected in (("ensemble.py", [], "| ensemble: stack |"),
                                     ("distill.py", image_flags, "| 1 layers, distilled |")):
         results = tmp_path / f"{script}.json"
@@ -57,6 +57,7 @@ def test_ensemble_and_distill_benchmarks_run_on_a_tiny_model(tiny_bert_dir, tiny
             assert [e["method"] for e in saved["ensembles"]] == ["vote", "average", "weighted", "stack", "soup"]
             assert len(saved["members"]) == 4
         else:
+            assert saved["text"]["transfer"] == 16
             for pair in ("text", "image"):
                 row = saved[pair]["students"][0]
                 assert row["speedup"] > 0 and 0 <= row["alone_test_accuracy"] <= 1 and 0 <= row["distilled_test_accuracy"] <= 1

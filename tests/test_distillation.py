@@ -120,3 +120,33 @@ def test_a_student_with_fewer_layers_reloads_with_fewer_layers(teacher_run, tiny
     assert main(["fit", "--train", str(teacher_run / "train.csv"), "--model", str(tiny_bert_dir), "--keep-layers", "3",
                  "--out", str(tmp_path / "bad")]) == 2
     assert "has 2 layers: choose 1 to 2" in capsys.readouterr().err
+
+
+def test_unlabelled_transfer_examples_get_only_the_soft_term():
+    generator = torch.Generator().manual_seed(3)
+    student, teacher = torch.randn(6, 3, generator=generator), torch.randn(6, 3, generator=generator)
+    labels = torch.tensor([0, -1, 2, -1, 1, 1])
+
+    class Fixed(torch.nn.Module):
+        def forward(self):
+            return student
+
+    objective = DistillationObjective(CrossEntropyObjective(), teacher, alpha=0.4, temperature=2.0)
+    loss, _ = objective(Fixed(), {"inputs": {}, "labels": labels, "indices": np.arange(6)})
+    known = labels >= 0
+    expected = 0.4 * F.cross_entropy(student[known], labels[known]) + 0.6 * 4.0 * F.kl_div(
+        F.log_softmax(student / 2, -1), F.log_softmax(teacher / 2, -1), log_target=True, reduction="batchmean")
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_distill_with_unlabelled_transfer_data(teacher_run, tiny_bert_dir, tmp_path, capsys):
+    transfer = tmp_path / "transfer.csv"
+    transfer.write_text("text\n" + "\n".join(t for t, _ in make_sentences(80, seed=12)) + "\n")
+    out = tmp_path / "with-transfer"
+    assert main(["distill", "--teacher", str(teacher_run / "run"), "--student", str(tiny_bert_dir),
+                 "--data", str(teacher_run / "train.csv"), "--distill-data", str(transfer), "--epochs", "1",
+                 "--no-baseline", "--out", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["distillation"]["transfer_examples"] == 80
+    assert main(["fit", "--train", str(teacher_run / "train.csv"), "--model", str(tiny_bert_dir),
+                 "--distill-data", str(transfer), "--out", str(tmp_path / "bad")]) == 2
+    assert "needs a 'teacher'" in capsys.readouterr().err

@@ -37,6 +37,7 @@ FIT_FLAGS_HELP = {
     "adapt_method": "domain adaptation: source-only, dan, dann, coral or cdan",
     "adapt_weight": "domain adaptation: weight of the transfer loss (ramped up from 0 during training)",
     "teacher": "a finished run whose model teaches this one (knowledge distillation; same classes)",
+    "distill_data": "distillation: extra unlabelled inputs (a table or folder) that the teacher labels for the student",
     "distill_alpha": "distillation: weight of the hard-label loss; 1 - alpha weighs the teacher's soft labels",
     "distill_temperature": "distillation: softmax temperature T of the soft labels",
     "class_weights": "none or balanced (loss weights inversely proportional to class frequency)",

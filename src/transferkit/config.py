@@ -77,6 +77,7 @@ class RunConfig:
     adapt_method: str = "source-only"
     adapt_weight: float = 1.0
     teacher: str | None = None
+    distill_data: str | None = None
     distill_alpha: float = 0.5
     distill_temperature: float = 2.0
     class_weights: str = "none"
@@ -217,6 +218,12 @@ class RunConfig:
                             f"loss, in [0, 1] (0.5 is usual)")
         if not self.distill_temperature > 0:
             raise UserError(f"config field 'distill_temperature' is {self.distill_temperature}: it must be positive (1-4 is usual)")
+        if self.distill_data and not self.teacher:
+            raise UserError("'distill_data' (unlabelled transfer examples) needs a 'teacher' to label them: pass --teacher RUN")
+        if self.distill_data and self.strategy == "linear-probe":
+            raise UserError("'distill_data' with linear-probe is not supported: use full, lora, bitfit or freeze-bottom")
+        if self.distill_data and self.sampler == "oversample":
+            raise UserError("'distill_data' with --sampler oversample is not supported: the transfer examples have no class")
         if self.teacher and self.mixup:
             raise UserError("'teacher' and 'mixup' together are not supported: the teacher's predictions are computed once "
                             "for the unmixed examples; drop --mixup")

@@ -21,7 +21,8 @@ from torch import nn
 
 from .backbones.registry import create_backbone
 from .config import RunConfig
-from .data.dataset import encode_labels
+from .data.dataset import ImageArray, ImagePaths, encode_labels
+from .data.readers import read_examples
 from .data.splits import Splits, load_splits
 from .engine import distributed
 from .engine.batches import Batches, feature_collate
@@ -109,7 +110,8 @@ def _train_head_on_features(config: RunConfig, features: dict[str, torch.Tensor]
 def _objective(config: RunConfig, model: Classifier, train_labels: np.ndarray, teacher_logits: torch.Tensor | None = None):
     """Cross-entropy (class-weighted, smoothed, or mixup as asked), distilled from a teacher's logits when
     given, plus L2-SP and L1 penalties."""
-    weight = balanced_class_weights(train_labels, model.head.linear.out_features) if config.class_weights == "balanced" else None
+    labelled = train_labels[train_labels >= 0]  # transfer examples (label -1) have no class
+    weight = balanced_class_weights(labelled, model.head.linear.out_features) if config.class_weights == "balanced" else None
     if config.mixup:
         objective = MixupObjective(config.mixup, weight=weight, label_smoothing=config.label_smoothing)
     else:
@@ -183,6 +185,18 @@ def _write_run(run_dir: Path, config: RunConfig, strategy_name: str, model: Clas
     write_model_card(run_dir)
 
 
+def _concatenate(first, second):
+    """Two prepared splits as one (token-id lists, or images of one kind)."""
+    if isinstance(first, list) and isinstance(second, list):
+        return first + second
+    if isinstance(first, ImageArray) and isinstance(second, ImageArray) and first.pixels.shape[1:] == second.pixels.shape[1:]:
+        return ImageArray(np.concatenate([first.pixels, second.pixels]))
+    if isinstance(first, ImagePaths) and isinstance(second, ImagePaths):
+        return ImagePaths(first.paths + second.paths)
+    raise UserError("the transfer data and the training data are stored differently (e.g. an image folder and an IDX "
+                    "file, or images of other sizes): give the transfer images in the training data's form")
+
+
 def _adaptation_objective(config: RunConfig, model: Classifier, target_prepared, train_labels: np.ndarray,
                           steps_per_epoch: int, device: torch.device):
     backbone = model.backbone
@@ -229,6 +243,7 @@ def _compare_with_teacher(config: RunConfig, teacher: FineTunedModel, model: Cla
     student_ms = median_latency_ms(student.predict_logits, sample)
     teacher_ms = median_latency_ms(teacher.predict_logits, sample)
     return {"teacher": config.teacher, "alpha": config.distill_alpha, "temperature": config.distill_temperature,
+            "transfer_examples": len(splits.transfer.inputs) if splits.transfer is not None else 0,
             "teacher_test": {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"]},
             "teacher_parameters": teacher.parameter_count(),
             "student_parameters": sum(p.numel() for p in model.parameters()),
@@ -246,6 +261,13 @@ def build(config: RunConfig) -> tuple[RunConfig, Splits, Strategy, Classifier]:
     splits = load_splits(config)
     if config.teacher:  # before the backbone loads: a wrong teacher is a quick, clean error
         check_teacher(config.teacher, splits.classes, splits.train.modality)
+    if config.distill_data:
+        splits.transfer = read_examples(config.distill_data, text_column=config.text_column,
+                                        image_column=config.image_column, label_column=config.label_column,
+                                        require_labels=False)
+        if splits.transfer.modality != splits.train.modality or len(splits.transfer.inputs) == 0:
+            raise UserError(f"{config.distill_data}: the transfer data must hold {splits.train.modality}s like the "
+                            f"training data, and at least one")
     if config.target:
         if config.adapt_method not in ADAPTATION_METHODS:
             raise UserError(f"unknown adaptation method '{config.adapt_method}': choose one of {', '.join(ADAPTATION_METHODS)}")
@@ -337,6 +359,13 @@ def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bo
     if config.teacher:
         teacher = FineTunedModel.load(config.teacher)
         soft_targets = teacher_logits(teacher, splits.train.inputs, classes)
+    train_prepared, train_labels = prepared["train"], labels["train"]
+    if splits.transfer is not None:
+        # Appended after the labelled examples with label -1: only the teacher's soft term teaches them.
+        # (The baseline and the reports keep the labelled training split alone.)
+        soft_targets = torch.cat([soft_targets, teacher_logits(teacher, splits.transfer.inputs, classes)])
+        train_prepared = _concatenate(prepared["train"], backbone.prepare(splits.transfer.inputs))
+        train_labels = np.concatenate([train_labels, np.full(len(splits.transfer.inputs), -1, dtype=train_labels.dtype)])
 
     features: dict[str, torch.Tensor] = {}
     baseline_path = run_dir / "baseline.json"
@@ -376,14 +405,14 @@ def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bo
         test_batches = Batches(features["test"], labels["test"], feature_collate, config.eval_batch_size)
     else:
         augmenter = _augmenter(config, backbone)
-        train = Batches(prepared["train"], labels["train"], backbone.collate, config.batch_size, shuffle=True,
-                        seed=config.seed, lengths=backbone.lengths(prepared["train"]),
+        train = Batches(train_prepared, train_labels, backbone.collate, config.batch_size, shuffle=True,
+                        seed=config.seed, lengths=backbone.lengths(train_prepared),
                         oversample=config.sampler == "oversample", transform=augmenter if augmenter.active else None)
         val = Batches(prepared["val"], labels["val"], backbone.collate, config.eval_batch_size,
                       lengths=backbone.lengths(prepared["val"]))
         groups = strategy.param_groups(model, config.lr, config.head_lr, config.weight_decay,
                                        backbone_weight_decay=0.0 if config.l2_sp else None)
-        objective = _objective(config, model, labels["train"], soft_targets)
+        objective = _objective(config, model, train_labels, soft_targets)
         if splits.target is not None:
             if parallel:
                 raise UserError("domain adaptation runs in one process: launch it without torchrun/accelerate")

@@ -21,6 +21,8 @@ class Splits:
     # Domain adaptation: unlabelled target data used in training, and a labelled target test set to report.
     target: Examples | None = None
     target_test: Examples | None = None
+    # Distillation: unlabelled transfer examples that only the teacher's soft labels teach.
+    transfer: Examples | None = None
 
 
 def _read(path: str, config: RunConfig) -> Examples:

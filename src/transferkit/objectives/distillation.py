@@ -44,6 +44,25 @@ class DistillationObjective:
         self.temperature = temperature
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        hard_loss, logits = self.hard(model, batch)
+        labels = batch["labels"]
+        unlabelled = labels < 0  # transfer examples: the teacher's soft labels only
+        if unlabelled.any():
+            logits = model(**batch["inputs"])
+            known = ~unlabelled
+            hard_loss = (self.hard(_Fixed(logits[known]), {"inputs": {}, "labels": labels[known]})[0]
+                         if known.any() else logits.new_zeros(()))
+        else:
+            hard_loss, logits = self.hard(model, batch)
         teacher = self.teacher_logits[torch.as_tensor(batch["indices"], dtype=torch.long)].to(logits.device)
-        return distillation_loss(logits, teacher, batch["labels"], self.alpha, self.temperature, hard_loss), logits
+        return distillation_loss(logits, teacher, labels, self.alpha, self.temperature, hard_loss), logits
+
+
+class _Fixed(nn.Module):
+    """Already computed logits, so the wrapped supervised objective scores a subset of the batch."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self) -> torch.Tensor:
+        return self.logits
