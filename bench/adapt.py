@@ -158,7 +158,7 @@ def main() -> None:
     parser.add_argument("--model", default="minilm-l6", help="text model")
     parser.add_argument("--epochs", type=int, default=3, help="text epochs")
     parser.add_argument("--image-model", default="efficientnet-lite0")
-    parser.add_argument("--image-examples", type=int, default=3000, help="labelled source images (default 3000)")
+    parser.add_argument("--image-examples", type=int, default=2000, help="labelled source images (default 2000)")
     parser.add_argument("--image-epochs", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="smoke run: tiny local models, tiny data")
     parser.add_argument("--results", default=str(RESULTS))
