@@ -222,9 +222,10 @@ def main() -> None:
 
     from transferkit.deploy import export_onnx
 
-    texts = [line.split("\t")[0] for line in (SST2 / "test.tsv").read_text(encoding="utf-8").splitlines()[1:]]
     if args.tiny:
         texts = ["the movie was good", "the movie was awful", "a great film", "bad"] * 8
+    else:
+        texts = [line.split("\t")[0] for line in (SST2 / "test.tsv").read_text(encoding="utf-8").splitlines()[1:]]
     with tempfile.TemporaryDirectory() as folder:
         run = Path(args.run) if args.run else make_run(Path(folder), args.model, args.examples, args.tiny)
         onnx_path = Path(folder) / "model.onnx"
