@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,7 +30,7 @@ RESULTS = ROOT / "bench" / "results" / "adapt.json"
 METHODS = ["source-only", "dan", "dann", "coral", "cdan"]
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from docs_section import replace_section  # noqa: E402
+from docs_section import machine, replace_section, save_results  # noqa: E402
 
 
 def _with_header(source: Path, out: Path) -> str:
@@ -167,16 +165,14 @@ def main() -> None:
     args = parser.parse_args()
     results = json.loads(Path(args.results).read_text()) if Path(args.results).is_file() else {}
     if not args.doc_only:
-        import torch
 
-        results.update(machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+        results.update(machine=machine(),
                        date=time.strftime("%Y-%m-%d"))
         with tempfile.TemporaryDirectory() as tmp:
             for name in args.only:
                 results[name] = PAIRS[name](args, Path(tmp))
                 results[name]["date"] = results["date"]
-        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.results).write_text(json.dumps(results, indent=1))
+        save_results(args.results, results)
         print(table(results))
     if not args.no_doc:
         write_doc(results)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,7 +23,7 @@ SST2 = ROOT.parent / "shared" / "data" / "sst2"
 RESULTS = ROOT / "bench" / "results" / "distill.json"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from docs_section import replace_section  # noqa: E402
+from docs_section import machine, replace_section, save_results  # noqa: E402
 from ensemble import data_files  # noqa: E402
 
 
@@ -172,19 +170,17 @@ def main() -> None:
         results = {"text": results, "machine": results.get("machine"), "date": results.get("date")}
     if args.latency_only:
         remeasure_latency(results, args)
-        Path(args.results).write_text(json.dumps(results, indent=1))
+        save_results(args.results, results)
         print(table(results))
     elif not args.doc_only:
-        import torch
 
-        results.update(machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+        results.update(machine=machine(),
                        date=time.strftime("%Y-%m-%d"), alpha=args.alpha, temperature=args.temperature)
         with tempfile.TemporaryDirectory() as tmp:
             for name in args.only:
                 results[name] = PAIRS[name](args, Path(tmp))
                 results[name]["date"] = results["date"]
-        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.results).write_text(json.dumps(results, indent=1))
+        save_results(args.results, results)
         print(table(results))
     if not args.no_doc:
         write_doc(results)

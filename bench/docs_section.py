@@ -1,7 +1,11 @@
-"""Shared by the benchmark scripts: replace one script's section of docs/benchmarks.md."""
+"""Shared by the benchmark scripts: the machine's description, saving results, and replacing one script's
+section of docs/benchmarks.md."""
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
@@ -19,3 +23,17 @@ def replace_section(heading: str, section: str) -> None:
         text = text.rstrip() + "\n\n" + section
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(text)
+
+
+def machine() -> str:
+    """What the numbers were measured on, for every table's heading."""
+    import torch
+
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+
+
+def save_results(path: str | Path, results: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1))
+

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,7 +23,7 @@ SST2 = ROOT.parent / "shared" / "data" / "sst2"
 RESULTS = ROOT / "bench" / "results" / "ensemble.json"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from docs_section import replace_section  # noqa: E402
+from docs_section import machine, replace_section, save_results  # noqa: E402
 
 # (strategy, lr, seed): fine-tunes of similar quality that differ by seed (head init, data order, dropout)
 # and, for one member, by strategy. A first run with linear-probe, BitFit, LoRA and full members (2,000
@@ -59,12 +57,11 @@ def main() -> None:
     if args.doc_only:
         write_doc(json.loads(Path(args.results).read_text()))
         return
-    import torch
 
     import transferkit
     from transferkit.ensemble import build_ensemble
 
-    results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+    results = {"machine": machine(),
                "date": time.strftime("%Y-%m-%d"), "model": args.model, "examples": args.examples, "epochs": args.epochs,
                "members": [], "ensembles": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,8 +92,7 @@ def main() -> None:
                                          "seconds": time.time() - started})
             print(f"{method:10s} test {metrics['test']['accuracy']:.4f} ({100 * metrics['gain_over_best_member']:+.2f} pts)",
                   flush=True)
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(json.dumps(results, indent=1))
+    save_results(args.results, results)
     print(table(results))
     if not args.no_doc:
         write_doc(results)

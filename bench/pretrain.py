@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "pretrain.json"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from docs_section import replace_section  # noqa: E402
+from docs_section import machine, replace_section, save_results  # noqa: E402
 from ensemble import data_files  # noqa: E402
 
 
@@ -47,12 +45,11 @@ def main() -> None:
         write_doc(json.loads(Path(args.results).read_text()))
         return
     import pandas as pd
-    import torch
 
     import transferkit
     from transferkit.pretrain import pretrain
 
-    results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+    results = {"machine": machine(),
                "date": time.strftime("%Y-%m-%d"), "model": args.model, "unlabelled": args.unlabelled,
                "labels": args.labels, "epochs": args.epochs, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,8 +76,7 @@ def main() -> None:
                 results["runs"].append({"encoder": name, "seed": seed, "test_accuracy": metrics["test"]["accuracy"],
                                         "seconds": time.time() - started})
                 print(f"seed {seed} {name}: test {metrics['test']['accuracy']:.4f}", flush=True)
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(json.dumps(results, indent=1))
+    save_results(args.results, results)
     print(table(results))
     if not args.no_doc:
         write_doc(results)

@@ -17,9 +17,7 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,7 +29,7 @@ SST2 = ROOT.parent / "shared" / "data" / "sst2"
 RESULTS = ROOT / "bench" / "results" / "serve.json"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from docs_section import replace_section  # noqa: E402
+from docs_section import machine, replace_section, save_results  # noqa: E402
 
 SERVERS = {  # name: (serve flags, runtime)
     "batching off (torch)": (["--max-batch-size", "1"], "torch"),
@@ -128,6 +126,7 @@ def serving(run: Path, texts: list[str], concurrencies: list[int], requests: int
 def model_latency(run: Path, onnx_path: Path, texts: list[str], batch_sizes: list[int], repeats: int) -> list[dict]:
     """Median seconds of one predict_proba call (preprocessing included) per runtime and batch size."""
     from transferkit.deploy import OnnxPredictor, TorchPredictor
+    from transferkit.teacher import median_latency_ms
 
     predictors = {"torch": TorchPredictor.load(run), "onnx": OnnxPredictor(run, onnx_path)}
     rows = []
@@ -135,13 +134,7 @@ def model_latency(run: Path, onnx_path: Path, texts: list[str], batch_sizes: lis
         chunk = texts[:batch]
         row = {"batch": batch}
         for name, predictor in predictors.items():
-            predictor.predict_proba(chunk)  # warm-up
-            times = []
-            for _ in range(repeats):
-                started = time.perf_counter()
-                predictor.predict_proba(chunk)
-                times.append(time.perf_counter() - started)
-            row[f"{name}_ms"] = 1000 * statistics.median(times)
+            row[f"{name}_ms"] = median_latency_ms(predictor.predict_proba, chunk, repeats)
         row["speedup"] = row["torch_ms"] / row["onnx_ms"]
         rows.append(row)
         print(f"batch {batch:3d}: torch {row['torch_ms']:.1f} ms, onnx {row['onnx_ms']:.1f} ms", flush=True)
@@ -218,7 +211,6 @@ def main() -> None:
     if args.doc_only:
         write_doc(json.loads(Path(args.results).read_text()))
         return
-    import torch
 
     from transferkit.deploy import export_onnx
 
@@ -240,12 +232,11 @@ def main() -> None:
                     os.symlink((run / name).resolve(), served / name)
         os.replace(onnx_path, served / "model.onnx")
         results = {"run": run.name if args.run else f"{args.model} linear probe on {args.examples} SST-2 sentences",
-                   "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+                   "machine": machine(),
                    "date": time.strftime("%Y-%m-%d"), "export": export,
                    "latency": model_latency(served, served / "model.onnx", texts, [1, 32], args.repeats),
                    "serving": serving(served, texts, args.concurrency, args.requests, args.seconds)}
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(json.dumps(results, indent=1))
+    save_results(args.results, results)
     print(table(results))
     if not args.no_doc:
         write_doc(results)

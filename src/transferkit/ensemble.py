@@ -301,7 +301,9 @@ def build_ensemble(runs: list[str], *, method: str, test: str, out: str, val: st
 
     test_examples, test_labels = read(test)
     val_examples, val_labels = read(val) if val else (None, None)
-    member_reports = [full_report(test_labels, m.predict_proba(test_examples.inputs).argmax(1), classes) for m in members]
+    # Each member predicts the test file once; its report and the combination both use these probabilities.
+    test_probabilities = np.stack([m.predict_proba(test_examples.inputs) for m in members])
+    member_reports = [full_report(test_labels, p.argmax(1), classes) for p in test_probabilities]
     member_test = [{"run": str(run), "accuracy": r["accuracy"], "macro_f1": r["macro_f1"]}
                    for run, r in zip(runs, member_reports)]
     best_member = max(member_test, key=lambda r: r["accuracy"])
@@ -320,8 +322,7 @@ def build_ensemble(runs: list[str], *, method: str, test: str, out: str, val: st
             val_probabilities = np.stack([m.predict_proba(val_examples.inputs) for m in members])
             combiner.fit(val_probabilities, val_labels)
             details["val_accuracy"] = float((combiner.combine(val_probabilities).argmax(1) == val_labels).mean())
-        ensemble = EnsembleModel(members, combiner, classes, out_dir)
-        report = ensemble.evaluate(test_examples)
+        report = full_report(test_labels, combiner.combine(test_probabilities).argmax(1), classes)
         model_dir = out_dir / "model"
         model_dir.mkdir(parents=True, exist_ok=True)
         paths = []

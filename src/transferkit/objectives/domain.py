@@ -74,6 +74,11 @@ def coral_distance(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (covariance(source) - covariance(target)).pow(2).sum() / (4 * d * d)
 
 
+def domain_labels(source: int, target: int, device: torch.device) -> torch.Tensor:
+    """1 for each source example, 0 for each target example (the discriminator's truth)."""
+    return torch.cat([torch.ones(source, device=device), torch.zeros(target, device=device)])
+
+
 class DomainDiscriminator(nn.Module):
     """Predicts whether features come from the source (1) or the target (0)."""
 
@@ -136,8 +141,7 @@ class DANN(AdaptationMethod):
         # The discriminator learns to tell the domains apart at full strength; the reversed, scheduled
         # gradient teaches the backbone to make them indistinguishable.
         scores = self.discriminator(reverse_gradient(torch.cat([fs, ft]).float(), coefficient))
-        truth = torch.cat([torch.ones(len(fs)), torch.zeros(len(ft))]).to(scores.device)
-        return F.binary_cross_entropy_with_logits(scores, truth)
+        return F.binary_cross_entropy_with_logits(scores, domain_labels(len(fs), len(ft), scores.device))
 
 
 @register
@@ -166,7 +170,7 @@ class CDAN(AdaptationMethod):
         features = torch.cat([fs, ft]).float()
         predictions = torch.softmax(torch.cat([logits_s, logits_t]).float(), dim=1).detach()
         scores = self.discriminator(reverse_gradient(self._multilinear(features, predictions), coefficient))
-        truth = torch.cat([torch.ones(len(fs)), torch.zeros(len(ft))]).to(scores.device)
+        truth = domain_labels(len(fs), len(ft), scores.device)
         # Entropy conditioning: examples the classifier is sure about weigh more (1 + e^-H).
         entropy = -(predictions * torch.log(predictions.clamp_min(1e-8))).sum(1)
         weight = 1.0 + torch.exp(-entropy)
