@@ -224,7 +224,7 @@ def write_doc(results: dict) -> None:
              "EfficientNet-Lite0 at 32 px; checkpoints on 10% of the training images, the official test set predicted "
              "once. One seed. Latency: one prediction call over 64 test inputs (preprocessing included), median of 5, "
              "each model timed alone on the machine.\n\n")
-    replace_section("## Distillation (bench/distill.py)", intro + table(results) + "\n\n")
+    replace_section("## Distillation (bench/distill.py)", intro + table(results) + "\n")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ def replace_section(heading: str, section: str) -> None:
     start = text.find(heading)
     if start >= 0:
         end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+        # A blank line always separates this section from the next, whatever the section's own ending.
+        text = text[:start] + (section.rstrip("\n") + "\n\n" + text[end + 1:] if end >= 0 else section)
     else:
         text = text.rstrip() + "\n\n" + section
     DOC.parent.mkdir(parents=True, exist_ok=True)
