@@ -52,6 +52,22 @@ FIT_FLAGS_HELP = {
 }
 
 
+TASK_HELP = "which task of a multi-task run (its head over the shared backbone)"
+
+
+def _add_multitask_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("multi-task (docs/multitask.md)")
+    group.add_argument("--task", dest="tasks", action="append", default=None, metavar="KEY=VALUE,...",
+                       help="one task per option: name=N,train=FILE[,text_column=C,label_column=L,test=F,weight=W,...]")
+    group.add_argument("--sharing", help="hard (one backbone, a head per task) or soft (a backbone per task, L2-tied)")
+    group.add_argument("--weighting", help="equal, uncertainty, dwa, gradnorm or pcgrad (default equal)")
+    group.add_argument("--task-sampling", help="round-robin, proportional or temperature (default round-robin)")
+    group.add_argument("--sampling-temperature", help="temperature T of --task-sampling temperature (default 2)")
+    group.add_argument("--sharing-strength", help="soft sharing: L2 penalty strength between the copies (default 0.1)")
+    group.add_argument("--no-single-task", dest="single_task_baseline", action="store_const", const=False, default=None,
+                       help="skip fine-tuning each task alone for the comparison")
+
+
 def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="a YAML run config (e.g. RUN/config.yaml to replay a run); flags override it")
     for f in fields(RunConfig):
@@ -90,11 +106,48 @@ def _fit_config(args: argparse.Namespace) -> tuple[RunConfig | None, dict]:
     return RunConfig.from_dict(given, source="command line"), {}
 
 
+MULTITASK_OPTIONS = ("sharing", "weighting", "task_sampling", "sampling_temperature", "sharing_strength",
+                     "single_task_baseline")
+
+
+def _multitask_requested(args: argparse.Namespace) -> bool:
+    from .multitask.config import is_multitask_config
+
+    if getattr(args, "tasks", None):
+        return True
+    if args.resume and args.out and (Path(args.out) / "config.yaml").is_file():
+        return is_multitask_config(Path(args.out) / "config.yaml")
+    return bool(args.config) and is_multitask_config(args.config)
+
+
+def _cmd_fit_multitask(args: argparse.Namespace) -> int:
+    from .multitask.config import MultiTaskConfig, parse_task_option, read_yaml
+    from .multitask.run import fit_multitask, multitask_table
+
+    given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name) is not None}
+    options = {k: getattr(args, k) for k in MULTITASK_OPTIONS if getattr(args, k, None) is not None}
+    if args.resume:
+        if set(given) - {"out"} or options or args.tasks or args.config:
+            raise UserError("--resume continues the run in --out with its saved config: drop the other options")
+        config = MultiTaskConfig.load(Path(args.out) / "config.yaml")
+    else:
+        values = read_yaml(args.config) if args.config else {}
+        if args.tasks:
+            values["tasks"] = [parse_task_option(t) for t in args.tasks]
+        config = MultiTaskConfig.from_dict({**values, **given, **options}, source=args.config or "command line")
+    metrics = fit_multitask(config, resume=args.resume, overwrite=args.overwrite)
+    print(multitask_table(metrics))
+    print(f"run written to {config.out}: metrics.json, report.md, plots/tasks.png, model/ (predict with --task NAME)")
+    return 0
+
+
 def _cmd_fit(args: argparse.Namespace) -> int:
     from .demo import results_table
     from .engine import distributed
     from .finetune import finetune
 
+    if _multitask_requested(args):
+        return _cmd_fit_multitask(args)
     config, overrides = _fit_config(args)
     metrics = finetune(config, resume=args.resume, overwrite=args.overwrite, **overrides)
     if not distributed.is_main():
@@ -161,7 +214,7 @@ def _read_for_model(model, path: str, args: argparse.Namespace, require_labels: 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .saved_model import load_run
 
-    model = load_run(args.run)
+    model = load_run(args.run, args.task)
     report = model.evaluate(_read_for_model(model, args.test, args, require_labels=True))
     print(f"accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}  ({args.test})")
     if args.output:
@@ -181,7 +234,7 @@ def _describe_input(inputs, index: int) -> str:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .saved_model import load_run
 
-    model = load_run(args.run)
+    model = load_run(args.run, args.task)
     examples = _read_for_model(model, args.input, args, require_labels=False)
     probabilities = model.predict_proba(examples.inputs)
     output = Path(args.output)
@@ -217,7 +270,7 @@ def _cmd_rank(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .deploy.export import export_onnx
 
-    result = export_onnx(args.run, args.out, tolerance=args.tolerance, opset=args.opset)
+    result = export_onnx(args.run, args.out, tolerance=args.tolerance, opset=args.opset, task=args.task)
     print(f"exported {result['path']} ({result['bytes'] / 1e6:.1f} MB, opset {result['opset']}, {result['exporter']} "
           f"exporter{', adapters merged' if result['adapters_merged'] else ''}); onnxruntime matches PyTorch to "
           f"{result['max_abs_diff']:.2g} (tolerance {result['tolerance']:g}) on batch shapes {result['checked_shapes']}")
@@ -231,7 +284,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                          max_body_bytes=args.max_body_mb << 20)
     serve(args.run, host=args.host, port=args.port, runtime=args.runtime, onnx_path=args.onnx,
           max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, limits=limits, token=args.token,
-          log_level=args.log_level)
+          log_level=args.log_level, task=args.task)
     return 0
 
 
@@ -288,8 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transferkit", description="Fine-tune pretrained models on your labelled data.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    fit = commands.add_parser("fit", help="fine-tune a pretrained model and write a run directory")
+    fit = commands.add_parser("fit", help="fine-tune a pretrained model (one task, or several with --task) and write a run directory")
     _add_fit_arguments(fit)
+    _add_multitask_arguments(fit)
     fit.set_defaults(func=_cmd_fit)
 
     adapt = commands.add_parser("adapt", help="fine-tune on a labelled source domain while adapting to an unlabelled target")
@@ -323,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--text-column")
         sub.add_argument("--image-column")
         sub.add_argument("--label-column", default="label")
+        sub.add_argument("--task", help=TASK_HELP)
         sub.add_argument("--output", required=name == "predict",
                          help="CSV of predictions" if name == "predict" else "write the full report as JSON")
         sub.set_defaults(func=_cmd_evaluate if name == "evaluate" else _cmd_predict)
@@ -383,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     exporter.add_argument("--tolerance", type=float, default=1e-4,
                           help="largest allowed absolute logit difference from PyTorch (default 1e-4)")
     exporter.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    exporter.add_argument("--task", help=TASK_HELP)
     exporter.set_defaults(func=_cmd_export)
 
     server = commands.add_parser("serve", help="serve a finished run over HTTP with dynamic batching")
@@ -400,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-text-chars", type=int, default=20_000, help="characters per text (default 20000)")
     server.add_argument("--max-body-mb", type=int, default=16, help="request body size limit in MiB (default 16)")
     server.add_argument("--token", help="require 'Authorization: Bearer TOKEN' (default: $TRANSFERKIT_TOKEN if set)")
+    server.add_argument("--task", help=TASK_HELP)
     server.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     server.set_defaults(func=_cmd_serve)
 

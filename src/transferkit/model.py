@@ -23,10 +23,11 @@ class ClassificationHead(nn.Module):
 class Classifier(nn.Module):
     """``head(backbone(inputs))``; ``forward(features=...)`` skips the backbone for cached features."""
 
-    def __init__(self, backbone: Backbone, num_classes: int, dropout: float = 0.1):
+    def __init__(self, backbone: Backbone, num_classes: int, dropout: float = 0.1, head: ClassificationHead | None = None):
         super().__init__()
         self.backbone = backbone
-        self.head = ClassificationHead(backbone.feature_dim, num_classes, dropout)
+        # An existing head (a multi-task model's) is shared, not copied.
+        self.head = head if head is not None else ClassificationHead(backbone.feature_dim, num_classes, dropout)
 
     def forward(self, features: torch.Tensor | None = None, **inputs: torch.Tensor) -> torch.Tensor:
         if features is None:

@@ -50,11 +50,23 @@ class FineTunedModel:
         self.model.to(self.device)
 
     @classmethod
-    def load(cls, run: str | Path) -> "FineTunedModel":
+    def load(cls, run: str | Path, task: str | None = None) -> "FineTunedModel":
+        """``task``: which task of a multi-task model to predict (its head over the shared backbone)."""
         run = Path(run)
         directory = model_directory(run)
         meta_path = directory / "transferkit.json"
         meta = json.loads(meta_path.read_text())
+        if meta.get("kind") == "multitask":
+            from .multitask.model import load_multitask
+
+            tasks = list(meta.get("tasks", {}))
+            if task not in tasks:
+                raise UserError(f"{run} is a multi-task model: choose its task with --task ({', '.join(tasks)})"
+                                if task is None else f"{run} has no task '{task}': its tasks are {', '.join(tasks)}")
+            multi = load_multitask(directory, meta)
+            return cls(multi.view(task), multi.task_classes[task], run)
+        if task is not None:
+            raise UserError(f"{run} is a single-task model: drop --task")
         if meta.get("kind") == "ensemble":
             from .ensemble import EnsembleModel
 
@@ -132,6 +144,7 @@ def model_directory(run: str | Path) -> Path:
     return directory
 
 
-def load_run(run: str | Path) -> FineTunedModel:
-    """Load the model of a finished run directory (or of its ``model/`` folder)."""
-    return FineTunedModel.load(run)
+def load_run(run: str | Path, task: str | None = None) -> FineTunedModel:
+    """Load the model of a finished run directory (or of its ``model/`` folder); ``task`` picks one task of a
+    multi-task run."""
+    return FineTunedModel.load(run, task)

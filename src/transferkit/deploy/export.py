@@ -98,12 +98,13 @@ def _annotate(path: Path, metadata: dict[str, str]) -> None:
 
 
 def export_onnx(run: str | Path, out: str | Path | None = None, *, tolerance: float = DEFAULT_TOLERANCE,
-                opset: int = DEFAULT_OPSET) -> dict:
+                opset: int = DEFAULT_OPSET, task: str | None = None) -> dict:
     """Export ``run``'s model to ONNX (default ``RUN/model.onnx``) and check it in onnxruntime.
 
     Returns what was done: path, exporter, bytes, the largest absolute logit difference from PyTorch
     over the check batches and its tolerance. Raises ``UserError`` (and keeps no file) when the export
-    differs by more than ``tolerance``.
+    differs by more than ``tolerance``. ``task``: the task of a multi-task run to export (its head over
+    the shared backbone; default file ``RUN/model-TASK.onnx``).
     """
     try:
         import onnx  # noqa: F401
@@ -113,14 +114,14 @@ def export_onnx(run: str | Path, out: str | Path | None = None, *, tolerance: fl
     if tolerance <= 0:
         raise UserError(f"--tolerance must be positive, got {tolerance}")
     run = Path(run)
-    model = FineTunedModel.load(run)
+    model = FineTunedModel.load(run, task)
     if not isinstance(model, FineTunedModel):
         raise UserError(f"{run} is an ensemble of several models: export its members one by one, or build a "
                         f"'soup' ensemble, which is a single model")
     merged = bool(model.model.backbone.spec.get("adapter"))
     model.merge_adapters()
     classifier = model.model.cpu().eval()
-    path = Path(out) if out else run / "model.onnx"
+    path = Path(out) if out else run / (f"model-{task}.onnx" if task else "model.onnx")
     if path.suffix != ".onnx":
         raise UserError(f"--out {path}: the ONNX file name must end in .onnx")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -59,8 +59,8 @@ class TorchPredictor:
         self.backbone_spec = model.backbone_spec
 
     @classmethod
-    def load(cls, run: str | Path) -> "TorchPredictor":
-        return cls(FineTunedModel.load(run))
+    def load(cls, run: str | Path, task: str | None = None) -> "TorchPredictor":
+        return cls(FineTunedModel.load(run, task))
 
     def predict_proba(self, inputs) -> np.ndarray:
         return self.model.predict_proba(inputs)
@@ -123,9 +123,12 @@ class OnnxPredictor:
         return truncation_flags(self.tokenizer, self.max_length, texts)
 
 
-def load_predictor(run: str | Path, runtime: str = "torch", onnx_path: str | Path | None = None) -> Predictor:
+def load_predictor(run: str | Path, runtime: str = "torch", onnx_path: str | Path | None = None,
+                   task: str | None = None) -> Predictor:
     if runtime == "torch":
-        return TorchPredictor.load(run)
+        return TorchPredictor.load(run, task)
+    if task is not None:
+        raise UserError("--task (one task of a multi-task run) is served with --runtime torch")
     if runtime == "onnx":
         return OnnxPredictor(run, onnx_path)
     raise UserError(f"unknown runtime '{runtime}': choose torch or onnx")

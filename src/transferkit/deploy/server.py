@@ -230,7 +230,8 @@ def create_app(predictor: Predictor, *, run: str | Path = ".", max_batch_size: i
 
 def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, runtime: str = "torch",
           onnx_path: str | Path | None = None, max_batch_size: int = 32, max_wait_ms: float = 5.0,
-          limits: ServeLimits = ServeLimits(), token: str | None = None, log_level: str = "info") -> None:
+          limits: ServeLimits = ServeLimits(), token: str | None = None, log_level: str = "info",
+          task: str | None = None) -> None:
     """Load ``run`` and serve it until interrupted; the model is loaded before the port opens."""
     _import_web()
     import uvicorn
@@ -238,7 +239,7 @@ def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, runtime
     if max_batch_size < 1 or max_wait_ms < 0:
         raise UserError(f"--max-batch-size must be >= 1 and --max-wait-ms >= 0 (got {max_batch_size}, {max_wait_ms})")
     token = token if token is not None else os.environ.get(TOKEN_ENV) or None
-    predictor = load_predictor(run, runtime, onnx_path)
+    predictor = load_predictor(run, runtime, onnx_path, task)
     app = create_app(predictor, run=run, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, limits=limits, token=token)
     auth = "bearer token required" if token else "no auth"
     print(f"serving {run} ({predictor.modality}, {len(predictor.classes)} classes, {runtime}) on http://{host}:{port} "

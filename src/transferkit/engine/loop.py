@@ -75,6 +75,9 @@ def _optimizer(param_groups: list[dict], settings: EngineSettings) -> torch.opti
 
 
 def move_batch(device: torch.device, batch: dict) -> dict:
+    if "parts" in batch:  # a multi-task step: (task, batch) pairs; "labels" counts the step's examples
+        parts = [(task, move_batch(device, part)) for task, part in batch["parts"]]
+        return {"parts": parts, "labels": torch.cat([part["labels"] for _, part in parts])}
     moved = {"inputs": {k: v.to(device, non_blocking=True) for k, v in batch["inputs"].items()}}
     if "labels" in batch:
         moved["labels"] = batch["labels"].to(device, non_blocking=True)
@@ -90,7 +93,8 @@ class Engine:
                  on_epoch_start: Callable[[nn.Module, int], None] | None = None,
                  checkpoints: CheckpointDir | None = None, log: JsonlLog | None = None,
                  description: str = "train", device: torch.device | None = None,
-                 evaluator: Callable[["Engine", Batches], dict[str, float]] | None = None):
+                 evaluator: Callable[["Engine", Batches], dict[str, float]] | None = None,
+                 epoch_metrics: Callable[[], dict[str, float]] | None = None):
         self.device = device or default_device()
         self.model = model.to(self.device)
         self.objective = objective
@@ -104,6 +108,8 @@ class Engine:
         self.description = description
         # Validation metrics; classification (loss, accuracy, macro-F1) unless an objective brings its own.
         self.evaluator = evaluator
+        # Extra values recorded in each epoch's history (e.g. multi-task loss weights); checkpointed with it.
+        self.epoch_metrics = epoch_metrics
         self.optimizer = _optimizer(param_groups, settings)
         # The compiled module shares its parameters with self.model, which stays the one saved and loaded.
         self.eval_model = torch.compile(self.model, dynamic=True) if settings.compile else self.model
@@ -255,6 +261,8 @@ class Engine:
             record = {"epoch": epoch + 1, "train_loss": running / max(seen, 1), "seconds": time.time() - started}
             if self.val_batches is not None:
                 record.update({f"val_{k}": v for k, v in self.evaluate(self.val_batches).items()})
+            if self.epoch_metrics is not None:
+                record.update(self.epoch_metrics())
             improved = self.val_batches is None or self._improved(record[settings.monitor])
             if improved:
                 self.best_value = record.get(settings.monitor)
