@@ -88,3 +88,17 @@ def test_adapt_benchmark_runs_on_a_tiny_model(tiny_bert_dir, tiny_vit_dir, tmp_p
     for pair in ("text", "image"):
         assert [r["method"] for r in saved[pair]["runs"]] == ["source-only", "dann"]
         assert all(0 <= r["target_accuracy"] <= 1 for r in saved[pair]["runs"])
+
+
+def test_multitask_benchmark_runs_on_tiny_models(tiny_bert_dir, tiny_vit_dir, tmp_path):
+    results = tmp_path / "multitask.json"
+    process = subprocess.run(
+        [sys.executable, str(BENCH / "multitask.py"), "--tiny", "--model", str(tiny_bert_dir), "--image-model",
+         str(tiny_vit_dir), "--weightings", "equal", "pcgrad", "--results", str(results), "--no-doc"],
+        capture_output=True, text=True, timeout=900)
+    assert process.returncode == 0, process.stderr[-3000:] + process.stdout[-3000:]
+    assert "| multi-task, hard sharing, pcgrad |" in process.stdout and "| multi-task, soft sharing, equal |" in process.stdout
+    saved = json.loads(results.read_text())
+    for pair in ("text", "image"):
+        assert [r["weighting"] for r in saved[pair]["runs"]] == ["equal", "pcgrad", "equal"]
+        assert all(0 <= a <= 1 for r in saved[pair]["runs"] for a in r["accuracy"].values())
