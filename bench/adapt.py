@@ -170,9 +170,14 @@ def main() -> None:
                        date=time.strftime("%Y-%m-%d"))
         with tempfile.TemporaryDirectory() as tmp:
             for name in args.only:
+                previous = results.get(name) or {}
                 results[name] = PAIRS[name](args, Path(tmp))
                 results[name]["date"] = results["date"]
-        save_results(args.results, results)
+                if previous.get("model") == results[name]["model"] and not args.tiny:
+                    # Seeds run earlier with the same model stay: --seeds 1 2 adds to a recorded seed 0.
+                    kept = [r for r in previous["runs"] if r["seed"] not in args.seeds and r["method"] in args.methods]
+                    results[name]["runs"] = sorted(kept + results[name]["runs"], key=lambda r: r["seed"])
+                save_results(args.results, results)
         print(table(results))
     if not args.no_doc:
         write_doc(results)
