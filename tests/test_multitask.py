@@ -288,3 +288,30 @@ def test_cli_task_option_syntax_error_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "transferkit", "fit", "--model", "x", "--task", "sst2.tsv",
                              "--task", "name=b,train=y"], capture_output=True, text=True)
     assert result.returncode == 2 and "key=value" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_one_task_of_a_multitask_run_is_served(tiny_bert_dir, two_tasks, tmp_path):
+    pytest.importorskip("fastapi")
+    import httpx
+
+    from transferkit.deploy.predictors import TorchPredictor, load_predictor
+    from transferkit.deploy.server import create_app
+    from tests.deploy.conftest import LiveServer
+
+    run = tmp_path / "run"
+    fit_multitask(_config(tiny_bert_dir, two_tasks, tmp_path, epochs=1, single_task_baseline=False))
+    predictor = TorchPredictor.load(run, task="strength")
+    expected = predictor.predict_proba(["the film was superb"])[0]
+    with LiveServer(create_app(predictor, run=run)) as server:
+        answer = httpx.post(f"{server.url}/predict", json={"texts": ["the film was superb"]}, timeout=30).json()
+        metadata = httpx.get(f"{server.url}/metadata").json()
+    assert metadata["task"] == "strength" and metadata["classes"] == ["mild", "strong"]
+    assert metadata["metrics"]["test_accuracy"] == json.loads((run / "metrics.json").read_text())["tasks"]["strength"]["test"]["accuracy"]
+    assert answer["predictions"][0]["probabilities"]["strong"] == pytest.approx(float(expected[1]), abs=1e-5)
+    with pytest.raises(UserError, match="--runtime torch"):
+        load_predictor(run, "onnx", task="strength")
+    pytest.importorskip("onnxruntime")
+    from transferkit.deploy.export import export_onnx
+
+    exported = export_onnx(run, task="strength")
+    assert exported["path"].endswith("model-strength.onnx") and exported["max_abs_diff"] < 1e-4

@@ -41,8 +41,10 @@ def save_classifier(model: Classifier, classes: Sequence[str], directory: Path) 
 class FineTunedModel:
     """A loaded run: ``predict`` texts or images, ``evaluate`` a labelled file."""
 
-    def __init__(self, model: Classifier, classes: list[str], source: Path, eval_batch_size: int = 128):
+    def __init__(self, model: Classifier, classes: list[str], source: Path, eval_batch_size: int = 128,
+                 task: str | None = None):
         self.model = model.eval()
+        self.task = task  # the task of a multi-task run this model predicts, else None
         self.classes = classes
         self.source = source
         self.eval_batch_size = eval_batch_size
@@ -64,7 +66,7 @@ class FineTunedModel:
                 raise UserError(f"{run} is a multi-task model: choose its task with --task ({', '.join(tasks)})"
                                 if task is None else f"{run} has no task '{task}': its tasks are {', '.join(tasks)}")
             multi = load_multitask(directory, meta)
-            return cls(multi.view(task), multi.task_classes[task], run)
+            return cls(multi.view(task), multi.task_classes[task], run, task=task)
         if task is not None:
             raise UserError(f"{run} is a single-task model: drop --task")
         if meta.get("kind") == "ensemble":

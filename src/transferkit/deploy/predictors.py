@@ -57,6 +57,7 @@ class TorchPredictor:
         self.classes = model.classes
         self.modality = model.modality
         self.backbone_spec = model.backbone_spec
+        self.task = getattr(model, "task", None)
 
     @classmethod
     def load(cls, run: str | Path, task: str | None = None) -> "TorchPredictor":

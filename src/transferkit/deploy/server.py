@@ -50,9 +50,12 @@ def _import_web():
 
 def _run_metadata(run: Path, predictor: Predictor) -> dict:
     metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+    task = getattr(predictor, "task", None)
+    if task is not None:  # one task of a multi-task run: that task's results
+        metrics = {**metrics, **metrics.get("tasks", {}).get(task, {})}
     test = metrics.get("test", {})
     baseline = (metrics.get("baseline") or {}).get("test", {})
-    return {"run": run.name, "modality": predictor.modality, "classes": predictor.classes,
+    return {"run": run.name, "task": task, "modality": predictor.modality, "classes": predictor.classes,
             "backbone": predictor.backbone_spec, "model": metrics.get("model"), "strategy": metrics.get("strategy"),
             "runtime": predictor.runtime,
             "metrics": {"test_accuracy": test.get("accuracy"), "test_macro_f1": test.get("macro_f1"),
