@@ -12,9 +12,10 @@ from .config import RunConfig
 from .errors import UserError
 from .finetune import finetune
 from .lr_find import lr_find
+from .federated import federate
 from .multitask import fit_multitask
 from .ranking import rank
 from .saved_model import FineTunedModel, load_run
 
-__all__ = ["FineTunedModel", "RunConfig", "UserError", "finetune", "fit_multitask", "load_run", "lr_find", "rank"]
+__all__ = ["FineTunedModel", "RunConfig", "UserError", "federate", "finetune", "fit_multitask", "load_run", "lr_find", "rank"]
 __version__ = "0.1.0"

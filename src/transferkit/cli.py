@@ -320,6 +320,54 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+FEDERATED_HELP = {
+    "partitioner": "split --train across simulated clients: iid, dirichlet (--alpha) or pathological (--classes-per-client)",
+    "num_clients": "number of simulated clients (default 3)",
+    "alpha": "Dirichlet concentration: small = each client sees few classes (default 0.5)",
+    "classes_per_client": "pathological partitioner: classes per client (default 2)",
+    "aggregator": "fedavg, fedprox, fedadam, fedmedian, fedtrimmedavg or krum (default fedavg)",
+    "proximal_mu": "fedprox: strength mu of the proximal term (default 0.01)",
+    "trimmed_beta": "fedtrimmedavg: share trimmed at each end (default 0.2)",
+    "krum_malicious": "krum: number of malicious clients to tolerate (default 1)",
+    "server_lr": "fedadam: server learning rate (default 0.01)",
+    "max_rounds": "stop after this many rounds (default 10)",
+    "local_epochs": "epochs each client trains per round (default 1)",
+    "min_delta": "a round improves when mean client validation accuracy gains this much (default 0.001)",
+    "round_patience": "stop after this many rounds without improvement ('none': run max_rounds; default 3)",
+    "fraction_train": "share of clients sampled each round (default 1.0)",
+    "min_clients": "minimum clients per round (default: all sampled, at least 2)",
+    "personalise_epochs": "after federation each client fine-tunes the global model this long (default 1; 0: skip)",
+    "local_only": "also train a model on each client's data alone, for the report (default true)",
+    "client_cpus": "CPUs Ray reserves per simulated client (default 1)",
+    "poisoned_clients": "attack simulation: comma-separated client indices that send scaled updates (robustness checks)",
+    "poison_scale": "attack simulation: the poisoned update is global + SCALE * (local - global) (default -10)",
+}
+
+
+def _cmd_federate(args: argparse.Namespace) -> int:
+    from .federated.config import FederatedConfig
+    from .federated.run import federate, federated_table
+    from .multitask.config import parse_task_option, read_yaml
+
+    given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name) is not None}
+    options = {k: getattr(args, k) for k in FEDERATED_HELP if getattr(args, k, None) is not None}
+    if args.resume:
+        if set(given) - {"out"} or options or args.clients or args.config:
+            raise UserError("--resume continues the run in --out with its saved config: drop the other options")
+        if "out" not in given:
+            raise UserError("--resume needs --out RUN: the federated run to continue")
+        config = FederatedConfig.load(Path(given["out"]) / "config.yaml")
+    else:
+        values = read_yaml(args.config) if args.config else {}
+        if args.clients:
+            values["clients"] = [parse_task_option(c) for c in args.clients]
+        config = FederatedConfig.from_dict({**values, **given, **options}, source=args.config or "command line")
+    metrics = federate(config, resume=args.resume, overwrite=args.overwrite)
+    print(federated_table(metrics))
+    print(f"run written to {config.out}: metrics.json, report.md, plots/, model/ (the global model)")
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from .backbones.registry import packaged_models
 
@@ -430,6 +478,15 @@ def build_parser() -> argparse.ArgumentParser:
     pretrainer.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     pretrainer.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     pretrainer.set_defaults(func=_cmd_pretrain)
+
+    federator = commands.add_parser("federate", help="federated fine-tuning on Flower: clients keep their data (simulation)")
+    _add_fit_arguments(federator)
+    group = federator.add_argument_group("federated (docs/federated.md)")
+    group.add_argument("--client", dest="clients", action="append", default=None, metavar="KEY=VALUE,...",
+                       help="one client's own dataset per option: name=N,train=FILE[,text_column=C,test=F] (instead of --train)")
+    for name, text in FEDERATED_HELP.items():
+        group.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=text)
+    federator.set_defaults(func=_cmd_federate)
 
     exporter = commands.add_parser("export", help="export a finished run's model to ONNX, checked against PyTorch")
     exporter.add_argument("run", help="a finished run directory")

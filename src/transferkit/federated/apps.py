@@ -1,0 +1,205 @@
+"""The Flower apps: a ClientApp whose handlers run transferkit's local fine-tuning, and a ServerApp whose
+round loop uses a Flower strategy (flwr.serverapp.strategy) to sample clients and aggregate.
+
+Rounds: train (clients fine-tune from the global weights and send back what trains), aggregate,
+evaluate (clients score the new global weights on their validation split; the weighted mean decides
+convergence), checkpoint. After the last round a query message asks every client for its report:
+the global model, the global model fine-tuned on its data (personalised), and a model trained on its
+data alone (local-only), all on its held-out test split.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..engine.checkpoint import atomic_write_text, save_weights
+from .aggregators import create_aggregator
+from .config import FederatedConfig
+from .local import client_examples, exchanged_state, load_exchanged, local_evaluate, local_model, local_train
+
+ROUND_TIMEOUT_S = 3600.0
+
+
+def _client_index(context) -> int:
+    return int(context.node_config["partition-id"])
+
+
+def make_client_app(config: FederatedConfig, classes: list[str]):
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    def prepared(message, context):
+        # Each client process uses the CPUs Ray reserved for it, not every core of the machine.
+        torch.set_num_threads(max(1, int(config.client_cpus)))
+        index = _client_index(context)
+        local = local_model(config, classes)
+        load_exchanged(local, message.content["arrays"].to_torch_state_dict())
+        return index, local, client_examples(config)[index]
+
+    @app.train()
+    def train(message: Message, context) -> Message:
+        index, local, split = prepared(message, context)
+        received = exchanged_state(local)
+        round_number = int(message.content["config"].get("server-round", 0))
+        mu = float(message.content["config"].get("proximal-mu", 0.0))
+        result = local_train(local, split, classes, config.local_epochs, mu,
+                             description=f"client {index} round {round_number}")
+        update = exchanged_state(local)
+        if index in config.poisoned_clients:  # attack simulation: a scaled (e.g. sign-flipped) update
+            update = {k: received[k] + config.poison_scale * (update[k] - received[k]) for k in update}
+        metrics = MetricRecord({"num-examples": len(split["train"]), "client": index, "train_loss": result["train_loss"]})
+        return Message(RecordDict({"arrays": ArrayRecord(update), "metrics": metrics}), reply_to=message)
+
+    @app.evaluate()
+    def evaluate(message: Message, context) -> Message:
+        index, local, split = prepared(message, context)
+        scores = local_evaluate(local, split["val"], classes)
+        metrics = MetricRecord({"num-examples": len(split["val"]), "client": index, "accuracy": scores["accuracy"],
+                                "loss": scores["loss"]})
+        return Message(RecordDict({"metrics": metrics}), reply_to=message)
+
+    @app.query()
+    def report(message: Message, context) -> Message:
+        index, local, split = prepared(message, context)
+        scores = {"client": index, "train_examples": len(split["train"]), "test_examples": len(split["test"]),
+                  "global": local_evaluate(local, split["test"], classes)["accuracy"]}
+        settings = message.content["config"]
+        if int(settings["personalise-epochs"]) > 0:
+            # Fine-tune the global model on this client's data; keep it only if its validation accuracy
+            # improves (model selection on the client's validation split, never its test split).
+            before = local_evaluate(local, split["val"], classes)["accuracy"]
+            local_train(local, split, classes, int(settings["personalise-epochs"]), description=f"client {index} personalise")
+            kept = local_evaluate(local, split["val"], classes)["accuracy"] >= before
+            scores["personalised"] = local_evaluate(local, split["test"], classes)["accuracy"] if kept else scores["global"]
+            scores["personalisation_kept"] = int(kept)
+        if int(settings["local-only-epochs"]) > 0:
+            load_exchanged(local, None)  # from the pretrained weights, its own data only
+            local_train(local, split, classes, int(settings["local-only-epochs"]), description=f"client {index} local-only")
+            scores["local_only"] = local_evaluate(local, split["test"], classes)["accuracy"]
+        return Message(RecordDict({"metrics": MetricRecord(scores)}), reply_to=message)
+
+    return app
+
+
+class RoundCheckpoint:
+    """``RUN/rounds/``: the global weights of the latest and the best round (safetensors, atomic) and the
+    round history, so an interrupted federation resumes at the next round."""
+
+    def __init__(self, run_dir: Path):
+        self.folder = run_dir / "rounds"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.state_path = self.folder / "state.json"
+
+    def save(self, weights: dict[str, torch.Tensor], state: dict, best: bool) -> None:
+        holder = torch.nn.Module()
+        for name, tensor in weights.items():  # a module whose state dict is exactly the global weights
+            holder.register_buffer(name.replace(".", "__"), tensor.contiguous())
+        save_weights(holder, self.folder / "latest.safetensors")
+        if best:
+            save_weights(holder, self.folder / "best.safetensors")
+        atomic_write_text(self.state_path, json.dumps(state))
+
+    def load(self, which: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+        from safetensors.torch import load_file
+
+        path = self.folder / f"{which}.safetensors"
+        if not (path.is_file() and self.state_path.is_file()):
+            return None
+        weights = {name.replace("__", "."): tensor for name, tensor in load_file(str(path)).items()}
+        return weights, json.loads(self.state_path.read_text())
+
+
+def _bytes(record) -> int:
+    return int(record.count_bytes())
+
+
+def server_loop(grid, config: FederatedConfig, initial: dict[str, torch.Tensor], run_dir: Path, resume: bool,
+                progress) -> dict[str, Any]:
+    """Rounds until convergence (no gain of ``min_delta`` in the mean client validation accuracy for
+    ``round_patience`` rounds) or ``max_rounds``; then the clients' reports."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+    strategy = create_aggregator(config, config.num_clients)
+    checkpoint = RoundCheckpoint(run_dir)
+    state = {"history": [], "best_round": None, "best_accuracy": None, "bad_rounds": 0}
+    weights = initial
+    saved = checkpoint.load("latest") if resume else None
+    if saved is not None:
+        weights, state = saved
+        progress.write(f"resuming after round {len(state['history'])}")
+    arrays = ArrayRecord(weights)
+    start = len(state["history"]) + 1
+    for round_number in range(start, config.max_rounds + 1):
+        if config.round_patience is not None and state["bad_rounds"] >= config.round_patience:
+            break
+        started = time.time()
+        messages = list(strategy.configure_train(round_number, arrays, ConfigRecord(), grid))
+        sent_to = {m.metadata.dst_node_id for m in messages}
+        replies = list(grid.send_and_receive(messages, timeout=ROUND_TIMEOUT_S))
+        answered = [r for r in replies if not r.has_error()]
+        failures = {str(r.metadata.src_node_id): r.error.reason for r in replies if r.has_error()}
+        silent = sent_to - {r.metadata.src_node_id for r in replies}
+        failures.update({str(node): "no reply" for node in silent})
+        bytes_down = _bytes(arrays) * len(messages)
+        bytes_up = sum(_bytes(r.content["arrays"]) for r in answered)
+        aggregated, _ = strategy.aggregate_train(round_number, answered)
+        if aggregated is not None:
+            arrays = aggregated
+        evaluations = [r for r in grid.send_and_receive(
+            list(strategy.configure_evaluate(round_number, arrays, ConfigRecord(), grid)), timeout=ROUND_TIMEOUT_S)
+            if not r.has_error()]
+        per_client = {int(r.content["metrics"]["client"]): float(r.content["metrics"]["accuracy"]) for r in evaluations}
+        examples = {int(r.content["metrics"]["client"]): int(r.content["metrics"]["num-examples"]) for r in evaluations}
+        total = sum(examples.values()) or 1
+        accuracy = sum(per_client[c] * examples[c] / total for c in per_client)
+        loss = sum(float(r.content["metrics"]["loss"]) * int(r.content["metrics"]["num-examples"]) / total for r in evaluations)
+        improved = state["best_accuracy"] is None or accuracy > state["best_accuracy"] + config.min_delta
+        if improved:
+            state.update(best_round=round_number, best_accuracy=accuracy, bad_rounds=0)
+        else:
+            state["bad_rounds"] += 1
+        record = {"round": round_number, "val_accuracy": accuracy, "val_loss": loss, "clients_sent": len(messages),
+                  "clients_trained": len(answered), "failures": failures, "bytes_down": bytes_down, "bytes_up": bytes_up,
+                  "client_val_accuracy": {str(c): a for c, a in sorted(per_client.items())}, "seconds": time.time() - started}
+        state["history"].append(record)
+        checkpoint.save(arrays.to_torch_state_dict(), state, improved)
+        progress.update(1)
+        progress.set_postfix(val_accuracy=f"{accuracy:.4f}", clients=f"{len(answered)}/{len(messages)}")
+        progress.write(f"round {round_number}/{config.max_rounds}: {len(answered)}/{len(messages)} clients trained, "
+                       f"mean client val accuracy {accuracy:.4f}{' (best)' if improved else ''}"
+                       + (f"; dropped: {', '.join(f'node {n} ({why})' for n, why in failures.items())}" if failures else ""))
+    best, _ = checkpoint.load("best")
+    # The clients' reports on the best round's global weights.
+    best_arrays = ArrayRecord(best)
+    rounds_done = len(state["history"])
+    settings = ConfigRecord({"personalise-epochs": config.personalise_epochs,
+                             "local-only-epochs": config.local_epochs * rounds_done if config.local_only else 0})
+    queries = [Message(RecordDict({"arrays": best_arrays, "config": settings}), dst_node_id=node,
+                       message_type=MessageType.QUERY) for node in grid.get_node_ids()]
+    reports = {}
+    for reply in grid.send_and_receive(queries, timeout=ROUND_TIMEOUT_S):
+        if not reply.has_error():
+            metrics = dict(reply.content["metrics"])
+            reports[int(metrics.pop("client"))] = metrics
+    return {"history": state["history"], "best_round": state["best_round"], "best_weights": best,
+            "clients": dict(sorted(reports.items()))}
+
+
+def make_server_app(config: FederatedConfig, initial: dict[str, torch.Tensor], run_dir: Path, resume: bool,
+                    results: dict, progress):
+    from flwr.serverapp import ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context) -> None:
+        results.update(server_loop(grid, config, initial, run_dir, resume, progress))
+
+    return app

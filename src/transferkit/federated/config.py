@@ -1,0 +1,195 @@
+"""A federated run's configuration: the shared fine-tuning recipe (RunConfig fields but the data), the
+clients' data, the aggregation and the stopping rule.
+
+YAML, one dataset split across simulated clients::
+
+    model: minilm-l6
+    strategy: lora
+    data: {train: sst2.tsv, text_column: sentence}
+    partitioner: dirichlet     # iid | dirichlet (alpha) | pathological (classes_per_client)
+    alpha: 0.5
+    num_clients: 5
+
+or one dataset per client (each client a different domain)::
+
+    clients:
+      - {name: amazon, train: amazon.tsv, text_column: sentence}
+      - {name: imdb, train: imdb.tsv, text_column: sentence}
+
+and for both: ``aggregator`` (fedavg, fedprox, fedadam, fedmedian, fedtrimmedavg, krum), ``max_rounds``,
+``local_epochs``, ``patience``/``min_delta`` over rounds, ``personalise_epochs``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import RunConfig
+from ..errors import UserError
+from .aggregators import AGGREGATORS
+from .partition import PARTITIONERS
+
+DATA_FIELDS = ("train", "test", "text_column", "image_column", "label_column", "max_train_examples")
+UNSUPPORTED = {"teacher": "distil the federated model afterwards", "target": "adapt separately",
+               "distill_data": "distil the federated model afterwards", "val": "each client holds out val_fraction",
+               "mixup": "drop mixup", "baseline": "the federated report compares local-only, global and personalised"}
+
+
+@dataclass
+class FederatedConfig:
+    recipe: dict[str, Any]
+    data: dict[str, Any] | None = None  # one dataset, split by the partitioner
+    clients: list[dict[str, Any]] | None = None  # or one dataset per client
+    partitioner: str = "iid"
+    num_clients: int = 3
+    alpha: float = 0.5
+    classes_per_client: int = 2
+    aggregator: str = "fedavg"
+    proximal_mu: float = 0.01
+    trimmed_beta: float = 0.2
+    krum_malicious: int = 1
+    server_lr: float = 0.01
+    max_rounds: int = 10
+    local_epochs: int = 1
+    min_delta: float = 0.001
+    round_patience: int | None = 3
+    fraction_train: float = 1.0
+    min_clients: int | None = None
+    personalise_epochs: int = 1
+    local_only: bool = True
+    client_cpus: float = 1.0
+    poisoned_clients: list[int] = field(default_factory=list)  # attack simulation (benchmarks, tests)
+    poison_scale: float = -10.0
+    source: str = "config"
+    run_config: RunConfig | None = field(default=None, repr=False)
+
+    OPTIONS = ("partitioner", "num_clients", "alpha", "classes_per_client", "aggregator", "proximal_mu", "trimmed_beta",
+               "krum_malicious", "server_lr", "max_rounds", "local_epochs", "min_delta", "round_patience",
+               "fraction_train", "min_clients", "personalise_epochs", "local_only", "client_cpus", "poisoned_clients",
+               "poison_scale")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        source = self.source
+        if (self.data is None) == (self.clients is None):
+            raise UserError(f"{source}: give either 'data' (one dataset the partitioner splits) or 'clients' (one dataset "
+                            f"per client), not both or neither")
+        for key, fix in UNSUPPORTED.items():
+            if self.recipe.get(key) not in (None, False):
+                raise UserError(f"{source}: '{key}' is not supported in a federated run: {fix}")
+        if self.aggregator not in AGGREGATORS:
+            raise UserError(f"{source}: 'aggregator' is '{self.aggregator}': choose one of {', '.join(AGGREGATORS)}")
+        if self.partitioner not in PARTITIONERS:
+            raise UserError(f"{source}: 'partitioner' is '{self.partitioner}': choose one of {', '.join(PARTITIONERS)}")
+        for name in ("max_rounds", "local_epochs", "num_clients"):
+            if int(getattr(self, name)) < 1:
+                raise UserError(f"{source}: '{name}' is {getattr(self, name)}: it must be a positive integer")
+        if self.personalise_epochs < 0:
+            raise UserError(f"{source}: 'personalise_epochs' is {self.personalise_epochs}: it must be >= 0")
+        if not 0 < self.fraction_train <= 1:
+            raise UserError(f"{source}: 'fraction_train' is {self.fraction_train}: it must be in (0, 1]")
+        if self.round_patience is not None and self.round_patience < 1:
+            raise UserError(f"{source}: 'round_patience' is {self.round_patience}: it must be >= 1, or none")
+        if self.recipe.get("strategy") == "linear-probe":
+            raise UserError(f"{source}: linear-probe is not supported in a federated run yet: use lora, bitfit or "
+                            f"freeze-bottom (they also send few parameters)")
+        if self.clients is not None:
+            if len(self.clients) < 2:
+                raise UserError(f"{source}: 'clients' lists {len(self.clients)} client(s): a federation needs at least 2")
+            names = [str(c.get("name", i)) for i, c in enumerate(self.clients)]
+            if len(set(names)) != len(names):
+                raise UserError(f"{source}: client names repeat ({', '.join(names)}): name each client once")
+            for i, client in enumerate(self.clients):
+                self._check_data(client, f"client '{names[i]}'", allow={"name"})
+            self.num_clients = len(self.clients)
+        else:
+            self._check_data(self.data, "'data'", allow=set())
+        bad = [c for c in self.poisoned_clients if not 0 <= int(c) < self.num_clients]
+        if bad:
+            raise UserError(f"{source}: poisoned_clients {bad} are not client indices (0..{self.num_clients - 1})")
+        first = self.data if self.data is not None else {k: v for k, v in self.clients[0].items() if k != "name"}
+        self.run_config = RunConfig.from_dict({**self.recipe, **first, "baseline": False}, source=source)
+
+    def _check_data(self, data: dict, what: str, allow: set[str]) -> None:
+        if not isinstance(data, dict) or not data.get("train"):
+            raise UserError(f"{self.source}: {what} needs 'train' (its data file or folder)")
+        unknown = sorted(set(data) - set(DATA_FIELDS) - allow)
+        if unknown:
+            raise UserError(f"{self.source}: {what} sets {', '.join(unknown)}: a client's data takes "
+                            f"{', '.join(DATA_FIELDS)}; set the rest once for all clients")
+
+    @property
+    def client_names(self) -> list[str]:
+        if self.clients is not None:
+            return [str(c.get("name", i)) for i, c in enumerate(self.clients)]
+        return [f"client-{i}" for i in range(self.num_clients)]
+
+    @property
+    def fingerprint(self) -> str:
+        """Equal for equal configs in any process (what per-process caches are keyed by)."""
+        import json
+
+        return json.dumps(self.to_dict(), sort_keys=True, default=str)
+
+    @property
+    def out(self) -> str:
+        return self.run_config.out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "FederatedConfig":
+        values = dict(values)
+        data, clients = values.pop("data", None), values.pop("clients", None)
+        options = {k: values.pop(k) for k in cls.OPTIONS if k in values}
+        typed = {f.name: f for f in dataclasses.fields(cls)}
+        for key, value in list(options.items()):
+            kind = str(typed[key].type)
+            try:
+                if value is None or (isinstance(value, str) and value.lower() == "none"):
+                    options[key] = None
+                elif kind.startswith("int"):
+                    options[key] = int(value)
+                elif kind.startswith("float"):
+                    options[key] = float(value)
+                elif kind.startswith("bool"):
+                    options[key] = value if isinstance(value, bool) else str(value).lower() in ("true", "1", "yes")
+                elif kind.startswith("list"):
+                    items = value if isinstance(value, list) else [v for v in str(value).split(",") if v.strip()]
+                    options[key] = [int(v) for v in items]
+            except (TypeError, ValueError):
+                raise UserError(f"{source}: '{key}' is {value!r}, which is not a valid {kind.split('[')[0].split(' ')[0]}") from None
+        for key in ("train", "test", "text_column", "image_column", "label_column"):
+            if key in values and data is None and clients is None:
+                data = {}
+            if key in values and data is not None:
+                data[key] = values.pop(key)
+        return cls(values, data, clients, source=source, **options)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FederatedConfig":
+        from ..multitask.config import read_yaml
+
+        return cls.from_dict(read_yaml(path), source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        recipe = {k: v for k, v in self.run_config.to_dict().items() if k not in DATA_FIELDS + ("baseline", "val")}
+        values = {**recipe, **{k: getattr(self, k) for k in self.OPTIONS}}
+        if self.data is not None:
+            values["data"] = self.data
+        else:
+            values["clients"] = self.clients
+        return values
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def client_run_config(self, index: int) -> RunConfig:
+        """The recipe with client ``index``'s data fields (its own file, or the shared dataset)."""
+        data = self.data if self.data is not None else {k: v for k, v in self.clients[index].items() if k != "name"}
+        return RunConfig.from_dict({**self.recipe, **data, "baseline": False}, source=f"{self.source}: client {index}")

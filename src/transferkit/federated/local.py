@@ -1,0 +1,199 @@
+"""What a client does with its own data, in plain transferkit terms (no Flower here): read its share,
+build the model, fine-tune it locally with the same engine as a centralised run, evaluate.
+
+The ClientApp (``apps.py``) calls these; so does the driver for the pooled-data checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..backbones.registry import create_backbone
+from ..config import RunConfig
+from ..data.dataset import Examples, encode_labels
+from ..data.packaged import PACKAGED_DATASETS, load_packaged
+from ..data.readers import read_examples
+from ..data.splits import subsample
+from ..engine.batches import Batches
+from ..engine.loop import Engine, default_device
+from ..errors import UserError
+from ..evaluation.metrics import summary_metrics
+from ..finetune import DEFAULT_LR, _augmenter, _settings
+from ..model import Classifier
+from ..objectives import CrossEntropyObjective, RegularisedObjective
+from ..strategies import create_strategy
+from .config import FederatedConfig
+from .partition import partition
+
+_DATA_CACHE: dict[tuple, dict] = {}
+_MODEL_CACHE: dict[tuple, tuple] = {}
+
+
+def read_dataset(run_config: RunConfig) -> tuple[Examples, Examples | None]:
+    """The training data (and a test file, if given) named by a client's run config."""
+    columns = dict(text_column=run_config.text_column, image_column=run_config.image_column,
+                   label_column=run_config.label_column)
+    if run_config.train in PACKAGED_DATASETS:
+        packaged = load_packaged(run_config.train)
+        train, test = packaged["train"], packaged.get("test")
+    else:
+        train, test = read_examples(run_config.train, **columns), None
+    if run_config.test:
+        test = read_examples(run_config.test, **columns)
+    if run_config.max_train_examples is not None:
+        train = subsample(train, run_config.max_train_examples, run_config.seed)
+    return train, test
+
+
+def held_out_split(examples: Examples, val_fraction: float, test_fraction: float, seed: int) -> dict[str, Examples]:
+    """A client's own train/val/test split (seeded, random: a skewed client may hold a class only once)."""
+    order = np.random.default_rng(seed).permutation(len(examples))
+    n_test = max(1, int(round(test_fraction * len(examples)))) if test_fraction > 0 else 0
+    n_val = max(1, int(round(val_fraction * len(examples))))
+    if len(examples) - n_test - n_val < 2:
+        raise UserError(f"a client holds {len(examples)} examples, too few for its train/val/test split: use fewer clients")
+    return {"test": examples.subset(order[:n_test]), "val": examples.subset(order[n_test:n_test + n_val]),
+            "train": examples.subset(order[n_test + n_val:])}
+
+
+def client_examples(config: FederatedConfig) -> list[dict[str, Examples]]:
+    """Every client's train/val/test examples, computed the same way in every process."""
+    key = ("examples", config.fingerprint)
+    if key in _DATA_CACHE:
+        return _DATA_CACHE[key]["clients"]
+    base = config.run_config
+    val_fraction, test_fraction = base.effective_val_fraction, base.effective_test_fraction
+    clients = []
+    if config.data is not None:
+        train, _ = read_dataset(base)
+        labels = np.array(train.labels)
+        parts = partition(config.partitioner, labels, config.num_clients, base.seed, alpha=config.alpha,
+                          classes_per_client=config.classes_per_client)
+        for i, part in enumerate(parts):
+            clients.append(held_out_split(train.subset(part), val_fraction, test_fraction, base.seed + 100 + i))
+    else:
+        for i, name in enumerate(config.client_names):
+            run_config = config.client_run_config(i)
+            try:
+                train, test = read_dataset(run_config)
+            except UserError as error:
+                raise UserError(f"client '{name}': {error}") from None
+            if test is not None:  # its own test file: train and val come from its training data
+                split = held_out_split(train, val_fraction, 0.0, base.seed + 100 + i)
+                split["test"] = test
+            else:
+                split = held_out_split(train, val_fraction, test_fraction, base.seed + 100 + i)
+            clients.append(split)
+    _DATA_CACHE[key] = {"clients": clients}
+    return clients
+
+
+@dataclass
+class LocalModel:
+    model: Classifier
+    strategy: Any
+    run_config: RunConfig
+    initial: dict[str, torch.Tensor]  # the starting weights every client shares (pretrained + seeded head)
+    exchanged: list[str]  # the state-dict keys that travel: trainable parameters and their modules' float buffers
+
+
+def local_model(config: FederatedConfig, classes: list[str]) -> LocalModel:
+    """One model per process, reused across rounds and clients: every round overwrites what travels."""
+    key = (config.fingerprint, tuple(classes))
+    if key not in _MODEL_CACHE:
+        base = config.run_config
+        strategy = create_strategy(base)
+        backbone = create_backbone(base.model, image_size=base.image_size, max_length=base.max_length,
+                                   pooling=base.pooling, allow_pickle=base.allow_pickle)
+        torch.manual_seed(base.seed)
+        model = Classifier(backbone, len(classes), base.dropout)
+        strategy.prepare(model)
+        strategy.apply(model)
+        if base.lr is None:
+            base = base.replace(lr=strategy.default_lr or DEFAULT_LR[backbone.modality])
+        _MODEL_CACHE[key] = LocalModel(model, strategy, base, {k: v.detach().clone() for k, v in model.state_dict().items()},
+                                       exchanged_keys(model))
+    return _MODEL_CACHE[key]
+
+
+def exchanged_keys(model: torch.nn.Module) -> list[str]:
+    """Trainable parameters, plus the floating-point buffers (BatchNorm statistics) of modules that train."""
+    keys = [name for name, p in model.named_parameters() if p.requires_grad]
+    for module_name, module in model.named_modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            keys += [f"{module_name}.{b}" if module_name else b for b, buffer in module.named_buffers(recurse=False)
+                     if buffer.is_floating_point()]
+    return keys
+
+
+def exchanged_state(local: LocalModel) -> dict[str, torch.Tensor]:
+    state = local.model.state_dict()
+    return {k: state[k].detach().cpu().clone() for k in local.exchanged}
+
+
+def load_exchanged(local: LocalModel, state: dict[str, torch.Tensor] | None) -> None:
+    """Start from the shared initial weights, then the received global part (if any)."""
+    local.model.load_state_dict(local.initial)
+    if state:
+        unknown = sorted(set(state) - set(local.exchanged))
+        if unknown:
+            raise UserError(f"received parameters {unknown[:3]} that this client's model does not train: the server "
+                            f"and the clients must use the same model and strategy")
+        local.model.load_state_dict(state, strict=False)
+
+
+class ProximalPenalty:
+    """FedProx's ``mu / 2 * ||w - w_global||^2`` over the trainable parameters (Li et al. 2020)."""
+
+    def __init__(self, model: torch.nn.Module, mu: float):
+        self.mu = mu
+        self.reference = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def __call__(self, model: torch.nn.Module) -> torch.Tensor:
+        terms = [(p - self.reference[n]).pow(2).sum() for n, p in model.named_parameters() if n in self.reference]
+        return 0.5 * self.mu * torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def _batches(local: LocalModel, examples: Examples, classes: list[str], train: bool) -> Batches:
+    backbone, config = local.model.backbone, local.run_config
+    prepared = backbone.prepare(examples.inputs)
+    labels = encode_labels(examples.labels, classes)
+    if train:
+        augmenter = _augmenter(config, backbone)
+        return Batches(prepared, labels, backbone.collate, config.batch_size, shuffle=True, seed=config.seed,
+                       lengths=backbone.lengths(prepared), oversample=config.sampler == "oversample",
+                       transform=augmenter if augmenter.active else None)
+    return Batches(prepared, labels, backbone.collate, config.eval_batch_size, lengths=backbone.lengths(prepared))
+
+
+def local_train(local: LocalModel, split: dict[str, Examples], classes: list[str], epochs: int,
+                proximal_mu: float = 0.0, description: str = "local") -> dict[str, float]:
+    """Fine-tune the loaded weights on this client's data (best epoch on its validation split)."""
+    config = local.run_config
+    unknown = sorted(set(split["train"].labels) - set(classes))
+    if unknown:
+        raise UserError(f"client labels {unknown[:5]} are not classes of the global model")
+    objective = CrossEntropyObjective(label_smoothing=config.label_smoothing)
+    if proximal_mu > 0:
+        objective = RegularisedObjective(objective, [ProximalPenalty(local.model, proximal_mu)])
+    groups = local.strategy.param_groups(local.model, config.lr, config.head_lr, config.weight_decay)
+    engine = Engine(local.model, groups, objective, _batches(local, split["train"], classes, True),
+                    _batches(local, split["val"], classes, False), _settings(config, epochs),
+                    set_train_mode=local.strategy.set_train_mode, description=description)
+    engine.fit()
+    last = engine.history[-1]
+    return {"train_loss": float(last["train_loss"]), "val_accuracy": float(last.get("val_accuracy", float("nan")))}
+
+
+def local_evaluate(local: LocalModel, examples: Examples, classes: list[str]) -> dict[str, float]:
+    batches = _batches(local, examples, classes, False)
+    engine_model = local.model.to(default_device()).eval()
+    from ..engine.batches import map_in_order
+
+    logits = map_in_order(batches, lambda inputs: engine_model(**inputs), default_device())
+    loss = float(torch.nn.functional.cross_entropy(logits, batches.labels))
+    return {"loss": loss, **summary_metrics(batches.labels.numpy(), logits.argmax(1).numpy())}

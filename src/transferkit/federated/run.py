@@ -1,0 +1,163 @@
+"""The flow of one federated run: check every client's data, build the starting model, run the Flower
+apps in Flower's Simulation Engine (Ray), then test the global model and write the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..data.dataset import sort_classes
+from ..engine.checkpoint import atomic_write_text
+from ..errors import UserError
+from ..finetune import _check_run_dir
+from ..saved_model import save_classifier
+from .config import FederatedConfig
+from .local import client_examples, load_exchanged, local_evaluate, local_model, read_dataset
+from .plots import plot_clients, plot_rounds
+
+
+def _check_clients(config: FederatedConfig) -> tuple[list[dict], list[str]]:
+    """Every client's split, and the global classes; every data mistake surfaces before round 1."""
+    clients = client_examples(config)
+    names = config.client_names
+    modalities = {c["train"].modality for c in clients}
+    if len(modalities) > 1:
+        raise UserError(f"the clients hold different kinds of data ({', '.join(sorted(modalities))}): one model serves one modality")
+    classes = sort_classes([label for c in clients for label in c["train"].labels])
+    if len(classes) < 2:
+        raise UserError(f"all clients together hold one class ('{classes[0]}'): a classifier needs at least two")
+    for name, client in zip(names, clients):
+        for split in ("val", "test"):
+            unseen = sorted(set(client[split].labels) - set(classes))
+            if unseen:
+                raise UserError(f"client '{name}': {split} labels {unseen[:5]} occur in no client's training data: "
+                                f"the global head cannot predict them; fix the labels or add training examples")
+    return clients, classes
+
+
+def _simulate(config: FederatedConfig, classes: list[str], initial: dict, run_dir: Path, resume: bool) -> dict[str, Any]:
+    # Flower's telemetry is off in our runs, set before flwr is imported (and in each client's process).
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    from flwr.simulation import run_simulation
+
+    from .apps import make_client_app, make_server_app
+
+    results: dict[str, Any] = {}
+    # Client processes inherit this environment; their own output stays in Ray's logs (log_to_driver off).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    backend = {"client_resources": {"num_cpus": config.client_cpus, "num_gpus": 0.0},
+               "init_args": {"num_cpus": max(os.cpu_count() or 1, int(np.ceil(config.client_cpus))),
+                             "include_dashboard": False, "logging_level": "error", "log_to_driver": False}}
+    with tqdm(total=config.max_rounds, desc="federated rounds", unit="round", dynamic_ncols=True) as progress:
+        run_simulation(make_server_app(config, initial, run_dir, resume, results, progress),
+                       make_client_app(config, classes), num_supernodes=config.num_clients, backend_name="ray",
+                       backend_config=backend)
+    if "history" not in results:
+        raise UserError(f"the federated run stopped before its first round finished (see the Flower log above); "
+                        f"rounds completed so far are in {run_dir / 'rounds'}, continue with --resume")
+    return results
+
+
+def federate(config: FederatedConfig | str | Path, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Fine-tune one model across clients that keep their data (Flower simulation); returns the metrics
+    also written to ``metrics.json``.
+
+    Example::
+
+        transferkit.federate("fed.yaml")
+    """
+    if isinstance(config, (str, Path)):
+        config = FederatedConfig.load(config)
+    run_dir = Path(config.out)
+    if resume and (run_dir / "rounds" / "state.json").is_file() and not (run_dir / "metrics.json").is_file():
+        pass
+    elif resume:
+        raise UserError(f"{run_dir} has no unfinished federated run to resume (no rounds/state.json, or it finished)")
+    else:
+        _check_run_dir(run_dir, False, overwrite)
+    clients, classes = _check_clients(config)
+    local = local_model(config, classes)
+    load_exchanged(local, None)
+    initial = {k: v.detach().clone() for k, v in local.model.state_dict().items() if k in local.exchanged}
+    if not resume:
+        if overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / "config.yaml")
+    for name, client in zip(config.client_names, clients):
+        print(f"{name}: {len(client['train'])} train, {len(client['val'])} val, {len(client['test'])} test, "
+              f"classes {sorted(set(client['train'].labels))[:10]}")
+    started = time.time()
+    results = _simulate(config, classes, initial, run_dir, resume)
+    seconds = time.time() - started
+
+    load_exchanged(local, results["best_weights"])
+    test_sets = [c["test"] for c in clients]
+    if config.data is not None and read_dataset(config.run_config)[1] is not None:
+        test_sets = [read_dataset(config.run_config)[1]]  # the dataset's own test split
+    global_test = [local_evaluate(local, examples, classes) | {"examples": len(examples)} for examples in test_sets]
+    total = sum(t["examples"] for t in global_test)
+    full_bytes = sum(v.numel() * v.element_size() for v in local.model.state_dict().values() if v.is_floating_point())
+    exchanged_bytes = sum(v.numel() * v.element_size() for v in initial.values())
+    history = results["history"]
+    per_client = {}
+    for index, report in results["clients"].items():
+        per_client[config.client_names[index]] = report
+    metrics: dict[str, Any] = {
+        "kind": "federated", "model": config.run_config.model, "strategy": config.run_config.strategy,
+        "aggregator": config.aggregator, "clients": len(clients),
+        "partitioner": config.partitioner if config.data is not None else "per-client datasets",
+        "rounds": len(history), "best_round": results["best_round"], "seconds": seconds,
+        "test": {"accuracy": sum(t["accuracy"] * t["examples"] for t in global_test) / total,
+                 "macro_f1": sum(t["macro_f1"] * t["examples"] for t in global_test) / total, "examples": total},
+        "bytes": {"full_model": full_bytes, "exchanged_per_client_per_direction": exchanged_bytes,
+                  "exchanged_fraction": exchanged_bytes / full_bytes,
+                  "per_round": [h["bytes_down"] + h["bytes_up"] for h in history],
+                  "total": sum(h["bytes_down"] + h["bytes_up"] for h in history)},
+        "per_client": per_client, "history": history,
+    }
+    for key in ("global", "personalised", "local_only"):
+        values = [r[key] for r in per_client.values() if key in r]
+        if values:
+            metrics[f"mean_client_{key}"] = float(np.mean(values))
+    save_classifier(local.model.cpu(), classes, run_dir / "model")
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    metrics["plots"] = [str(p.relative_to(run_dir)) for p in (plot_rounds(history, config.client_names, plots / "rounds.png"),
+                                                               plot_clients(per_client, plots / "clients.png"))]
+    (run_dir / "report.md").write_text(federated_report(metrics), encoding="utf-8")
+    shutil.rmtree(run_dir / "rounds", ignore_errors=True)
+    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
+    return metrics
+
+
+def federated_table(metrics: dict[str, Any]) -> str:
+    rows = [("client", "local-only", "global", "personalised")]
+    for name, report in metrics["per_client"].items():
+        rows.append((name, *(f"{report[k]:.4f}" if k in report else "-" for k in ("local_only", "global", "personalised"))))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    b = metrics["bytes"]
+    lines += ["", f"global model test accuracy {metrics['test']['accuracy']:.4f} (best of {metrics['rounds']} rounds: "
+              f"round {metrics['best_round']}); {metrics['aggregator']}, {metrics['clients']} clients",
+              f"sent per client per direction {b['exchanged_per_client_per_direction'] / 1e6:.2f} MB = "
+              f"{100 * b['exchanged_fraction']:.2f}% of the model; {b['total'] / 1e6:.1f} MB in all"]
+    return "\n".join(lines)
+
+
+def federated_report(metrics: dict[str, Any]) -> str:
+    lines = [f"# Federated run: {metrics['model']}, {metrics['strategy']}, {metrics['aggregator']}, "
+             f"{metrics['clients']} clients ({metrics['partitioner']})", "", "```", federated_table(metrics), "```", "",
+             "Per client, on its own held-out test split: local-only (trained on its data alone, same epochs), "
+             "global (the federated model), personalised (the global model fine-tuned on its data).", ""]
+    lines += [f"![{Path(p).stem}]({p})" for p in metrics.get("plots", [])]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,162 @@
+"""Federated fine-tuning: partitioners, configuration errors, the client's local pieces, and whole runs
+in Flower's Simulation Engine (Ray) on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from transferkit.errors import UserError
+from transferkit.federated import FederatedConfig
+from transferkit.federated.partition import partition
+from tests.conftest import make_sentences, write_table
+
+pytest.importorskip("flwr")
+
+
+# -- partitioners ---------------------------------------------------------------------------------------------
+def test_iid_partition_is_disjoint_complete_and_balanced():
+    labels = np.repeat(np.arange(4), 25)
+    parts = partition("iid", labels, 4, seed=0)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(100))
+    assert [len(p) for p in parts] == [25, 25, 25, 25]
+
+
+def test_dirichlet_partition_skews_labels_more_for_small_alpha():
+    labels = np.repeat(np.arange(5), 200)
+
+    def mean_top_share(alpha):
+        parts = partition("dirichlet", labels, 5, seed=1, alpha=alpha)
+        assert sorted(np.concatenate(parts).tolist()) == list(range(1000))
+        return np.mean([np.bincount(labels[p], minlength=5).max() / len(p) for p in parts])
+
+    assert mean_top_share(0.1) > mean_top_share(100.0) + 0.2
+    assert mean_top_share(100.0) < 0.35  # near IID: no class dominates a client
+
+
+def test_pathological_partition_gives_each_client_k_classes():
+    labels = np.repeat(np.arange(10), 30)
+    parts = partition("pathological", labels, 5, seed=0, classes_per_client=2)
+    assert all(len(set(labels[p])) == 2 for p in parts)
+
+
+def test_a_partition_that_leaves_a_client_almost_empty_is_a_clear_error():
+    with pytest.raises(UserError, match="fewer than 4 examples"):
+        partition("iid", np.zeros(10, dtype=int), 5, seed=0)
+    with pytest.raises(UserError, match="unknown partitioner"):
+        partition("shards", np.zeros(10, dtype=int), 2, seed=0)
+
+
+# -- configuration errors, before any round ---------------------------------------------------------------------
+@pytest.mark.parametrize("values, message", [
+    ({"model": "m", "data": {"train": "a.csv"}, "clients": [{"train": "b"}, {"train": "c"}]}, "not both or neither"),
+    ({"model": "m"}, "not both or neither"),
+    ({"model": "m", "data": {"train": "a.csv"}, "aggregator": "fedsgd"}, "'aggregator' is 'fedsgd'"),
+    ({"model": "m", "data": {"train": "a.csv"}, "poisoned_clients": [7]}, "not client indices"),
+    ({"model": "m", "data": {"train": "a.csv"}, "strategy": "linear-probe"}, "linear-probe"),
+    ({"model": "m", "data": {"train": "a.csv"}, "teacher": "runs/t"}, "'teacher' is not supported"),
+    ({"model": "m", "clients": [{"name": "a", "train": "x"}, {"name": "a", "train": "y"}]}, "client names repeat"),
+    ({"model": "m", "clients": [{"name": "a", "train": "x"}, {"name": "b"}]}, "client 'b' needs 'train'"),
+    ({"model": "m", "clients": [{"name": "a", "train": "x", "epochs": 3}, {"name": "b", "train": "y"}]}, "sets epochs"),
+    ({"model": "m", "data": {"train": "a.csv"}, "max_rounds": "many"}, "'max_rounds' is 'many'"),
+])
+def test_bad_federated_configs_are_clear_errors(values, message):
+    with pytest.raises(UserError, match=message):
+        FederatedConfig.from_dict(values, source="fed.yaml")
+
+
+def test_clients_with_test_labels_no_client_trains_on_are_refused(tiny_bert_dir, tmp_path):
+    from transferkit.federated import federate
+
+    a = write_table(tmp_path / "a.csv", make_sentences(40, seed=1))
+    b = write_table(tmp_path / "b.csv", make_sentences(40, seed=2))
+    odd = write_table(tmp_path / "odd.csv", [("good film", "neutral")] * 4)
+    config = FederatedConfig.from_dict({"model": str(tiny_bert_dir), "out": str(tmp_path / "run"), "clients": [
+        {"name": "a", "train": str(a)}, {"name": "b", "train": str(b), "test": str(odd)}]}, source="fed.yaml")
+    with pytest.raises(UserError, match=r"client 'b': test labels \['neutral'\]"):
+        federate(config)
+    assert not (tmp_path / "run").exists()
+
+
+# -- the client's pieces ----------------------------------------------------------------------------------------
+def test_proximal_term_is_zero_at_the_global_weights_and_pulls_back():
+    from transferkit.federated.local import ProximalPenalty
+
+    model = torch.nn.Linear(3, 2)
+    penalty = ProximalPenalty(model, mu=0.5)
+    assert float(penalty(model).detach()) == 0.0
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    value = penalty(model)
+    assert float(value) == pytest.approx(0.5 * 0.5 * 6)
+    value.backward()
+    assert torch.allclose(model.weight.grad, torch.full((2, 3), 0.5))  # mu * (w - w_global)
+
+
+def test_lora_clients_exchange_only_adapters_and_the_head(tiny_bert_dir, tmp_path):
+    from transferkit.federated.local import local_model
+
+    data = write_table(tmp_path / "d.csv", make_sentences(60))
+    config = FederatedConfig.from_dict({"model": str(tiny_bert_dir), "strategy": "lora", "data": {"train": str(data)}},
+                                       source="t")
+    local = local_model(config, ["neg", "pos"])
+    assert local.exchanged and all("lora_" in k or k.startswith("head.") for k in local.exchanged)
+    total = sum(v.numel() for v in local.model.state_dict().values())
+    sent = sum(local.model.state_dict()[k].numel() for k in local.exchanged)
+    assert sent < 0.5 * total
+
+
+def test_round_checkpoint_round_trips(tmp_path):
+    from transferkit.federated.apps import RoundCheckpoint
+
+    checkpoint = RoundCheckpoint(tmp_path)
+    weights = {"head.linear.weight": torch.randn(2, 3), "backbone.x.lora_A.default.weight": torch.randn(4, 3)}
+    checkpoint.save(weights, {"history": [{"round": 1}], "best_round": 1}, best=True)
+    loaded, state = checkpoint.load("best")
+    assert state["best_round"] == 1 and set(loaded) == set(weights)
+    assert all(torch.equal(loaded[k], weights[k]) for k in weights)
+
+
+# -- whole runs in the Simulation Engine --------------------------------------------------------------------------
+def test_federated_lora_run_reports_clients_and_saves_a_usable_global_model(tiny_bert_dir, tmp_path):
+    import transferkit
+
+    data = write_table(tmp_path / "data.csv", make_sentences(240, seed=3))
+    metrics = transferkit.federate(FederatedConfig.from_dict({
+        "model": str(tiny_bert_dir), "strategy": "lora", "lr": 5e-3, "batch_size": 16, "out": str(tmp_path / "run"),
+        "data": {"train": str(data)}, "partitioner": "dirichlet", "alpha": 1.0, "num_clients": 3,
+        "aggregator": "fedprox", "max_rounds": 2, "round_patience": None}, source="test"))
+    run = tmp_path / "run"
+    assert metrics["rounds"] == 2 and all(h["clients_trained"] == 3 and not h["failures"] for h in metrics["history"])
+    assert metrics["bytes"]["exchanged_fraction"] < 0.5
+    assert metrics["bytes"]["total"] == sum(h["bytes_down"] + h["bytes_up"] for h in metrics["history"])
+    assert set(metrics["per_client"]) == {"client-0", "client-1", "client-2"}
+    for report in metrics["per_client"].values():
+        assert {"global", "personalised", "local_only"} <= set(report)
+        assert report["personalised"] >= 0 and 0 <= report["global"] <= 1
+    assert (run / "plots" / "rounds.png").is_file() and (run / "plots" / "clients.png").is_file()
+    assert not (run / "rounds").exists()  # round checkpoints go once the run finished
+    model = transferkit.load_run(run)
+    assert model.predict(["good movie"])[0] in ("neg", "pos")
+
+
+def test_federate_cli_per_client_datasets_with_a_robust_aggregator_and_a_poisoned_client(tiny_bert_dir, tmp_path):
+    clients = [write_table(tmp_path / f"c{i}.csv", make_sentences(60, seed=10 + i)) for i in range(3)]
+    out = tmp_path / "fed"
+    command = [sys.executable, "-m", "transferkit", "federate", "--model", str(tiny_bert_dir), "--lr", "1e-3",
+               "--batch-size", "16", "--out", str(out), "--aggregator", "fedmedian", "--max-rounds", "1",
+               "--personalise-epochs", "0", "--local-only", "false", "--poisoned-clients", "0"]
+    for i, path in enumerate(clients):
+        command += ["--client", f"name=site{i},train={path}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["aggregator"] == "fedmedian" and metrics["partitioner"] == "per-client datasets"
+    assert set(metrics["per_client"]) == {"site0", "site1", "site2"}
+    assert all(set(r) >= {"global"} and "local_only" not in r for r in metrics["per_client"].values())
+    assert "global model test accuracy" in result.stdout
