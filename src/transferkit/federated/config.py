@@ -114,8 +114,7 @@ class FederatedConfig:
         bad = [c for c in self.poisoned_clients if not 0 <= int(c) < self.num_clients]
         if bad:
             raise UserError(f"{source}: poisoned_clients {bad} are not client indices (0..{self.num_clients - 1})")
-        first = self.data if self.data is not None else {k: v for k, v in self.clients[0].items() if k != "name"}
-        self.run_config = RunConfig.from_dict({**self.recipe, **first, "baseline": False}, source=source)
+        self.run_config = self.client_run_config(0)
 
     def _check_data(self, data: dict, what: str, allow: set[str]) -> None:
         if not isinstance(data, dict) or not data.get("train"):
@@ -179,6 +178,7 @@ class FederatedConfig:
 
     def to_dict(self) -> dict[str, Any]:
         recipe = {k: v for k, v in self.run_config.to_dict().items() if k not in DATA_FIELDS + ("baseline", "val")}
+        recipe["test_fraction"] = self.recipe.get("test_fraction")
         values = {**recipe, **{k: getattr(self, k) for k in self.OPTIONS}}
         if self.data is not None:
             values["data"] = self.data
@@ -192,4 +192,13 @@ class FederatedConfig:
     def client_run_config(self, index: int) -> RunConfig:
         """The recipe with client ``index``'s data fields (its own file, or the shared dataset)."""
         data = self.data if self.data is not None else {k: v for k, v in self.clients[index].items() if k != "name"}
-        return RunConfig.from_dict({**self.recipe, **data, "baseline": False}, source=f"{self.source}: client {index}")
+        # test_fraction is each client's own held-out share; a 'test' file is a separate (global or client) test set.
+        recipe = {k: v for k, v in self.recipe.items() if k != "test_fraction"}
+        return RunConfig.from_dict({**recipe, **data, "baseline": False},
+                                   source=self.source if index == 0 else f"{self.source}: client {index}")
+
+    @property
+    def held_out_fractions(self) -> tuple[float, float]:
+        """Each client's validation and test shares of its data (default 0.1 each)."""
+        val, test = self.recipe.get("val_fraction"), self.recipe.get("test_fraction")
+        return (0.1 if val is None else float(val)), (0.1 if test is None else float(test))

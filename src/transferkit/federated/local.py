@@ -66,7 +66,7 @@ def client_examples(config: FederatedConfig) -> list[dict[str, Examples]]:
     if key in _DATA_CACHE:
         return _DATA_CACHE[key]["clients"]
     base = config.run_config
-    val_fraction, test_fraction = base.effective_val_fraction, base.effective_test_fraction
+    val_fraction, test_fraction = config.held_out_fractions
     clients = []
     if config.data is not None:
         train, _ = read_dataset(base)
