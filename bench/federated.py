@@ -83,9 +83,11 @@ def centralised(name: str, recipe: dict, folder: Path, args) -> dict:
 
 def run_pair(args, folder: Path, name: str, recipe: dict) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
-    rows = {"centralised": centralised("centralised", recipe, folder, args),
-            "iid": run_setting("iid", recipe, folder, args),
-            "dirichlet": run_setting("dirichlet", recipe, folder, args, partitioner="dirichlet", alpha=0.5)}
+    rows = {"centralised": centralised("centralised", recipe, folder, args)}
+    if "iid" in args.partitions:
+        rows["iid"] = run_setting("iid", recipe, folder, args)
+    if "dirichlet" in args.partitions:
+        rows["dirichlet"] = run_setting("dirichlet", recipe, folder, args, partitioner="dirichlet", alpha=0.5)
     if name == "text" and not args.no_attack:
         for aggregator in ("fedavg", "fedmedian"):
             rows[f"poisoned-{aggregator}"] = run_setting(f"poisoned-{aggregator}", recipe, folder, args,
@@ -146,6 +148,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--partitions", nargs="+", choices=["iid", "dirichlet"], default=["iid", "dirichlet"])
     parser.add_argument("--no-attack", action="store_true", help="skip the poisoned-client runs")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--results", default=str(RESULTS))
