@@ -107,6 +107,9 @@ def test_pcgrad_removes_the_conflicting_component_of_opposed_gradients():
     assert torch.allclose(p1, torch.tensor([0.5, 0.5]))
     agreeing = project_conflicting([g1, torch.tensor([1.0, 1.0])])
     assert torch.allclose(agreeing[0], g1)  # no conflict, no change
+    counts = [0, 0]
+    project_conflicting([g1, g2, torch.tensor([1.0, 1.0])], counts=counts)
+    assert counts == [6, 2]  # of 3 x 2 ordered pairs, only (g1, g2) and (g2, g1) conflict
 
 
 def test_pcgrad_loss_backpropagates_the_projected_sum_to_shared_and_plain_gradients_to_heads():

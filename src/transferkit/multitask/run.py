@@ -78,9 +78,10 @@ class MultiTaskObjective:
     def epoch_weights(self) -> dict[str, float]:
         """The mean loss weight of each task over the epoch just finished (recorded in the history)."""
         steps, self.step_weights = self.step_weights, []
+        stats = self.trainer.weighting.epoch_stats()
         if not steps:
-            return {}
-        return {f"weight_{t}": float(np.mean([s[t] for s in steps])) for t in steps[0]}
+            return stats
+        return {**{f"weight_{t}": float(np.mean([s[t] for s in steps])) for t in steps[0]}, **stats}
 
 
 def _task_logits(model: MultiTaskModel, task: str, batches: Batches, device: torch.device) -> torch.Tensor:

@@ -49,6 +49,10 @@ class LossWeighting(nn.Module):
     def start_epoch(self, epoch: int) -> None:
         """Called before each epoch (0-based)."""
 
+    def epoch_stats(self) -> dict[str, float]:
+        """Extra values for the epoch's history record (then reset); none by default."""
+        return {}
+
     def current_weights(self) -> dict[str, float]:
         """Each task's effective loss weight now (for the log and the plot)."""
         return {t: float(p) for t, p in zip(self.tasks, self.priors)}
