@@ -74,6 +74,10 @@ class FederatedConfig:
                "poison_scale")
 
     def __post_init__(self) -> None:
+        # Each round's local training is a short run of its own: a warm-up and decay inside it would
+        # restart every round, so clients train at a constant learning rate unless told otherwise.
+        self.recipe.setdefault("schedule", "constant")
+        self.recipe.setdefault("warmup_ratio", 0.0)
         self.validate()
 
     def validate(self) -> None:
