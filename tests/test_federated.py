@@ -93,7 +93,7 @@ def test_proximal_term_is_zero_at_the_global_weights_and_pulls_back():
     with torch.no_grad():
         model.weight.add_(1.0)
     value = penalty(model)
-    assert float(value) == pytest.approx(0.5 * 0.5 * 6)
+    assert float(value.detach()) == pytest.approx(0.5 * 0.5 * 6)
     value.backward()
     assert torch.allclose(model.weight.grad, torch.full((2, 3), 0.5))  # mu * (w - w_global)
 
@@ -109,6 +109,14 @@ def test_lora_clients_exchange_only_adapters_and_the_head(tiny_bert_dir, tmp_pat
     total = sum(v.numel() for v in local.model.state_dict().values())
     sent = sum(local.model.state_dict()[k].numel() for k in local.exchanged)
     assert sent < 0.5 * total
+
+
+def test_resume_without_an_unfinished_federation_is_a_clear_error(tmp_path):
+    from transferkit.federated import federate
+
+    config = FederatedConfig.from_dict({"model": "m", "data": {"train": "a.csv"}, "out": str(tmp_path / "none")}, source="t")
+    with pytest.raises(UserError, match="no unfinished federated run to resume"):
+        federate(config, resume=True)
 
 
 def test_round_checkpoint_round_trips(tmp_path):

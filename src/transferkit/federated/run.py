@@ -77,12 +77,10 @@ def federate(config: FederatedConfig | str | Path, *, resume: bool = False, over
     if isinstance(config, (str, Path)):
         config = FederatedConfig.load(config)
     run_dir = Path(config.out)
-    if resume and (run_dir / "rounds" / "state.json").is_file() and not (run_dir / "metrics.json").is_file():
-        pass
-    elif resume:
-        raise UserError(f"{run_dir} has no unfinished federated run to resume (no rounds/state.json, or it finished)")
-    else:
+    if not resume:
         _check_run_dir(run_dir, False, overwrite)
+    elif not (run_dir / "rounds" / "state.json").is_file() or (run_dir / "metrics.json").is_file():
+        raise UserError(f"{run_dir} has no unfinished federated run to resume (no rounds/state.json, or it finished)")
     clients, classes = _check_clients(config)
     local = local_model(config, classes)
     load_exchanged(local, None)
