@@ -71,7 +71,7 @@ def resolve_config(config: RunConfig | str | Path | None, fields: dict[str, Any]
     return RunConfig.from_dict({**config.to_dict(), **fields}, source="finetune()")
 
 
-def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: resume continues a run, overwrite deletes it")
     if resume:
@@ -83,7 +83,7 @@ def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         raise UserError(f"run directory {run_dir} already exists: choose another --out, pass --resume to continue it, or --overwrite to replace it")
 
 
-def _settings(config: RunConfig, epochs: int, data_parallel: bool = False) -> EngineSettings:
+def engine_settings(config: RunConfig, epochs: int, data_parallel: bool = False) -> EngineSettings:
     return EngineSettings(epochs=epochs, schedule=config.schedule, warmup_ratio=config.warmup_ratio,
                           grad_clip=config.grad_clip, precision=config.precision, monitor=config.monitor,
                           patience=config.patience, checkpoint_every=config.checkpoint_every,
@@ -101,7 +101,7 @@ def _train_head_on_features(config: RunConfig, features: dict[str, torch.Tensor]
     train = Batches(features["train"], labels["train"], feature_collate, config.batch_size, shuffle=True, seed=config.seed,
                     oversample=oversample)
     val = Batches(features["val"], labels["val"], feature_collate, config.eval_batch_size)
-    engine = Engine(probe, groups, objective or CrossEntropyObjective(), train, val, _settings(config, epochs),
+    engine = Engine(probe, groups, objective or CrossEntropyObjective(), train, val, engine_settings(config, epochs),
                     checkpoints=checkpoints, log=log, description=description)
     engine.fit(resume=resume and checkpoints is not None and checkpoints.find_resumable() is not None)
     return probe, engine
@@ -126,7 +126,7 @@ def _objective(config: RunConfig, model: Classifier, train_labels: np.ndarray, t
     return RegularisedObjective(objective, penalties) if penalties else objective
 
 
-def _augmenter(config: RunConfig, backbone) -> BatchAugmenter:
+def batch_augmenter(config: RunConfig, backbone) -> BatchAugmenter:
     tokenizer = getattr(backbone, "tokenizer", None)
     mask_id = None
     if tokenizer is not None:
@@ -137,7 +137,7 @@ def _augmenter(config: RunConfig, backbone) -> BatchAugmenter:
                           keep_ids=set(tokenizer.all_special_ids) if tokenizer is not None else set())
 
 
-def _check_augmentation(config: RunConfig, modality: str) -> None:
+def check_augmentation(config: RunConfig, modality: str) -> None:
     if modality == "text" and (config.image_augment or config.noise):
         raise UserError("'image_augment' and 'noise' apply to images, but this run's data are texts: "
                         "use token_mask or mixup for text")
@@ -284,7 +284,7 @@ def build(config: RunConfig) -> tuple[RunConfig, Splits, Strategy, Classifier]:
     if backbone.modality != splits.train.modality:
         raise UserError(f"model '{config.model}' takes {backbone.modality}s but {splits.train.source} holds "
                         f"{splits.train.modality}s: choose a {splits.train.modality} model")
-    _check_augmentation(config, backbone.modality)
+    check_augmentation(config, backbone.modality)
     torch.manual_seed(config.seed)
     model = Classifier(backbone, len(splits.classes), config.dropout)
     strategy.prepare(model)
@@ -319,11 +319,11 @@ def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bo
     main = distributed.is_main()
     if resume and config is None:
         # Resuming needs only the run directory: its config.yaml says everything else.
-        _check_run_dir(Path(fields.get("out", RunConfig.out)), resume, overwrite)
+        check_run_dir(Path(fields.get("out", RunConfig.out)), resume, overwrite)
         config = RunConfig.load(Path(fields.get("out", RunConfig.out)) / "config.yaml")
     config = resolve_config(config, fields)
     run_dir = Path(config.out)
-    _check_run_dir(run_dir, resume, overwrite)
+    check_run_dir(run_dir, resume, overwrite)
     config, splits, strategy, model = build(config)
     backbone = model.backbone
     if parallel and config.mixup and backbone.modality == "text":
@@ -404,7 +404,7 @@ def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bo
         model.head = probe.head
         test_batches = Batches(features["test"], labels["test"], feature_collate, config.eval_batch_size)
     else:
-        augmenter = _augmenter(config, backbone)
+        augmenter = batch_augmenter(config, backbone)
         train = Batches(train_prepared, train_labels, backbone.collate, config.batch_size, shuffle=True,
                         seed=config.seed, lengths=backbone.lengths(train_prepared),
                         oversample=config.sampler == "oversample", transform=augmenter if augmenter.active else None)
@@ -419,7 +419,7 @@ def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bo
             objective, method = _adaptation_objective(config, model, prepared["target"], labels["train"], len(train), device)
             groups += decay_groups(list(method.parameters()), config.head_lr or config.lr, config.weight_decay)
         engine = Engine(model, groups, objective, train, val,
-                        _settings(config, config.epochs, data_parallel=parallel),
+                        engine_settings(config, config.epochs, data_parallel=parallel),
                         set_train_mode=strategy.set_train_mode, on_epoch_start=strategy.on_epoch_start,
                         checkpoints=checkpoints, log=log, description=f"fine-tune ({strategy.name})")
         resuming = resume and checkpoints.find_resumable() is not None

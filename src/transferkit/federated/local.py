@@ -22,7 +22,7 @@ from ..engine.batches import Batches
 from ..engine.loop import Engine, default_device
 from ..errors import UserError
 from ..evaluation.metrics import summary_metrics
-from ..finetune import DEFAULT_LR, _augmenter, _settings
+from ..finetune import DEFAULT_LR, batch_augmenter, engine_settings
 from ..model import Classifier
 from ..objectives import CrossEntropyObjective, RegularisedObjective
 from ..strategies import create_strategy
@@ -163,7 +163,7 @@ def _batches(local: LocalModel, examples: Examples, classes: list[str], train: b
     prepared = backbone.prepare(examples.inputs)
     labels = encode_labels(examples.labels, classes)
     if train:
-        augmenter = _augmenter(config, backbone)
+        augmenter = batch_augmenter(config, backbone)
         return Batches(prepared, labels, backbone.collate, config.batch_size, shuffle=True, seed=config.seed,
                        lengths=backbone.lengths(prepared), oversample=config.sampler == "oversample",
                        transform=augmenter if augmenter.active else None)
@@ -182,7 +182,7 @@ def local_train(local: LocalModel, split: dict[str, Examples], classes: list[str
         objective = RegularisedObjective(objective, [ProximalPenalty(local.model, proximal_mu)])
     groups = local.strategy.param_groups(local.model, config.lr, config.head_lr, config.weight_decay)
     engine = Engine(local.model, groups, objective, _batches(local, split["train"], classes, True),
-                    _batches(local, split["val"], classes, False), _settings(config, epochs),
+                    _batches(local, split["val"], classes, False), engine_settings(config, epochs),
                     set_train_mode=local.strategy.set_train_mode, description=description)
     engine.fit()
     last = engine.history[-1]

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ..data.dataset import sort_classes
 from ..engine.checkpoint import atomic_write_text
 from ..errors import UserError
-from ..finetune import _check_run_dir
+from ..finetune import check_run_dir
 from ..saved_model import save_classifier
 from .config import FederatedConfig
 from .local import client_examples, load_exchanged, local_evaluate, local_model, read_dataset
@@ -78,7 +78,7 @@ def federate(config: FederatedConfig | str | Path, *, resume: bool = False, over
         config = FederatedConfig.load(config)
     run_dir = Path(config.out)
     if not resume:
-        _check_run_dir(run_dir, False, overwrite)
+        check_run_dir(run_dir, False, overwrite)
     elif not (run_dir / "rounds" / "state.json").is_file() or (run_dir / "metrics.json").is_file():
         raise UserError(f"{run_dir} has no unfinished federated run to resume (no rounds/state.json, or it finished)")
     clients, classes = _check_clients(config)

@@ -24,7 +24,7 @@ from ..engine.log import JsonlLog
 from ..engine.loop import Engine, default_device
 from ..errors import UserError
 from ..evaluation.metrics import full_report, summary_metrics
-from ..finetune import DEFAULT_LR, _augmenter, _check_augmentation, _check_run_dir, _settings, finetune
+from ..finetune import DEFAULT_LR, batch_augmenter, check_augmentation, check_run_dir, engine_settings, finetune
 from ..objectives import CrossEntropyObjective, balanced_class_weights
 from ..strategies import create_strategy
 from ..strategies.base import decay_groups
@@ -132,7 +132,7 @@ def build_multitask(config: MultiTaskConfig) -> tuple[MultiTaskConfig, dict[str,
     modality = next(iter(splits.values())).train.modality
     if backbone.modality != modality:
         raise UserError(f"model '{base.model}' takes {backbone.modality}s but the tasks hold {modality}s: choose a {modality} model")
-    _check_augmentation(base, modality)
+    check_augmentation(base, modality)
     torch.manual_seed(base.seed)
     model = MultiTaskModel(backbone, {t: s.classes for t, s in splits.items()}, base.dropout, config.sharing)
     prepared = set()
@@ -193,7 +193,7 @@ def fit_multitask(config: MultiTaskConfig | str | Path, *, resume: bool = False,
     if isinstance(config, (str, Path)):
         config = MultiTaskConfig.load(config)
     run_dir = Path(config.out)
-    _check_run_dir(run_dir, resume, overwrite)
+    check_run_dir(run_dir, resume, overwrite)
     config, splits, strategy, model = build_multitask(config)
     base = config.base
     weighting = create_weighting(config.weighting, config.names, {t.name: t.weight for t in config.tasks})
@@ -209,7 +209,7 @@ def fit_multitask(config: MultiTaskConfig | str | Path, *, resume: bool = False,
         classes = task_splits.classes
         labels = {s: encode_labels(getattr(task_splits, s).labels, classes) for s in ("train", "val", "test")}
         prepared = {s: backbone.prepare(getattr(task_splits, s).inputs) for s in ("train", "val", "test")}
-        augmenter = _augmenter(task_config, backbone)
+        augmenter = batch_augmenter(task_config, backbone)
         train[name] = Batches(prepared["train"], labels["train"], backbone.collate, base.batch_size, shuffle=True,
                               seed=base.seed, lengths=backbone.lengths(prepared["train"]),
                               oversample=task_config.sampler == "oversample",
@@ -238,7 +238,7 @@ def fit_multitask(config: MultiTaskConfig | str | Path, *, resume: bool = False,
 
     checkpoints = CheckpointDir(run_dir / "checkpoints")
     engine = Engine(trainer, _param_groups(config, strategy, model, weighting), objective, task_batches, val,
-                    _settings(base, base.epochs), set_train_mode=set_train_mode, on_epoch_start=on_epoch_start,
+                    engine_settings(base, base.epochs), set_train_mode=set_train_mode, on_epoch_start=on_epoch_start,
                     checkpoints=checkpoints, log=JsonlLog(run_dir / "log.jsonl"),
                     description=f"multi-task ({config.sharing}, {config.weighting})",
                     evaluator=_evaluator(model, device), epoch_metrics=objective.epoch_weights)
