@@ -120,21 +120,32 @@ def _multitask_requested(args: argparse.Namespace) -> bool:
     return bool(args.config) and is_multitask_config(args.config)
 
 
-def _cmd_fit_multitask(args: argparse.Namespace) -> int:
-    from .multitask.config import MultiTaskConfig, parse_task_option, read_yaml
-    from .multitask.run import fit_multitask, multitask_table
+def _composite_config(args: argparse.Namespace, config_class, options, parts: list[str] | None, parts_key: str,
+                      flag: str, example: str):
+    """The config of a run made of parts (tasks, clients): a resumed run's saved config, or the YAML of --config,
+    then the RunConfig flags, the run's own options and the repeated ``flag KEY=VALUE,...`` parts."""
+    from .config import parse_key_values, read_yaml
 
     given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name) is not None}
-    options = {k: getattr(args, k) for k in MULTITASK_OPTIONS if getattr(args, k, None) is not None}
+    chosen = {k: getattr(args, k) for k in options if getattr(args, k, None) is not None}
     if args.resume:
-        if set(given) - {"out"} or options or args.tasks or args.config:
+        if set(given) - {"out"} or chosen or parts or args.config:
             raise UserError("--resume continues the run in --out with its saved config: drop the other options")
-        config = MultiTaskConfig.load(Path(args.out) / "config.yaml")
-    else:
-        values = read_yaml(args.config) if args.config else {}
-        if args.tasks:
-            values["tasks"] = [parse_task_option(t) for t in args.tasks]
-        config = MultiTaskConfig.from_dict({**values, **given, **options}, source=args.config or "command line")
+        if "out" not in given:
+            raise UserError("--resume needs --out RUN: the run directory to continue")
+        return config_class.load(Path(given["out"]) / "config.yaml")
+    values = read_yaml(args.config) if args.config else {}
+    if parts:
+        values[parts_key] = [parse_key_values(part, flag, example) for part in parts]
+    return config_class.from_dict({**values, **given, **chosen}, source=args.config or "command line")
+
+
+def _cmd_fit_multitask(args: argparse.Namespace) -> int:
+    from .multitask.config import MultiTaskConfig
+    from .multitask.run import fit_multitask, multitask_table
+
+    config = _composite_config(args, MultiTaskConfig, MULTITASK_OPTIONS, args.tasks, "tasks", "--task",
+                               "name=sentiment,train=sst2.tsv,text_column=sentence")
     metrics = fit_multitask(config, resume=args.resume, overwrite=args.overwrite)
     print(multitask_table(metrics))
     print(f"run written to {config.out}: metrics.json, report.md, plots/tasks.png, model/ (predict with --task NAME)")
@@ -347,21 +358,9 @@ FEDERATED_HELP = {
 def _cmd_federate(args: argparse.Namespace) -> int:
     from .federated.config import FederatedConfig
     from .federated.run import federate, federated_table
-    from .multitask.config import parse_task_option, read_yaml
 
-    given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name) is not None}
-    options = {k: getattr(args, k) for k in FEDERATED_HELP if getattr(args, k, None) is not None}
-    if args.resume:
-        if set(given) - {"out"} or options or args.clients or args.config:
-            raise UserError("--resume continues the run in --out with its saved config: drop the other options")
-        if "out" not in given:
-            raise UserError("--resume needs --out RUN: the federated run to continue")
-        config = FederatedConfig.load(Path(given["out"]) / "config.yaml")
-    else:
-        values = read_yaml(args.config) if args.config else {}
-        if args.clients:
-            values["clients"] = [parse_task_option(c) for c in args.clients]
-        config = FederatedConfig.from_dict({**values, **given, **options}, source=args.config or "command line")
+    config = _composite_config(args, FederatedConfig, FEDERATED_HELP, args.clients, "clients", "--client",
+                               "name=site1,train=site1.csv,text_column=text")
     metrics = federate(config, resume=args.resume, overwrite=args.overwrite)
     print(federated_table(metrics))
     print(f"run written to {config.out}: metrics.json, report.md, plots/, model/ (the global model)")

@@ -279,19 +279,35 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file {path} does not exist: check the path")
-        try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as error:
-            raise UserError(f"config file {path} is not valid YAML ({type(error).__name__}): fix its syntax") from None
-        if not isinstance(values, dict):
-            raise UserError(f"config file {path} must hold a mapping of field: value")
-        return cls.from_dict(values, source=str(path))
+        return cls.from_dict(read_yaml(path), source=str(path))
 
     def replace(self, **changes: Any) -> "RunConfig":
         return dataclasses.replace(self, **changes)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file's mapping, or a one-line error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist: check the path")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise UserError(f"config file {path} is not valid YAML ({type(error).__name__}): fix its syntax") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must hold a mapping of field: value")
+    return values
+
+
+def parse_key_values(text: str, flag: str, example: str) -> dict[str, Any]:
+    """``name=a,train=a.tsv,text_column=sentence`` -> a mapping (the CLI's --task and --client)."""
+    values = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"{flag} '{text}': write key=value pairs separated by commas, e.g. {example}")
+        values[key.strip().replace("-", "_")] = value.strip()
+    return values
 
 
 def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:

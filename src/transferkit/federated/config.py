@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from ..config import RunConfig
+from ..config import RunConfig, read_yaml
 from ..errors import UserError
 from .aggregators import AGGREGATORS
 from .partition import PARTITIONERS
@@ -176,8 +176,6 @@ class FederatedConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "FederatedConfig":
-        from ..multitask.config import read_yaml
-
         return cls.from_dict(read_yaml(path), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:

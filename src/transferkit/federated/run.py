@@ -98,9 +98,9 @@ def federate(config: FederatedConfig | str | Path, *, resume: bool = False, over
     seconds = time.time() - started
 
     load_exchanged(local, results["best_weights"])
-    test_sets = [c["test"] for c in clients]
-    if config.data is not None and read_dataset(config.run_config)[1] is not None:
-        test_sets = [read_dataset(config.run_config)[1]]  # the dataset's own test split
+    shared_test = read_dataset(config.run_config)[1] if config.data is not None else None
+    # The dataset's own test split, else the union of the clients' test splits.
+    test_sets = [shared_test] if shared_test is not None else [c["test"] for c in clients]
     global_test = [local_evaluate(local, examples, classes) | {"examples": len(examples)} for examples in test_sets]
     total = sum(t["examples"] for t in global_test)
     full_bytes = sum(v.numel() * v.element_size() for v in local.model.state_dict().values() if v.is_floating_point())

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from ..config import RunConfig
+from ..config import RunConfig, read_yaml
 from ..errors import UserError
 from .model import SHARING
 from .sampling import SAMPLING
@@ -170,30 +170,5 @@ class MultiTaskConfig:
         return dataclasses.replace(self, recipe=recipe, run_configs={}, **options)
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file {path} does not exist: check the path")
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise UserError(f"config file {path} is not valid YAML ({type(error).__name__}): fix its syntax") from None
-    if not isinstance(values, dict):
-        raise UserError(f"config file {path} must hold a mapping of field: value")
-    return values
-
-
 def is_multitask_config(path: str | Path) -> bool:
     return "tasks" in read_yaml(path)
-
-
-def parse_task_option(text: str) -> dict[str, Any]:
-    """``name=sst2,train=a.tsv,text_column=sentence`` -> a task mapping (the CLI's --task)."""
-    task = {}
-    for item in text.split(","):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--task '{text}': write key=value pairs separated by commas, e.g. "
-                            f"name=sentiment,train=sst2.tsv,text_column=sentence")
-        task[key.strip().replace("-", "_")] = value.strip()
-    return task
