@@ -49,6 +49,7 @@ EXPERIMENTS = {
     "fashion-full": ("Fashion-MNIST", "EfficientNet-Lite0", 0.93, dict(FULL_BUDGET)),
     "sst2-8k": ("SST-2", "MiniLM-L6", 0.88, {**SST2_BASE, "max_train_examples": 8000, "grid": [
         {"lr": 5e-5}, {"lr": 1e-4}, {"lr": 5e-5, "epochs": 5},
+        {"lr": 5e-5, "head_init": "probe"},
         {"strategy": "discriminative-lr", "lr": 1e-4, "lr_decay": 0.8, "epochs": 5}]}),
     "sst2-full": ("SST-2", "MiniLM-L6", 0.90, {**SST2_BASE, "epochs": 2}),
 }

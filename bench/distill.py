@@ -1,9 +1,12 @@
-"""Knowledge distillation on SST-2: a fine-tuned MiniLM-L6 teaches a shallower MiniLM (its bottom K layers).
+"""Knowledge distillation: SST-2 (a fine-tuned MiniLM-L6 teaches its own bottom K layers) and Fashion-MNIST
+(EfficientNet-Lite2 at 64 px teaches EfficientNet-Lite0 at 32 px).
 
-For each student size the same student is fine-tuned twice on the same sentences with the same
-recipe: alone (labels only) and distilled (labels + the teacher's soft predictions). Checkpoints are
-chosen on 872 full sentences held out from train (bench/core.py's protocol); `test.tsv` (the GLUE dev
-set) is predicted once. Latency is one forward pass over 64 test sentences (median of 3, same process).
+For each student the same student is fine-tuned twice on the same labelled examples with the same
+recipe: alone (labels only) and distilled (labels + the teacher's soft predictions, also on unlabelled
+transfer inputs: other training sentences or images, their labels dropped). Text checkpoints are
+chosen on 872 full sentences held out from train (bench/core.py's protocol) and `test.tsv` (the GLUE dev
+set) is predicted once; image checkpoints on 10% of the training images, the official test set once.
+Latency is one prediction call over 64 test inputs (median of 5).
 
     python bench/distill.py                      # about 12 min on 2 CPU cores
     python bench/distill.py --tiny --model DIR   # seconds: a smoke run on a tiny local model (tests)
@@ -54,42 +57,88 @@ def text_pair(args, folder: Path) -> dict:
     result["teacher"] = {"test_accuracy": teacher["test"]["accuracy"], "seconds": time.time() - started,
                          "parameters": teacher["total_parameters"]}
     result["students"] = [student(args, folder, f"{keep} layers", dict(model=args.model, keep_layers=keep, **recipe),
-                                  result["teacher"]) for keep in args.keep]
+                                  result["teacher"], transfer_file=args.transfer_file) for keep in args.keep]
     return result
+
+
+def write_idx(path: Path, array) -> None:
+    """An IDX file (the MNIST format): zero, zero, 0x08 (unsigned bytes), the rank, big-endian dimensions, data."""
+    import struct
+
+    header = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype("uint8").tobytes())
+
+
+def image_splits(args, folder: Path) -> dict:
+    """Labelled, validation and transfer IDX files cut from one seeded permutation of the training images, so
+    the transfer images are none of the labelled or validation ones; their labels are written (the IDX reader
+    wants the pair) but distillation never reads them. The test split is Fashion-MNIST's official one, or for
+    another IDX file a further 20% of it."""
+    import numpy as np
+
+    from transferkit.data.packaged import FASHION_MNIST_FILES, fashion_mnist_dir
+    from transferkit.data.readers import idx_labels_path, parse_idx
+
+    if args.image_data == "fashion-mnist":
+        base = fashion_mnist_dir()
+        source, test_source = base / FASHION_MNIST_FILES["train"], base / FASHION_MNIST_FILES["test"]
+    else:
+        source, test_source = Path(args.image_data), None
+    images, labels = parse_idx(source), parse_idx(idx_labels_path(source))
+    order = np.random.default_rng(0).permutation(len(images))
+    cuts = {"val": round(0.1 * len(images))}
+    if test_source is None:
+        cuts["test"] = round(0.2 * len(images))
+    cuts["labelled"] = args.image_examples
+    cuts["transfer"] = args.image_transfer
+    files, start = {}, 0
+    for name, count in cuts.items():
+        chosen = order[start:start + count]
+        start += count
+        if name == "transfer" and not len(chosen):
+            continue
+        files[name] = folder / f"{name}-images-idx3-ubyte"
+        write_idx(files[name], images[chosen])
+        write_idx(folder / f"{name}-labels-idx1-ubyte", labels[chosen])
+    if test_source is not None:
+        files["test"] = test_source
+    return {name: str(path) for name, path in files.items()}
 
 
 def image_pair(args, folder: Path) -> dict:
     """EfficientNet-Lite2 at 64 px teaches EfficientNet-Lite0 at 32 px on Fashion-MNIST."""
     import transferkit
 
-    data = dict(train=args.image_data, val_fraction=0.1, max_train_examples=args.image_examples,
-                epochs=args.image_epochs, patience=None, baseline=False, lr=1e-3, batch_size=64, schedule="cosine")
-    if args.tiny:
-        data.update(test_fraction=0.2)
+    files = image_splits(args, folder)
+    data = dict(train=files["labelled"], val=files["val"], test=files["test"], epochs=args.image_epochs, patience=None,
+                baseline=False, lr=1e-3, batch_size=64, schedule="cosine")
     teacher_spec, student_spec = IMAGE_PAIR["teacher"], IMAGE_PAIR["student"]
     if args.tiny:
         teacher_spec = student_spec = {"model": args.image_model, "image_size": 16}
     result = {"teacher_name": f"{teacher_spec['model']} at {teacher_spec['image_size']} px",
-              "examples": args.image_examples, "epochs": args.image_epochs}
+              "examples": args.image_examples, "epochs": args.image_epochs, "transfer": args.image_transfer if "transfer" in files else 0}
+    args.image_transfer_file = files.get("transfer")
     started = time.time()
     teacher = transferkit.finetune(out=str(folder / "image-teacher"), **teacher_spec, **data)
     result["teacher"] = {"test_accuracy": teacher["test"]["accuracy"], "seconds": time.time() - started,
                          "parameters": teacher["total_parameters"]}
     result["students"] = [student(args, folder, f"{student_spec['model']} at {student_spec['image_size']} px",
-                                  dict(**student_spec, **data), result["teacher"], teacher_dir=folder / "image-teacher")]
+                                  dict(**student_spec, **data), result["teacher"], teacher_dir=folder / "image-teacher",
+                                  transfer_file=args.image_transfer_file)]
     return result
 
 
-def student(args, folder: Path, name: str, recipe: dict, teacher: dict, teacher_dir: Path | None = None) -> dict:
-    """The same student fine-tuned alone and distilled."""
+def student(args, folder: Path, name: str, recipe: dict, teacher: dict, teacher_dir: Path | None = None,
+            transfer_file: str | None = None) -> dict:
+    """The same student fine-tuned alone and distilled (with the transfer inputs, when there are any)."""
     import transferkit
 
     row = {"student": name}
     for mode in ("alone", "distilled"):
         extra = {"teacher": str(teacher_dir or folder / "teacher"), "distill_alpha": args.alpha,
                  "distill_temperature": args.temperature} if mode == "distilled" else {}
-        if mode == "distilled" and teacher_dir is None and getattr(args, "transfer_file", None):
-            extra["distill_data"] = args.transfer_file
+        if mode == "distilled" and transfer_file:
+            extra["distill_data"] = transfer_file
         started = time.time()
         metrics = transferkit.finetune(out=str(folder / f"{mode}-{name.replace(' ', '-')}"), **recipe, **extra)
         row[f"{mode}_test_accuracy"] = metrics["test"]["accuracy"]
@@ -156,6 +205,8 @@ def main() -> None:
     parser.add_argument("--image-model", default="efficientnet-lite0", help="tiny runs: the image model for both")
     parser.add_argument("--image-examples", type=int, default=4000, help="training images (default 4000)")
     parser.add_argument("--image-epochs", type=int, default=3)
+    parser.add_argument("--image-transfer", type=int, default=30000,
+                        help="unlabelled training images (none of the labelled or validation ones) the image teacher labels")
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--tiny", action="store_true", help="smoke run: tiny local models, tiny data")
@@ -194,8 +245,9 @@ def table(results: dict) -> str:
             continue
         t = pair["teacher"]
         alpha, temperature = pair.get("alpha", results.get("alpha")), pair.get("temperature", results.get("temperature"))
-        data = (f"SST-2, {pair['examples']} labelled sentences" + (f" + {pair['transfer']} unlabelled for distillation"
-                if pair.get("transfer") else "") if name == "text" else f"Fashion-MNIST, {pair['examples']} images")
+        transfer = f" + {pair['transfer']} unlabelled for distillation" if pair.get("transfer") else ""
+        data = (f"SST-2, {pair['examples']} labelled sentences" if name == "text"
+                else f"Fashion-MNIST, {pair['examples']} labelled images") + transfer
         lines += [f"### {name}: {pair.get('teacher_name', pair.get('model'))} teaches smaller students ({data}, "
                   f"{pair['epochs']} epochs, alpha {alpha}, T {temperature}; {results['machine']}, {pair.get('date', results['date'])})", "",
                   "| model | parameters | test accuracy | share of teacher | latency (64 test inputs) | speed-up |",
@@ -221,8 +273,9 @@ def write_doc(results: dict) -> None:
              "learns from the teacher's predictions on unlabelled sentences of the training file (`--distill-data`, "
              "as DistilBERT and AutoGluon's distillation use unlabelled transfer data); checkpoints on 872 "
              "held-out training sentences, `test.tsv` predicted once. Images: EfficientNet-Lite2 at 64 px teaches "
-             "EfficientNet-Lite0 at 32 px; checkpoints on 10% of the training images, the official test set predicted "
-             "once. One seed. Latency: one prediction call over 64 test inputs (preprocessing included), median of 5, "
+             "EfficientNet-Lite0 at 32 px; one seeded permutation of the 60,000 training images gives 10% for "
+             "validation (checkpoints), the labelled images, and the transfer images the teacher labels for the "
+             "distilled student (their labels unused); the official test set predicted once. One seed. Latency: one prediction call over 64 test inputs (preprocessing included), median of 5, "
              "each model timed alone on the machine.\n\n")
     replace_section("## Distillation (bench/distill.py)", intro + table(results) + "\n")
 

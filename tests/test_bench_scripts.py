@@ -7,7 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
+from .conftest import make_stripes
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+from distill import write_idx  # noqa: E402
 
 
 def test_throughput_benchmark_runs_on_a_tiny_model(tiny_bert_dir, tmp_path):
@@ -40,9 +46,13 @@ def test_serve_benchmark_runs_on_a_tiny_model(tiny_bert_dir, tmp_path):
     assert [r["batch"] for r in saved["latency"]] == [1, 32]
 
 
-def test_ensemble_and_distill_benchmarks_run_on_a_tiny_model(tiny_bert_dir, tiny_vit_dir, image_folder, tmp_path):
-    image_flags = ["--image-data", str(image_folder), "--image-model", str(tiny_vit_dir), "--image-examples", "40",
-                   "--image-epochs", "1", "--keep", "1", "--examples", "40", "--transfer", "16"]
+def test_ensemble_and_distill_benchmarks_run_on_a_tiny_model(tiny_bert_dir, tiny_vit_dir, tmp_path):
+    images, labels = make_stripes(120, size=16)
+    idx = tmp_path / "stripes-images-idx3-ubyte"
+    write_idx(idx, images)
+    write_idx(tmp_path / "stripes-labels-idx1-ubyte", np.array([label == "vertical" for label in labels], dtype=np.uint8))
+    image_flags = ["--image-data", str(idx), "--image-model", str(tiny_vit_dir), "--image-examples", "40",
+                   "--image-transfer", "24", "--image-epochs", "1", "--keep", "1", "--examples", "40", "--transfer", "16"]
     for script, extra, expected in (("ensemble.py", [], "| ensemble: stack |"),
                                     ("distill.py", image_flags, "| 1 layers, distilled |")):
         results = tmp_path / f"{script}.json"
@@ -57,7 +67,7 @@ def test_ensemble_and_distill_benchmarks_run_on_a_tiny_model(tiny_bert_dir, tiny
             assert [e["method"] for e in saved["ensembles"]] == ["vote", "average", "weighted", "stack", "soup"]
             assert len(saved["members"]) == 4
         else:
-            assert saved["text"]["transfer"] == 16
+            assert saved["text"]["transfer"] == 16 and saved["image"]["transfer"] == 24
             for pair in ("text", "image"):
                 row = saved[pair]["students"][0]
                 assert row["speedup"] > 0 and 0 <= row["alone_test_accuracy"] <= 1 and 0 <= row["distilled_test_accuracy"] <= 1

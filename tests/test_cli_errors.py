@@ -76,3 +76,23 @@ def test_a_user_mistake_in_a_real_process_prints_no_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "transferkit", "predict", str(tmp_path), "--input", "x.csv",
                              "--output", str(tmp_path / "p.csv")], capture_output=True, text=True)
     assert result.returncode == 2 and "no finished model" in result.stderr
+
+
+def test_help_loads_no_torch():
+    # `transferkit --help` and the argument errors answer at once: the heavy libraries load when a command runs.
+    code = ("import sys; from transferkit.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'sklearn') if m in sys.modules))")
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_package_names_stay_the_functions_after_their_modules_load():
+    import transferkit
+    import transferkit.finetune  # noqa: F401  (sets the package attribute to the submodule in plain Python)
+    import transferkit.lr_find  # noqa: F401
+
+    assert callable(transferkit.finetune) and callable(transferkit.lr_find)

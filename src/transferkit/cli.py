@@ -18,6 +18,7 @@ FIT_FLAGS_HELP = {
     "test": "test file (default: a stratified --test-fraction of train)",
     "model": "packaged name (see 'transferkit models'), a local checkpoint folder, or a Hugging Face hub name",
     "strategy": "see 'transferkit strategies'",
+    "head_init": "random (a new head) or probe (LP-FT: start from the linear probe trained on the frozen features)",
     "lr": "peak learning rate (default: 1e-3 linear probe, 5e-5 text, 5e-4 images)",
     "out": "run directory to write",
     "lr_decay": "discriminative-lr: each lower layer group trains at this times the LR above it (default 0.8)",
@@ -443,13 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
     ranker.add_argument("--estimators", help="comma-separated estimators (default: all of nleep, logme, hscore, leep, nce)")
     ranker.set_defaults(func=_cmd_rank)
 
-    from .ensemble import COMBINERS, METHODS
-
     ensembler = commands.add_parser("ensemble", help="combine finished runs by voting, averaging, stacking or a weight soup")
     ensembler.add_argument("runs", nargs="+", help="two or more finished run directories with the same classes")
-    ensembler.add_argument("--method", required=True, choices=METHODS,
-                           help="; ".join([f"{n}: {c.summary}" for n, c in sorted(COMBINERS.items())]
-                                          + ["soup: greedy weight soup of fine-tunes of one backbone, chosen on validation"]))
+    # The method list comes from the combiner registry when the command runs (importing it here would make
+    # every `transferkit --help` load torch).
+    ensembler.add_argument("--method", required=True,
+                           help="vote (hard voting), average (probabilities), weighted (weights fitted on --val), "
+                                "stack (a meta-learner fitted on --val) or soup (greedy weight soup, one backbone)")
     ensembler.add_argument("--val", help="labelled validation file: what weighted, stack and soup learn from")
     ensembler.add_argument("--test", required=True, help="labelled test file, predicted once to report")
     ensembler.add_argument("--out", required=True, help="run directory to write")

@@ -24,6 +24,7 @@ IMAGE_AUGMENTATIONS = ("flip", "crop", "affine")
 PRECISIONS = ("fp32", "bf16")
 POOLINGS = ("mean", "cls")
 DIVERGENCE_ACTIONS = ("stop", "skip")
+HEAD_INITS = ("random", "probe")
 
 
 @dataclass
@@ -53,6 +54,7 @@ class RunConfig:
     allow_pickle: bool = False
 
     strategy: str = "full"
+    head_init: str = "random"
     freeze_layers: int | None = None
     lr_decay: float | None = None
     unfreeze_every: int | None = None
@@ -123,6 +125,7 @@ class RunConfig:
             ("precision", self.precision, PRECISIONS),
             ("pooling", self.pooling, POOLINGS),
             ("on_divergence", self.on_divergence, DIVERGENCE_ACTIONS),
+            ("head_init", self.head_init, HEAD_INITS),
         ):
             if value not in options:
                 raise UserError(f"config field '{name}' is '{value}': choose one of {', '.join(options)}")
@@ -197,6 +200,9 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise UserError(f"config field '{name}' is {value}: it must be a positive strength, or absent")
+        if self.head_init == "probe" and self.strategy == "linear-probe":
+            raise UserError("'head_init' is 'probe' but the strategy is linear-probe, which is the probe itself: "
+                            "use --head-init probe with a strategy that trains the backbone (full, lora, ...)")
         if self.l2_sp is not None and self.strategy == "linear-probe":
             raise UserError("'l2_sp' pulls the backbone towards its pretrained weights, but linear-probe freezes the backbone: drop one")
         if self.target_test and not self.target:

@@ -26,7 +26,7 @@ from .data.readers import read_examples
 from .data.splits import Splits, load_splits
 from .engine import distributed
 from .engine.batches import Batches, feature_collate
-from .engine.checkpoint import CheckpointDir, atomic_write_text
+from .engine.checkpoint import CheckpointDir, atomic_write_text, load_weights, save_weights
 from .engine.feature_cache import cached_features
 from .engine.log import JsonlLog
 from .engine.loop import Engine, EngineSettings, default_device
@@ -370,29 +370,36 @@ def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bo
     features: dict[str, torch.Tensor] = {}
     baseline_path = run_dir / "baseline.json"
     baseline_done = resume and baseline_path.is_file()
+    # LP-FT: the probe's head is kept (in the cache, removed with it when the run finishes) to start fine-tuning.
+    probe_head_path = run_dir / "cache" / "probe_head.safetensors"
+    probe_head_needed = config.head_init == "probe" and not (resume and probe_head_path.is_file())
+    train_probe = main and not strategy.uses_feature_cache and ((config.baseline and not baseline_done) or probe_head_needed)
     feature_started = time.time()
-    # In a data-parallel run only process 0 trains the baseline; a frozen-backbone strategy trains the same
+    # In a data-parallel run only process 0 trains the probe; a frozen-backbone strategy trains the same
     # head in every process (cheap), and only process 0 keeps files.
-    if strategy.uses_feature_cache or (config.baseline and not baseline_done and main):
+    if strategy.uses_feature_cache or train_probe:
         for name in ("train", "val", "test"):
             features[name] = cached_features(run_dir / "cache" if main else None, name, backbone, prepared[name],
                                              config.eval_batch_size, device)
     feature_seconds = time.time() - feature_started
 
     baseline = None
-    if config.baseline and not strategy.uses_feature_cache and main:
-        if baseline_done:
-            baseline = json.loads(baseline_path.read_text())
-        else:
-            started = time.time() - feature_seconds
-            probe, probe_engine = _train_head_on_features(
-                config, features, labels, len(classes), epochs=config.baseline_epochs, lr=config.baseline_lr,
-                description="linear probe", checkpoints=None, log=log, resume=False)
+    if train_probe:
+        started = time.time() - feature_seconds
+        probe, probe_engine = _train_head_on_features(
+            config, features, labels, len(classes), epochs=config.baseline_epochs, lr=config.baseline_lr,
+            description="linear probe", checkpoints=None, log=log, resume=False)
+        if config.head_init == "probe":
+            probe_head_path.parent.mkdir(parents=True, exist_ok=True)
+            save_weights(probe.head, probe_head_path)
+        if config.baseline:
             test_batches = Batches(features["test"], labels["test"], feature_collate, config.eval_batch_size)
             baseline = {"test": _test_report(probe_engine, test_batches, labels["test"], classes),
                         "history": probe_engine.history, "best_epoch": probe_engine.best_epoch,
                         "seconds": time.time() - started}
             atomic_write_text(baseline_path, json.dumps(baseline))
+    elif config.baseline and baseline_done and main and not strategy.uses_feature_cache:
+        baseline = json.loads(baseline_path.read_text())
 
     started = time.time()
     checkpoints = CheckpointDir(run_dir / "checkpoints")
@@ -404,6 +411,9 @@ def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bo
         model.head = probe.head
         test_batches = Batches(features["test"], labels["test"], feature_collate, config.eval_batch_size)
     else:
+        if config.head_init == "probe":
+            distributed.barrier()  # process 0 has written the probe's head
+            load_weights(model.head, probe_head_path)
         augmenter = batch_augmenter(config, backbone)
         train = Batches(train_prepared, train_labels, backbone.collate, config.batch_size, shuffle=True,
                         seed=config.seed, lengths=backbone.lengths(train_prepared),
