@@ -34,6 +34,24 @@ def test_masking_keeps_the_80_10_10_rule_and_never_touches_padding_or_special_to
     assert torch.equal(masked[~chosen], ids[~chosen])
 
 
+def test_a_batch_with_no_masked_token_has_zero_loss_not_nan():
+    from transformers import BertConfig, BertForMaskedLM
+
+    from transferkit.objectives.masked_lm import MaskedLMObjective
+
+    model = BertForMaskedLM(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=32))
+    ids = torch.tensor([[2, 5, 3], [2, 6, 3]])
+    batch = {"inputs": {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, "labels": torch.full_like(ids, IGNORE)}
+    loss, _ = MaskedLMObjective()(model, batch)
+    assert loss.item() == 0.0
+    loss.backward()  # still a graph
+    labels = torch.full_like(ids, IGNORE)
+    labels[0, 1] = 5
+    loss, logits = MaskedLMObjective()(model, {**batch, "labels": labels})
+    assert torch.isclose(loss, torch.nn.functional.cross_entropy(logits[0, 1:2], torch.tensor([5])))
+
+
 def test_pretrain_lowers_the_validation_loss_and_writes_an_encoder_fit_accepts(tiny_bert_dir, tmp_path, capsys):
     texts = tmp_path / "domain.txt"
     sentences = [t for t, _ in make_sentences(400, seed=2)]
@@ -42,15 +60,46 @@ def test_pretrain_lowers_the_validation_loss_and_writes_an_encoder_fit_accepts(t
     assert main(["pretrain", "--model", str(tiny_bert_dir), "--text-data", str(texts), "--out", str(out),
                  "--epochs", "3", "--lr", "1e-3", "--batch-size", "16"]) == 0
     printed = capsys.readouterr().out
-    assert "a new masked-LM head" in printed and "1 empty lines skipped" in printed
+    assert "a new masked-LM head" in printed and "warmed up alone" in printed and "1 empty lines skipped" in printed
     record = json.loads((out / "pretrain.json").read_text())
     assert record["val_loss_after"] < record["val_loss_before"] and record["texts"] == 400
+    assert record["val_loss_after"] < record["head_warmup"]["val_loss_after"] < record["val_loss_before"]
     assert record["train"] + record["val"] == 400
     assert (out / "model.safetensors").is_file() and not (out / "checkpoints").exists()
     table = tmp_path / "train.csv"
     table.write_text("text,label\n" + "\n".join(f"{t},{lab}" for t, lab in make_sentences(60)) + "\n")
     assert main(["fit", "--train", str(table), "--model", str(out), "--epochs", "1", "--no-baseline",
                  "--out", str(tmp_path / "run")]) == 0
+
+
+def test_head_warmup_trains_the_new_head_alone_then_everything(tiny_bert_dir, tmp_path, monkeypatch):
+    from transferkit.engine.loop import Engine
+    from transferkit.pretrain import pretrain
+
+    texts = tmp_path / "domain.txt"
+    texts.write_text("\n".join(t for t, _ in make_sentences(120, seed=3)) + "\n")
+    changed = {}
+    original_fit = Engine.fit
+
+    def fit_and_record(self, resume=False):
+        encoder = self.model.base_model
+        before = {n: p.detach().clone() for n, p in encoder.named_parameters()}
+        head_before = {n: p.detach().clone() for n, p in self.model.named_parameters() if not n.startswith("bert.")}
+        history = original_fit(self, resume)
+        changed[self.description] = (
+            any(not torch.equal(before[n], p) for n, p in encoder.named_parameters()),
+            any(not torch.equal(head_before[n], p) for n, p in self.model.named_parameters() if n in head_before))
+        return history
+
+    monkeypatch.setattr(Engine, "fit", fit_and_record)
+    result = pretrain(str(tiny_bert_dir), str(texts), str(tmp_path / "out"), epochs=1, lr=1e-3, batch_size=16)
+    assert result["new_mlm_head"] and result["head_warmup"]["epochs"] == 1
+    assert changed["masked-LM head warm-up (encoder frozen)"] == (False, True)  # the encoder did not move
+    assert changed["masked-LM pre-training"] == (True, True)
+
+    changed.clear()
+    pretrain(str(tiny_bert_dir), str(texts), str(tmp_path / "none"), epochs=1, lr=1e-3, batch_size=16, head_warmup_epochs=0)
+    assert list(changed) == ["masked-LM pre-training"]
 
 
 def test_pretrain_errors(tiny_bert_dir, tiny_vit_dir, tmp_path, capsys):
@@ -61,6 +110,7 @@ def test_pretrain_errors(tiny_bert_dir, tiny_vit_dir, tmp_path, capsys):
         (["--model", str(tiny_vit_dir), "--text-data", str(texts)], "image model"),
         (["--model", str(tiny_bert_dir), "--text-data", str(tmp_path / "none.txt")], "does not exist"),
         (["--model", str(tiny_bert_dir), "--text-data", str(texts), "--mask-probability", "0"], "mask-probability"),
+        (["--model", str(tiny_bert_dir), "--text-data", str(texts), "--head-warmup-epochs", "-1"], "head-warmup-epochs"),
     ]
     for argv, message in cases:
         assert main(["pretrain", *argv, "--out", str(tmp_path / "o")]) == 2

@@ -321,9 +321,12 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     result = pretrain(args.model, args.text_data, args.out, text_column=args.text_column, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, mask_probability=args.mask_probability,
                       max_length=args.max_length, max_examples=args.max_examples, val_fraction=args.val_fraction,
-                      seed=args.seed, precision=args.precision, allow_pickle=args.allow_pickle, resume=args.resume,
+                      seed=args.seed, precision=args.precision, head_warmup_epochs=args.head_warmup_epochs,
+                      head_warmup_lr=args.head_warmup_lr, allow_pickle=args.allow_pickle, resume=args.resume,
                       overwrite=args.overwrite)
     head = "a new masked-LM head (the checkpoint had none)" if result["new_mlm_head"] else "the checkpoint's masked-LM head"
+    if result["head_warmup"]:
+        head += f", warmed up alone for {result['head_warmup']['epochs']} epoch(s) (loss {result['head_warmup']['val_loss_after']:.4f})"
     print(f"masked-LM pre-training on {result['train']} texts ({result['val']} held out), {head}: validation loss "
           f"{result['val_loss_before']:.4f} -> {result['val_loss_after']:.4f} (perplexity "
           f"{result['val_perplexity_before']:.1f} -> {result['val_perplexity_after']:.1f})"
@@ -474,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     pretrainer.add_argument("--val-fraction", type=float, default=0.05, help="texts held out for the validation loss")
     pretrainer.add_argument("--seed", type=int, default=0)
     pretrainer.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    pretrainer.add_argument("--head-warmup-epochs", type=int,
+                            help="epochs that train the masked-LM head alone, encoder frozen (default: 1 for a new head, else 0)")
+    pretrainer.add_argument("--head-warmup-lr", type=float, default=1e-3, help="learning rate of the head warm-up")
     pretrainer.add_argument("--allow-pickle", action="store_true", help="allow pickle weights (trusted sources only)")
     pretrainer.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     pretrainer.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

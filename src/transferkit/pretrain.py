@@ -7,6 +7,11 @@ without one, as sentence encoders are); training runs in the same engine as fine
 checkpoints, ``resume``, progress); the encoder alone is saved as a transformers checkpoint that
 ``transferkit fit --model OUT`` takes like any other.
 
+A new head is first trained alone with the encoder frozen (``head_warmup_epochs``, on by default when the
+head is new), then everything trains: the random head's large early gradients would otherwise push the
+encoder away from its pretrained weights before the head means anything (the LP-FT argument of Kumar et
+al. 2022, applied to the masked-LM head; ULMFiT's gradual unfreezing starts the same way).
+
 Images: the entry point is text-only for now. A self-supervised image objective (e.g. masked image
 modelling or SimCLR-style contrastive learning) would be another objective class beside
 ``MaskedLMObjective`` with the image backbone's collate, and the same engine call.
@@ -73,14 +78,20 @@ def _load_masked_lm(source: str, allow_pickle: bool):
 def pretrain(model: str, text_data: str, out: str, *, text_column: str | None = None, epochs: int = 1,
              batch_size: int = 32, lr: float = 5e-5, mask_probability: float = 0.15, max_length: int | None = None,
              max_examples: int | None = None, val_fraction: float = 0.05, seed: int = 0, precision: str = "fp32",
+             head_warmup_epochs: int | None = None, head_warmup_lr: float = 1e-3,
              allow_pickle: bool = False, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """Continue masked-LM pre-training of ``model`` on the texts in ``text_data``; save the encoder to ``out``."""
+    """Continue masked-LM pre-training of ``model`` on the texts in ``text_data``; save the encoder to ``out``.
+
+    ``head_warmup_epochs`` (default: 1 when the checkpoint has no masked-LM head, else 0) first trains the
+    head alone at ``head_warmup_lr`` with the encoder frozen."""
     if not 0 < mask_probability < 1:
         raise UserError(f"--mask-probability is {mask_probability}: it must be in (0, 1) (0.15 is BERT's)")
     if not 0 < val_fraction < 1:
         raise UserError(f"--val-fraction is {val_fraction}: it must be in (0, 1)")
     if epochs < 1 or batch_size < 1 or not lr > 0:
         raise UserError("--epochs and --batch-size must be >= 1 and --lr positive")
+    if (head_warmup_epochs is not None and head_warmup_epochs < 0) or not head_warmup_lr > 0:
+        raise UserError("--head-warmup-epochs must be >= 0 (0: no warm-up) and --head-warmup-lr positive")
     out_dir = Path(out)
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other")
@@ -130,15 +141,43 @@ def pretrain(model: str, text_data: str, out: str, *, text_column: str | None = 
                     seed=seed, lengths=[len(r) for r in train_ids], transform=split_labels)
     val = Batches(val_ids, None, collate, batch_size * 2, lengths=[len(r) for r in val_ids], transform=split_labels)
     objective = MaskedLMObjective()
-    settings = EngineSettings(epochs=epochs, schedule="linear", warmup_ratio=0.06, grad_clip=1.0, precision=precision,
-                              monitor="val_loss", patience=None, checkpoint_every=None, on_divergence="stop",
-                              optimizer="adamw", momentum=0.9, accumulate=1, compile=False, data_parallel=False)
-    engine = Engine(network, decay_groups([p for p in network.parameters() if p.requires_grad], lr, 0.01), objective,
-                    train, val, settings, checkpoints=CheckpointDir(out_dir / "checkpoints"),
-                    log=JsonlLog(out_dir / "log.jsonl"), description="masked-LM pre-training",
-                    evaluator=masked_lm_evaluator(objective))
-    before = engine.evaluate(val)
-    engine.fit(resume=resume)
+    log = JsonlLog(out_dir / "log.jsonl")
+
+    def engine_for(parameters: list, phase_epochs: int, phase_lr: float, checkpoints: str, description: str) -> Engine:
+        settings = EngineSettings(epochs=phase_epochs, schedule="linear", warmup_ratio=0.06, grad_clip=1.0,
+                                  precision=precision, monitor="val_loss", patience=None, checkpoint_every=None,
+                                  on_divergence="stop", optimizer="adamw", momentum=0.9, accumulate=1, compile=False,
+                                  data_parallel=False)
+        return Engine(network, decay_groups(parameters, phase_lr, 0.01), objective, train, val, settings,
+                      checkpoints=CheckpointDir(out_dir / checkpoints), log=log, description=description,
+                      evaluator=masked_lm_evaluator(objective))
+
+    warmup_epochs = (1 if new_head else 0) if head_warmup_epochs is None else head_warmup_epochs
+    # The head is what the encoder (base_model) does not hold; a decoder tied to the token embeddings stays frozen
+    # with them, so the warm-up trains the head's transform and output bias.
+    encoder_ids = {id(p) for p in network.base_model.parameters()}
+    head_parameters = [p for p in network.parameters() if id(p) not in encoder_ids]
+    if warmup_epochs and not head_parameters:
+        raise UserError(f"model '{model}': its masked-LM head has no parameters of its own to warm up: "
+                        f"pass --head-warmup-epochs 0")
+    before = None
+    warmup = None
+    if warmup_epochs:
+        for parameter in network.parameters():
+            parameter.requires_grad_(id(parameter) not in encoder_ids)
+        head_engine = engine_for(head_parameters, warmup_epochs, head_warmup_lr, "checkpoints/head-warmup",
+                                 "masked-LM head warm-up (encoder frozen)")
+        before = head_engine.evaluate(val)
+        # On --resume a finished warm-up only reloads its best weights; the main phase's checkpoint then wins.
+        head_engine.fit(resume=resume and head_engine.checkpoints.find_resumable() is not None)
+        warmup = {"epochs": warmup_epochs, "lr": head_warmup_lr, "val_loss_after": head_engine.evaluate(val)["loss"],
+                  "history": head_engine.history}
+        for parameter in network.parameters():
+            parameter.requires_grad_(True)
+    engine = engine_for([p for p in network.parameters() if p.requires_grad], epochs, lr, "checkpoints/main",
+                        "masked-LM pre-training")
+    before = before or engine.evaluate(val)
+    engine.fit(resume=resume and engine.checkpoints.find_resumable() is not None)
     after = engine.evaluate(val)
 
     # The encoder alone, as a transformers checkpoint (safetensors) that `fit --model OUT` loads.
@@ -152,7 +191,7 @@ def pretrain(model: str, text_data: str, out: str, *, text_column: str | None = 
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     result = {"model": model, "text_data": str(text_data), "texts": len(texts), "empty_lines_skipped": skipped,
               "train": len(train_ids), "val": len(val_ids), "max_length": max_length, "epochs": epochs, "lr": lr,
-              "mask_probability": mask_probability, "new_mlm_head": new_head,
+              "mask_probability": mask_probability, "new_mlm_head": new_head, "head_warmup": warmup,
               "val_loss_before": before["loss"], "val_loss_after": after["loss"],
               "val_perplexity_before": before["perplexity"], "val_perplexity_after": after["perplexity"],
               "history": engine.history, "seconds": time.time() - started}

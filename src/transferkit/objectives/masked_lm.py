@@ -39,8 +39,11 @@ class MaskedLMObjective:
     def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(**batch["inputs"]).logits
         labels = batch["labels"]
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
-        return loss, logits
+        # Summed, then divided by at least one: a batch of very short texts may have no masked token at all,
+        # where the mean would be 0/0 = NaN; its loss is then 0 (with a graph, so backward still runs).
+        total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
+                                reduction="sum")
+        return total / (labels != IGNORE).sum().clamp(min=1), logits
 
 
 def masked_lm_evaluator(objective: MaskedLMObjective):
