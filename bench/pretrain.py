@@ -36,6 +36,9 @@ def main() -> None:
     parser.add_argument("--labels", type=int, default=200, help="labelled sentences for fine-tuning (default 200)")
     parser.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs (default 10)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--head-warmup-epochs", type=int, default=None,
+                        help="epochs of MLM-head warm-up, encoder frozen (default: the library's, 1 for a new head; "
+                             "0 reproduces the first recorded run)")
     parser.add_argument("--tiny", action="store_true", help="smoke run: --model is a tiny local model, tiny data")
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--no-doc", action="store_true")
@@ -62,9 +65,11 @@ def main() -> None:
         started = time.time()
         adapted = folder / "adapted"
         record = pretrain(args.model, str(unlabelled), str(adapted), epochs=args.pretrain_epochs, lr=5e-5,
-                          batch_size=32)
+                          batch_size=32, head_warmup_epochs=args.head_warmup_epochs)
         results["pretrain"] = {k: record[k] for k in ("texts", "train", "val", "val_loss_before", "val_loss_after",
                                                       "val_perplexity_before", "val_perplexity_after", "new_mlm_head")}
+        warmup = record["head_warmup"]
+        results["pretrain"]["head_warmup"] = {k: warmup[k] for k in ("epochs", "lr", "val_loss_after")} if warmup else None
         results["pretrain"]["seconds"] = time.time() - started
         for seed in args.seeds:
             for name, model in (("original", args.model), ("adapted", str(adapted))):
@@ -76,6 +81,16 @@ def main() -> None:
                 results["runs"].append({"encoder": name, "seed": seed, "test_accuracy": metrics["test"]["accuracy"],
                                         "seconds": time.time() - started})
                 print(f"seed {seed} {name}: test {metrics['test']['accuracy']:.4f}", flush=True)
+    # A recorded run of the other variant (with or without the head warm-up) stays beside the new one.
+    recorded = json.loads(Path(args.results).read_text()) if Path(args.results).is_file() else {}
+    for key in ("with_warmup", "without_warmup"):
+        if recorded.get(key):
+            results.setdefault("other", {})[key] = recorded[key]
+    if recorded.get("pretrain") and not args.tiny:
+        key = "with_warmup" if recorded["pretrain"].get("head_warmup") else "without_warmup"
+        results.setdefault("other", {})[key] = {k: recorded[k] for k in ("pretrain", "runs", "date", "machine")}
+    variant = "with_warmup" if results["pretrain"]["head_warmup"] else "without_warmup"
+    results.get("other", {}).pop(variant, None)
     save_results(args.results, results)
     print(table(results))
     if not args.no_doc:
@@ -83,12 +98,25 @@ def main() -> None:
 
 
 def table(results: dict) -> str:
+    lines = section(results, results["model"], results["labels"])
+    for key, title in (("with_warmup", "Recorded run with the head warm-up"),
+                       ("without_warmup", "Earlier run without the head warm-up (the new head trained with the encoder from the start)")):
+        if results.get("other", {}).get(key):
+            lines += ["", f"#### {title}", ""] + section(results["other"][key], results["model"], results["labels"])[2:]
+    return "\n".join(lines)
+
+
+def section(results: dict, model: str, labels: int) -> list[str]:
     p = results["pretrain"]
-    lines = [f"### {results['model']}: masked-LM on {p['train']:,} unlabelled SST-2 texts, then {results['labels']} labels "
+    warmup = p.get("head_warmup")
+    head = ("; a new MLM head (the checkpoint had none)" if p["new_mlm_head"] else "") + (
+        f", first trained alone for {warmup['epochs']} epoch(s) with the encoder frozen (loss then "
+        f"{warmup['val_loss_after']:.3f})" if warmup else (", trained with the encoder from the start" if p["new_mlm_head"] else ""))
+    lines = [f"### {model}: masked-LM on {p['train']:,} unlabelled SST-2 texts, then {labels} labels "
              f"({results['machine']}, {results['date']})", "",
              f"Pre-training: held-out masked-token loss {p['val_loss_before']:.3f} -> {p['val_loss_after']:.3f} "
              f"(perplexity {p['val_perplexity_before']:.1f} -> {p['val_perplexity_after']:.1f}) on {p['val']} texts, "
-             f"{p['seconds']:.0f} s{'; a new MLM head (the checkpoint had none)' if p['new_mlm_head'] else ''}.", "",
+             f"{p['seconds']:.0f} s{head}.", "",
              "| encoder | " + " | ".join(f"seed {r['seed']}" for r in results["runs"] if r["encoder"] == "original")
              + " | mean | std |",
              "|---|" + "---|" * (len([r for r in results["runs"] if r["encoder"] == "original"]) + 2)]
@@ -100,7 +128,7 @@ def table(results: dict) -> str:
         lines.append(f"| {encoder} | " + " | ".join(f"{a:.4f}" for a in accuracies) + f" | {means[encoder]:.4f} | {spread:.4f} |")
     lines += ["", f"Continued pre-training changed the few-label test accuracy by "
                   f"{100 * (means['adapted'] - means['original']):+.2f} pts on average."]
-    return "\n".join(lines)
+    return lines
 
 
 def write_doc(results: dict) -> None:
