@@ -365,7 +365,8 @@ def _cmd_federate(args: argparse.Namespace) -> int:
 
     config = _composite_config(args, FederatedConfig, FEDERATED_HELP, args.clients, "clients", "--client",
                                "name=site1,train=site1.csv,text_column=text")
-    metrics = federate(config, resume=args.resume, overwrite=args.overwrite)
+    metrics = federate(config, resume=args.resume, overwrite=args.overwrite, superlink=args.superlink,
+                       insecure=args.insecure, root_certificates=args.root_certificates)
     print(federated_table(metrics))
     print(f"run written to {config.out}: metrics.json, report.md, plots/, model/ (the global model)")
     return 0
@@ -485,13 +486,18 @@ def build_parser() -> argparse.ArgumentParser:
     pretrainer.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     pretrainer.set_defaults(func=_cmd_pretrain)
 
-    federator = commands.add_parser("federate", help="federated fine-tuning on Flower: clients keep their data (simulation)")
+    federator = commands.add_parser("federate", help="federated fine-tuning on Flower: clients keep their data (simulation, or --superlink)")
     _add_fit_arguments(federator)
     group = federator.add_argument_group("federated (docs/federated.md)")
     group.add_argument("--client", dest="clients", action="append", default=None, metavar="KEY=VALUE,...",
                        help="one client's own dataset per option: name=N,train=FILE[,text_column=C,test=F] (instead of --train)")
     for name, text in FEDERATED_HELP.items():
         group.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=text)
+    deployment = federator.add_argument_group("Flower Deployment Engine (instead of the simulation; docs/federated.md)")
+    deployment.add_argument("--superlink", help="host:port of a running SuperLink's Control API (e.g. 127.0.0.1:9093); "
+                                                "its SuperNodes are the clients")
+    deployment.add_argument("--insecure", action="store_true", help="talk to the SuperLink without TLS (loopback, tests)")
+    deployment.add_argument("--root-certificates", help="CA certificate (PEM) of a TLS-enabled SuperLink")
     federator.set_defaults(func=_cmd_federate)
 
     exporter = commands.add_parser("export", help="export a finished run's model to ONNX, checked against PyTorch")

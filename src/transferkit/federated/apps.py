@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -29,23 +29,39 @@ def _client_index(context) -> int:
     return int(context.node_config["partition-id"])
 
 
+def classes_record(classes: list[str]) -> dict[str, str]:
+    """The global classes travel with every message (a deployed client learns them from the server)."""
+    return {"classes": json.dumps(classes)}
+
+
 def make_client_app(config: FederatedConfig, classes: list[str]):
-    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+    """The ClientApp of a simulation: one config and class list for every client in this process."""
     from flwr.clientapp import ClientApp
 
     app = ClientApp()
+    add_client_handlers(app, lambda message, context: (config, classes, _client_index(context),
+                                                        client_examples(config)[_client_index(context)]))
+    return app
+
+
+def add_client_handlers(app, setup: Callable) -> None:
+    """Train, evaluate and query handlers; ``setup(message, context)`` gives (config, classes, client index,
+    the client's train/val/test examples), from the process's own objects (simulation) or from the run and
+    node configuration (deployment)."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
     def prepared(message, context):
-        # Each client process uses the CPUs Ray reserved for it, not every core of the machine.
+        config, classes, index, split = setup(message, context)
+        # Each client process uses the CPUs it was given (Ray's reservation), not every core of the machine.
         torch.set_num_threads(max(1, int(config.client_cpus)))
-        index = _client_index(context)
         local = local_model(config, classes)
-        load_exchanged(local, message.content["arrays"].to_torch_state_dict())
-        return index, local, client_examples(config)[index]
+        arrays = message.content["arrays"].to_torch_state_dict() if "arrays" in message.content else None
+        load_exchanged(local, arrays)
+        return config, classes, index, local, split
 
     @app.train()
     def train(message: Message, context) -> Message:
-        index, local, split = prepared(message, context)
+        config, classes, index, local, split = prepared(message, context)
         received = exchanged_state(local)
         round_number = int(message.content["config"].get("server-round", 0))
         mu = float(message.content["config"].get("proximal-mu", 0.0))
@@ -59,7 +75,7 @@ def make_client_app(config: FederatedConfig, classes: list[str]):
 
     @app.evaluate()
     def evaluate(message: Message, context) -> Message:
-        index, local, split = prepared(message, context)
+        config, classes, index, local, split = prepared(message, context)
         scores = local_evaluate(local, split["val"], classes)
         metrics = MetricRecord({"num-examples": len(split["val"]), "client": index, "accuracy": scores["accuracy"],
                                 "loss": scores["loss"]})
@@ -67,10 +83,20 @@ def make_client_app(config: FederatedConfig, classes: list[str]):
 
     @app.query()
     def report(message: Message, context) -> Message:
-        index, local, split = prepared(message, context)
-        scores = {"client": index, "train_examples": len(split["train"]), "test_examples": len(split["test"]),
-                  "global": local_evaluate(local, split["test"], classes)["accuracy"]}
         settings = message.content["config"]
+        if settings.get("kind") == "describe":
+            # Before round 1 a deployed server asks each client which labels it holds (never the examples).
+            config, _, index, split = setup(message, context)
+            labels = sorted({label for part in split.values() for label in part.labels})
+            metrics = MetricRecord({"client": index, "train_examples": len(split["train"])})
+            return Message(RecordDict({"metrics": metrics, "labels": ConfigRecord({"labels": json.dumps(labels)})}),
+                           reply_to=message)
+        config, classes, index, local, split = prepared(message, context)
+        global_scores = local_evaluate(local, split["test"], classes, confusion=True)
+        scores = {"client": index, "train_examples": len(split["train"]), "test_examples": len(split["test"]),
+                  "global": global_scores["accuracy"],
+                  # Rows: true class; summed over clients, the union test set's accuracy and macro-F1 follow exactly.
+                  "global_confusion": [int(v) for row in global_scores["confusion"] for v in row]}
         if int(settings["personalise-epochs"]) > 0:
             # Fine-tune the global model on this client's data; keep it only if its validation accuracy
             # improves (model selection on the client's validation split, never its test split).
@@ -84,8 +110,6 @@ def make_client_app(config: FederatedConfig, classes: list[str]):
             local_train(local, split, classes, int(settings["local-only-epochs"]), description=f"client {index} local-only")
             scores["local_only"] = local_evaluate(local, split["test"], classes)["accuracy"]
         return Message(RecordDict({"metrics": MetricRecord(scores)}), reply_to=message)
-
-    return app
 
 
 class RoundCheckpoint:
@@ -120,8 +144,8 @@ def _bytes(record) -> int:
     return int(record.count_bytes())
 
 
-def server_loop(grid, config: FederatedConfig, initial: dict[str, torch.Tensor], run_dir: Path, resume: bool,
-                progress) -> dict[str, Any]:
+def server_loop(grid, config: FederatedConfig, classes: list[str], initial: dict[str, torch.Tensor], run_dir: Path,
+                resume: bool, progress) -> dict[str, Any]:
     """Rounds until convergence (no gain of ``min_delta`` in the mean client validation accuracy for
     ``round_patience`` rounds) or ``max_rounds``; then the clients' reports."""
     from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -140,7 +164,7 @@ def server_loop(grid, config: FederatedConfig, initial: dict[str, torch.Tensor],
         if config.round_patience is not None and state["bad_rounds"] >= config.round_patience:
             break
         started = time.time()
-        messages = list(strategy.configure_train(round_number, arrays, ConfigRecord(), grid))
+        messages = list(strategy.configure_train(round_number, arrays, ConfigRecord(classes_record(classes)), grid))
         sent_to = {m.metadata.dst_node_id for m in messages}
         replies = list(grid.send_and_receive(messages, timeout=ROUND_TIMEOUT_S))
         answered = [r for r in replies if not r.has_error()]
@@ -153,7 +177,8 @@ def server_loop(grid, config: FederatedConfig, initial: dict[str, torch.Tensor],
         if aggregated is not None:
             arrays = aggregated
         evaluations = [r for r in grid.send_and_receive(
-            list(strategy.configure_evaluate(round_number, arrays, ConfigRecord(), grid)), timeout=ROUND_TIMEOUT_S)
+            list(strategy.configure_evaluate(round_number, arrays, ConfigRecord(classes_record(classes)), grid)),
+            timeout=ROUND_TIMEOUT_S)
             if not r.has_error()]
         per_client = {int(r.content["metrics"]["client"]): float(r.content["metrics"]["accuracy"]) for r in evaluations}
         examples = {int(r.content["metrics"]["client"]): int(r.content["metrics"]["num-examples"]) for r in evaluations}
@@ -179,7 +204,7 @@ def server_loop(grid, config: FederatedConfig, initial: dict[str, torch.Tensor],
     # The clients' reports on the best round's global weights.
     best_arrays = ArrayRecord(best)
     rounds_done = len(state["history"])
-    settings = ConfigRecord({"personalise-epochs": config.personalise_epochs,
+    settings = ConfigRecord({"personalise-epochs": config.personalise_epochs, **classes_record(classes),
                              "local-only-epochs": config.local_epochs * rounds_done if config.local_only else 0})
     queries = [Message(RecordDict({"arrays": best_arrays, "config": settings}), dst_node_id=node,
                        message_type=MessageType.QUERY) for node in grid.get_node_ids()]
@@ -192,14 +217,14 @@ def server_loop(grid, config: FederatedConfig, initial: dict[str, torch.Tensor],
             "clients": dict(sorted(reports.items()))}
 
 
-def make_server_app(config: FederatedConfig, initial: dict[str, torch.Tensor], run_dir: Path, resume: bool,
-                    results: dict, progress):
+def make_server_app(config: FederatedConfig, classes: list[str], initial: dict[str, torch.Tensor], run_dir: Path,
+                    resume: bool, results: dict, progress):
     from flwr.serverapp import ServerApp
 
     app = ServerApp()
 
     @app.main()
     def main(grid, context) -> None:
-        results.update(server_loop(grid, config, initial, run_dir, resume, progress))
+        results.update(server_loop(grid, config, classes, initial, run_dir, resume, progress))
 
     return app

@@ -6,6 +6,7 @@ The ClientApp (``apps.py``) calls these; so does the driver for the pooled-data 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ from ..finetune import DEFAULT_LR, batch_augmenter, engine_settings
 from ..model import Classifier
 from ..objectives import CrossEntropyObjective, RegularisedObjective
 from ..strategies import create_strategy
-from .config import FederatedConfig
+from .config import DATA_FIELDS, FederatedConfig
 from .partition import partition
 
 _DATA_CACHE: dict[tuple, dict] = {}
@@ -76,20 +77,51 @@ def client_examples(config: FederatedConfig) -> list[dict[str, Examples]]:
         for i, part in enumerate(parts):
             clients.append(held_out_split(train.subset(part), val_fraction, test_fraction, base.seed + 100 + i))
     else:
-        for i, name in enumerate(config.client_names):
-            run_config = config.client_run_config(i)
-            try:
-                train, test = read_dataset(run_config)
-            except UserError as error:
-                raise UserError(f"client '{name}': {error}") from None
-            if test is not None:  # its own test file: train and val come from its training data
-                split = held_out_split(train, val_fraction, 0.0, base.seed + 100 + i)
-                split["test"] = test
-            else:
-                split = held_out_split(train, val_fraction, test_fraction, base.seed + 100 + i)
-            clients.append(split)
+        clients = [_own_dataset_split(config, i) for i in range(config.num_clients)]
     _DATA_CACHE[key] = {"clients": clients}
     return clients
+
+
+def _own_dataset_split(config: FederatedConfig, index: int, data: dict[str, Any] | None = None) -> dict[str, Examples]:
+    """Client ``index``'s train/val/test from its own dataset: the config's entry, or ``data`` (the same fields,
+    as a deployed SuperNode gives them for files on its own machine)."""
+    name = config.client_names[index]
+    run_config = config.client_run_config(index)
+    if data:
+        unknown = sorted(set(data) - set(DATA_FIELDS) - {"name"})
+        if unknown:
+            raise UserError(f"client '{name}': its data config sets {', '.join(unknown)}: it takes {', '.join(DATA_FIELDS)}")
+        run_config = run_config.replace(**{k: v for k, v in data.items() if k != "name"})
+    val_fraction, test_fraction = config.held_out_fractions
+    seed = config.run_config.seed + 100 + index
+    try:
+        train, test = read_dataset(run_config)
+    except UserError as error:
+        raise UserError(f"client '{name}': {error}") from None
+    if test is not None:  # its own test file: train and val come from its training data
+        split = held_out_split(train, val_fraction, 0.0, seed)
+        split["test"] = test
+        return split
+    return held_out_split(train, val_fraction, test_fraction, seed)
+
+
+def one_client_examples(config: FederatedConfig, index: int, data: dict[str, Any] | None = None) -> dict[str, Examples]:
+    """What one deployed client reads: its own dataset (``data`` overriding the config's data fields), or its
+    partition of the shared dataset, which it must then hold in full."""
+    if not 0 <= index < config.num_clients:
+        raise UserError(f"partition-id {index} is not a client of this federation (0..{config.num_clients - 1}): "
+                        f"start each SuperNode with its own --node-config 'partition-id=K'")
+    key = ("one", config.fingerprint, index, json.dumps(data, sort_keys=True, default=str))
+    if key not in _DATA_CACHE:
+        if config.data is not None:
+            if data:
+                raise UserError("a federation over one partitioned dataset reads it on every client: drop data-config "
+                                "from --node-config, or list one dataset per client under 'clients'")
+            split = client_examples(config)[index]
+        else:
+            split = _own_dataset_split(config, index, data)
+        _DATA_CACHE[key] = {"split": split}
+    return _DATA_CACHE[key]["split"]
 
 
 @dataclass
@@ -189,11 +221,18 @@ def local_train(local: LocalModel, split: dict[str, Examples], classes: list[str
     return {"train_loss": float(last["train_loss"]), "val_accuracy": float(last.get("val_accuracy", float("nan")))}
 
 
-def local_evaluate(local: LocalModel, examples: Examples, classes: list[str]) -> dict[str, float]:
+def local_evaluate(local: LocalModel, examples: Examples, classes: list[str], confusion: bool = False) -> dict[str, Any]:
+    """Loss, accuracy, macro-F1 (and with ``confusion`` the confusion matrix, rows the true class)."""
     batches = _batches(local, examples, classes, False)
     engine_model = local.model.to(default_device()).eval()
     from ..engine.batches import map_in_order
 
     logits = map_in_order(batches, lambda inputs: engine_model(**inputs), default_device())
     loss = float(torch.nn.functional.cross_entropy(logits, batches.labels))
-    return {"loss": loss, **summary_metrics(batches.labels.numpy(), logits.argmax(1).numpy())}
+    scores = {"loss": loss, **summary_metrics(batches.labels.numpy(), logits.argmax(1).numpy())}
+    if confusion:
+        from sklearn.metrics import confusion_matrix
+
+        scores["confusion"] = confusion_matrix(batches.labels.numpy(), logits.argmax(1).numpy(),
+                                               labels=list(range(len(classes)))).tolist()
+    return scores

@@ -57,7 +57,7 @@ def _simulate(config: FederatedConfig, classes: list[str], initial: dict, run_di
                "init_args": {"num_cpus": max(os.cpu_count() or 1, int(np.ceil(config.client_cpus))),
                              "include_dashboard": False, "logging_level": "error", "log_to_driver": False}}
     with tqdm(total=config.max_rounds, desc="federated rounds", unit="round", dynamic_ncols=True) as progress:
-        run_simulation(make_server_app(config, initial, run_dir, resume, results, progress),
+        run_simulation(make_server_app(config, classes, initial, run_dir, resume, results, progress),
                        make_client_app(config, classes), num_supernodes=config.num_clients, backend_name="ray",
                        backend_config=backend)
     if "history" not in results:
@@ -66,13 +66,17 @@ def _simulate(config: FederatedConfig, classes: list[str], initial: dict, run_di
     return results
 
 
-def federate(config: FederatedConfig | str | Path, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """Fine-tune one model across clients that keep their data (Flower simulation); returns the metrics
-    also written to ``metrics.json``.
+def federate(config: FederatedConfig | str | Path, *, resume: bool = False, overwrite: bool = False,
+             superlink: str | None = None, insecure: bool = False, root_certificates: str | None = None) -> dict[str, Any]:
+    """Fine-tune one model across clients that keep their data; returns the metrics also written to
+    ``metrics.json``. By default Flower's Simulation Engine runs the clients here; with ``superlink``
+    (host:port of a SuperLink's Control API) the run goes to Flower's Deployment Engine, whose SuperNodes
+    are the clients (``federated/deployment.py``).
 
     Example::
 
         transferkit.federate("fed.yaml")
+        transferkit.federate("fed.yaml", superlink="127.0.0.1:9093", insecure=True)
     """
     if isinstance(config, (str, Path)):
         config = FederatedConfig.load(config)
@@ -81,6 +85,8 @@ def federate(config: FederatedConfig | str | Path, *, resume: bool = False, over
         check_run_dir(run_dir, False, overwrite)
     elif not (run_dir / "rounds" / "state.json").is_file() or (run_dir / "metrics.json").is_file():
         raise UserError(f"{run_dir} has no unfinished federated run to resume (no rounds/state.json, or it finished)")
+    if superlink is not None:
+        return _deploy(config, run_dir, superlink, insecure, root_certificates, resume, overwrite)
     clients, classes = _check_clients(config)
     local = local_model(config, classes)
     load_exchanged(local, None)
@@ -103,19 +109,57 @@ def federate(config: FederatedConfig | str | Path, *, resume: bool = False, over
     test_sets = [shared_test] if shared_test is not None else [c["test"] for c in clients]
     global_test = [local_evaluate(local, examples, classes) | {"examples": len(examples)} for examples in test_sets]
     total = sum(t["examples"] for t in global_test)
+    test = {"accuracy": sum(t["accuracy"] * t["examples"] for t in global_test) / total,
+            "macro_f1": sum(t["macro_f1"] * t["examples"] for t in global_test) / total, "examples": total}
+    return write_federated_run(config, local, classes, results, initial, test, seconds, run_dir)
+
+
+def _deploy(config: FederatedConfig, run_dir: Path, superlink: str, insecure: bool, root_certificates: str | None,
+            resume: bool, overwrite: bool) -> dict[str, Any]:
+    """Submit to a SuperLink; the clients read their own data, so nothing here reads any."""
+    from .deployment import submit
+
+    if not resume:
+        if overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / "config.yaml")
+    submit(config, run_dir, superlink, insecure=insecure, root_certificates=root_certificates, resume=resume)
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def union_test(reports: dict[int, dict], classes: list[str]) -> dict[str, Any]:
+    """Accuracy and macro-F1 of the global model on the union of the clients' test splits, from the confusion
+    matrices the clients report (a deployed server never sees their examples)."""
+    size = len(classes)
+    confusion = np.zeros((size, size), dtype=np.int64)
+    for report in reports.values():
+        confusion += np.asarray(report["global_confusion"], dtype=np.int64).reshape(size, size)
+    true, predicted, correct = confusion.sum(1), confusion.sum(0), np.diag(confusion)
+    total = int(confusion.sum())
+    f1 = [2 * c / (t + p) if t + p else 0.0 for c, t, p in zip(correct, true, predicted)]
+    # As scikit-learn's macro average over the classes present in labels or predictions.
+    present = [i for i in range(size) if true[i] + predicted[i] > 0]
+    return {"accuracy": float(correct.sum() / max(total, 1)), "macro_f1": float(np.mean([f1[i] for i in present])),
+            "examples": total}
+
+
+def write_federated_run(config: FederatedConfig, local, classes: list[str], results: dict[str, Any],
+                        initial: dict, test: dict[str, Any], seconds: float, run_dir: Path) -> dict[str, Any]:
+    """The run directory of a finished federation (simulated or deployed): metrics, report, plots, global model."""
     full_bytes = sum(v.numel() * v.element_size() for v in local.model.state_dict().values() if v.is_floating_point())
     exchanged_bytes = sum(v.numel() * v.element_size() for v in initial.values())
     history = results["history"]
     per_client = {}
     for index, report in results["clients"].items():
-        per_client[config.client_names[index]] = report
+        per_client[config.client_names[index]] = {k: v for k, v in report.items() if k != "global_confusion"}
     metrics: dict[str, Any] = {
         "kind": "federated", "model": config.run_config.model, "strategy": config.run_config.strategy,
-        "aggregator": config.aggregator, "clients": len(clients),
+        "aggregator": config.aggregator, "clients": config.num_clients,
         "partitioner": config.partitioner if config.data is not None else "per-client datasets",
+        "engine": results.get("engine", "simulation"),
         "rounds": len(history), "best_round": results["best_round"], "seconds": seconds,
-        "test": {"accuracy": sum(t["accuracy"] * t["examples"] for t in global_test) / total,
-                 "macro_f1": sum(t["macro_f1"] * t["examples"] for t in global_test) / total, "examples": total},
+        "test": test,
         "bytes": {"full_model": full_bytes, "exchanged_per_client_per_direction": exchanged_bytes,
                   "exchanged_fraction": exchanged_bytes / full_bytes,
                   "per_round": [h["bytes_down"] + h["bytes_up"] for h in history],

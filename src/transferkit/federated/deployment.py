@@ -1,0 +1,229 @@
+"""Flower's Deployment Engine: the same ServerApp round loop and ClientApp handlers as a simulation, as
+module-level apps that a SuperLink and real SuperNodes (other processes or machines) load.
+
+Everything travels through Flower: the federation's config rides in the run config (``federation``, JSON),
+the global classes and weights in each message. A SuperNode knows which client it is from its node config
+(``partition-id=K``) and may point at its own data (``data-config=client.yaml``: the data fields of its
+entry under ``clients``, for files stored elsewhere on its machine). Before round 1 the server asks every
+client which labels it holds (the examples never leave the client), and after the last round the global
+test score is the union of the clients' test splits, summed from the confusion matrices they report.
+
+    flower-superlink --insecure --disable-runtime-dependency-installation
+    flower-supernode --insecure --superlink 127.0.0.1:9092 --clientappio-api-address 127.0.0.1:9094 \\
+        --node-config 'partition-id=0 data-config="site0.yaml"'
+    transferkit federate --config fed.yaml --superlink 127.0.0.1:9093 --insecure
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import read_yaml
+from ..errors import UserError
+from .config import FederatedConfig
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.serverapp import ServerApp  # noqa: E402
+
+from .apps import add_client_handlers, server_loop  # noqa: E402
+from .local import load_exchanged, local_model, one_client_examples  # noqa: E402
+
+NODE_WAIT_S = 300.0
+DESCRIBE_TIMEOUT_S = 600.0
+
+server_app = ServerApp()
+client_app = ClientApp()
+
+
+def federation_config(context) -> FederatedConfig:
+    return FederatedConfig.from_dict(json.loads(context.run_config["federation"]), source="the federation's config")
+
+
+def _client_setup(message, context):
+    config = federation_config(context)
+    if "partition-id" not in context.node_config:
+        raise UserError("this SuperNode has no partition-id: start it with --node-config 'partition-id=K' (K = its "
+                        "client's position under 'clients', from 0)")
+    index = int(context.node_config["partition-id"])
+    data = read_yaml(context.node_config["data-config"]) if "data-config" in context.node_config else None
+    settings = message.content["config"] if "config" in message.content else {}
+    classes = json.loads(settings["classes"]) if "classes" in settings else None
+    return config, classes, index, one_client_examples(config, index, data)
+
+
+add_client_handlers(client_app, _client_setup)
+
+
+def wait_for_nodes(grid, count: int, timeout: float) -> list[int]:
+    """The connected SuperNodes, once ``count`` of them are there."""
+    deadline = time.time() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= count:
+            return nodes
+        if time.time() > deadline:
+            raise UserError(f"{len(nodes)} of {count} SuperNodes connected within {timeout:.0f} s: start one "
+                            f"flower-supernode per client (--node-config 'partition-id=K')")
+        time.sleep(1.0)
+
+
+def describe_clients(grid, nodes: list[int], config: FederatedConfig) -> list[str]:
+    """Ask every client which labels it holds; the global classes are their union."""
+    queries = [Message(RecordDict({"config": ConfigRecord({"kind": "describe"})}), dst_node_id=node,
+                       message_type=MessageType.QUERY) for node in nodes]
+    labels, seen = set(), {}
+    for reply in grid.send_and_receive(queries, timeout=DESCRIBE_TIMEOUT_S):
+        if reply.has_error():
+            raise UserError(f"SuperNode {reply.metadata.src_node_id} failed before round 1: {reply.error.reason}")
+        index = int(reply.content["metrics"]["client"])
+        if index in seen:
+            raise UserError(f"two SuperNodes say they are client {index}: give each its own partition-id")
+        seen[index] = reply.metadata.src_node_id
+        labels |= set(json.loads(reply.content["labels"]["labels"]))
+    missing = sorted(set(range(config.num_clients)) - set(seen))
+    if missing:
+        raise UserError(f"no SuperNode is client {missing} (partition-id): every client of the config needs one")
+    from ..data.dataset import sort_classes
+
+    classes = sort_classes(sorted(labels))
+    if len(classes) < 2:
+        raise UserError(f"all clients together hold one class ({classes}): a classifier needs at least two")
+    return classes
+
+
+@server_app.main()
+def main(grid, context) -> None:
+    from tqdm.auto import tqdm
+
+    from .run import union_test, write_federated_run
+
+    try:
+        config = federation_config(context)
+        run_dir = Path(config.out)
+        resume = bool(context.run_config.get("resume", False))
+        nodes = wait_for_nodes(grid, config.num_clients, float(context.run_config.get("wait-s", NODE_WAIT_S)))
+        classes = describe_clients(grid, nodes, config)
+        local = local_model(config, classes)
+        load_exchanged(local, None)
+        initial = {k: v.detach().clone() for k, v in local.model.state_dict().items() if k in local.exchanged}
+        started = time.time()
+        with tqdm(total=config.max_rounds, desc="federated rounds", unit="round", dynamic_ncols=True) as progress:
+            results = server_loop(grid, config, classes, initial, run_dir, resume, progress)
+        missing = sorted(set(range(config.num_clients)) - set(results["clients"]))
+        if missing:
+            raise UserError(f"clients {missing} sent no final report; the rounds are kept in {run_dir / 'rounds'}")
+        results["engine"] = "deployment"
+        load_exchanged(local, results["best_weights"])
+        write_federated_run(config, local, classes, results, initial, union_test(results["clients"], classes),
+                            time.time() - started, run_dir)
+    except UserError as error:
+        # The submitting side reads this line from the run's log.
+        print(f"transferkit: error: {error}", file=sys.stderr, flush=True)
+        raise
+
+
+# -- submitting a run ---------------------------------------------------------------------------------
+
+APP_PYPROJECT = """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "transferkit-federation"
+version = "1.0.0"
+description = "transferkit federated fine-tuning (generated by transferkit federate --superlink)"
+license = "Apache-2.0"
+# No dependencies: every SuperLink and SuperNode machine runs the transferkit already installed there, and
+# the SuperLink is started with --disable-runtime-dependency-installation (offline machines cannot install).
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "transferkit"
+
+[tool.flwr.app.components]
+serverapp = "transferkit.federated.deployment:server_app"
+clientapp = "transferkit.federated.deployment:client_app"
+
+[tool.flwr.app.config]
+federation = '''{federation}'''
+resume = {resume}
+wait-s = {wait}
+"""
+
+
+def _absolute_data_paths(values: dict[str, Any]) -> dict[str, Any]:
+    """Data paths that exist here, made absolute: the server and loopback clients run in other directories."""
+    def fix(entry: dict[str, Any]) -> dict[str, Any]:
+        return {k: str(Path(v).resolve()) if k in ("train", "test") and isinstance(v, str) and Path(v).exists() else v
+                for k, v in entry.items()}
+
+    values = dict(values)
+    if values.get("data"):
+        values["data"] = fix(values["data"])
+    if values.get("clients"):
+        values["clients"] = [fix(c) for c in values["clients"]]
+    return values
+
+
+def submit(config: FederatedConfig, run_dir: Path, superlink: str, *, insecure: bool, root_certificates: str | None,
+           resume: bool, wait_s: float = NODE_WAIT_S) -> None:
+    """Build the Flower app for this federation and run it on the SuperLink at ``superlink`` (its Control
+    API, host:port) with ``flwr run``, streaming its log; the ServerApp writes ``run_dir``."""
+    if not insecure and not root_certificates:
+        raise UserError("--superlink needs --insecure (no TLS, e.g. loopback) or --root-certificates CA.pem")
+    flwr = shutil.which("flwr", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    if flwr is None:
+        raise UserError("the flwr command is not installed: pip install 'transferkit[federated]'")
+    host, _, port = superlink.rpartition(":")
+    if not port.isdigit():
+        raise UserError(f"--superlink '{superlink}' is not host:port (the SuperLink's Control API, e.g. 127.0.0.1:9093)")
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=10).close()
+    except OSError as error:
+        raise UserError(f"SuperLink {superlink} is not reachable ({error.strerror or error}): start flower-superlink, "
+                        f"and give its Control API address (default port 9093)") from None
+    values = _absolute_data_paths(config.to_dict())
+    values["out"] = str(run_dir.resolve())
+    federation = json.dumps(values, default=str)
+    if "'''" in federation:
+        raise UserError("the federated config holds ''' in a value: rename that file or column")
+    app = run_dir / "flower-app"
+    app.mkdir(parents=True, exist_ok=True)
+    (app / "pyproject.toml").write_text(APP_PYPROJECT.format(federation=federation, resume=str(resume).lower(),
+                                                              wait=float(wait_s)), encoding="utf-8")
+    with tempfile.TemporaryDirectory() as home:
+        connection = [f'address = "{superlink}"'] + (["insecure = true"] if insecure else
+                                                     [f'root-certificates = "{Path(root_certificates).resolve()}"'])
+        Path(home, "config.toml").write_text('[superlink]\ndefault = "transferkit"\n\n[superlink.transferkit]\n'
+                                             + "\n".join(connection) + "\n", encoding="utf-8")
+        env = {**os.environ, "FLWR_HOME": home, "FLWR_TELEMETRY_ENABLED": "0",
+               "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+        process = subprocess.run([flwr, "run", str(app), "transferkit", "--stream"], env=env, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = process.stdout or ""
+    sys.stdout.write(output)
+    if process.returncode != 0 or not (run_dir / "metrics.json").is_file():
+        reason = [line for line in output.splitlines() if "transferkit: error:" in line]
+        if reason:
+            raise UserError(reason[-1].split("transferkit: error:", 1)[1].strip())
+        unreachable = "unavailable" in output or "Connection" in output and process.returncode != 0
+        raise UserError(f"the federated run on SuperLink {superlink} did not finish"
+                        + (": the SuperLink is not reachable there (start flower-superlink, check the Control API "
+                           "address, default port 9093)" if unreachable else
+                           f"; its log is above (run_dir {run_dir}; the ServerApp writes there, on the SuperLink's machine)"))
+

@@ -1,0 +1,121 @@
+"""Flower's Deployment Engine on this machine's loopback: a real SuperLink, one real SuperNode per client (each
+reading its own data file through --node-config), and `transferkit federate --superlink` submitting the run."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_sentences, write_table
+
+pytest.importorskip("flwr")
+BIN = Path(sys.executable).parent
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"process exited early: {log.read_text()[-2000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise AssertionError(f"port {port} never opened: {log.read_text()[-2000:]}")
+
+
+@pytest.fixture()
+def federation(tmp_path):
+    """A SuperLink and a way to start SuperNodes, all stopped at the end."""
+    control, fleet, serverappio = _free_ports(3)
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "TOKENIZERS_PARALLELISM": "false"}
+    processes = []
+
+    def start(command, name, home):
+        log = tmp_path / f"{name}.log"
+        process = subprocess.Popen(command, env=dict(env, FLWR_HOME=str(tmp_path / home)), stdout=open(log, "w"),
+                                   stderr=subprocess.STDOUT)
+        processes.append(process)
+        return process, log
+
+    link, log = start([str(BIN / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+                       "--control-api-address", f"127.0.0.1:{control}", "--fleet-api-address", f"127.0.0.1:{fleet}",
+                       "--serverappio-api-address", f"127.0.0.1:{serverappio}"], "superlink", "superlink-home")
+    _wait_for_port(control, link, log)
+
+    def supernode(partition: int, node_config: str):
+        (appio,) = _free_ports(1)
+        return start([str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{fleet}",
+                      "--clientappio-api-address", f"127.0.0.1:{appio}", "--node-config", node_config],
+                     f"supernode-{partition}", f"supernode-{partition}-home")
+
+    yield {"control": f"127.0.0.1:{control}", "supernode": supernode, "logs": tmp_path}
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def test_deployed_federation_runs_rounds_on_real_supernodes(tiny_bert_dir, tmp_path, federation):
+    # Each client's file lives "on its machine": the server's config names other paths, the SuperNodes'
+    # data-config points at the real ones.
+    sites = []
+    for i in range(2):
+        data = write_table(tmp_path / f"site{i}.csv", make_sentences(80, seed=20 + i))
+        (tmp_path / f"site{i}.yaml").write_text(f"train: {data}\n")
+        sites.append(data)
+        federation["supernode"](i, f'partition-id={i} data-config="{tmp_path / f"site{i}.yaml"}"')
+    config = tmp_path / "fed.yaml"
+    config.write_text(f"model: {tiny_bert_dir}\nstrategy: full\nlr: 1.0e-3\nbatch_size: 16\nmax_rounds: 2\n"
+                      f"round_patience: null\nclients:\n  - {{name: north, train: /elsewhere/north.csv}}\n"
+                      f"  - {{name: south, train: /elsewhere/south.csv}}\nout: {tmp_path / 'run'}\n")
+    result = subprocess.run([sys.executable, "-m", "transferkit", "federate", "--config", str(config),
+                             "--superlink", federation["control"], "--insecure"],
+                            capture_output=True, text=True, timeout=900)
+    logs = "\n".join(p.read_text()[-1500:] for p in sorted(federation["logs"].glob("*.log")))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + logs
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["engine"] == "deployment" and metrics["rounds"] == 2
+    assert all(h["clients_trained"] == 2 and not h["failures"] for h in metrics["history"])
+    assert set(metrics["per_client"]) == {"north", "south"}
+    test_examples = sum(r["test_examples"] for r in metrics["per_client"].values())
+    assert metrics["test"]["examples"] == test_examples == 16  # 10% of each client's 80
+    mean = sum(r["global"] * r["test_examples"] for r in metrics["per_client"].values()) / test_examples
+    assert abs(metrics["test"]["accuracy"] - mean) < 1e-9  # the union's accuracy, from the clients' confusion matrices
+    assert "global model test accuracy" in result.stdout
+
+    import transferkit
+
+    assert transferkit.load_run(tmp_path / "run").predict(["good movie"])[0] in ("neg", "pos")
+
+
+def test_an_unreachable_superlink_is_one_clear_line(tiny_bert_dir, tmp_path):
+    (port,) = _free_ports(1)
+    data = write_table(tmp_path / "d.csv", make_sentences(40))
+    result = subprocess.run([sys.executable, "-m", "transferkit", "federate", "--model", str(tiny_bert_dir),
+                             "--client", f"name=a,train={data}", "--client", f"name=b,train={data}",
+                             "--out", str(tmp_path / "run"), "--superlink", f"127.0.0.1:{port}", "--insecure"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "not reachable" in result.stderr and result.stderr.count("\n") == 1, result.stderr
