@@ -168,3 +168,58 @@ def test_federate_cli_per_client_datasets_with_a_robust_aggregator_and_a_poisone
     assert set(metrics["per_client"]) == {"site0", "site1", "site2"}
     assert all(set(r) >= {"global"} and "local_only" not in r for r in metrics["per_client"].values())
     assert "global model test accuracy" in result.stdout
+
+
+# -- client-side differential privacy (Flower's LocalDpMod behind our mod) ---------------------------------------
+def _dp_config(**dp):
+    return FederatedConfig.from_dict({"model": "m", "data": {"train": "a.csv"}, **dp}, source="test")
+
+
+def _train_exchange(mod, received, update, message_type="train"):
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    message = Message(RecordDict({"arrays": ArrayRecord(received), "config": ConfigRecord({})}), dst_node_id=1,
+                      message_type=message_type)
+
+    def client(msg, context):
+        content = {"metrics": MetricRecord({"num-examples": 1})}
+        if message_type == "train":
+            content["arrays"] = ArrayRecord(update)
+        return Message(RecordDict(content), reply_to=msg)
+
+    return mod(message, None, client)
+
+
+def test_local_dp_clips_the_update_and_adds_noise_only_to_training_replies():
+    from transferkit.federated.apps import local_privacy_mod
+
+    received = {"w": torch.zeros(100), "b": torch.zeros(3)}
+    update = {"w": torch.full((100,), 1.0), "b": torch.full((3,), 1.0)}  # an update of norm sqrt(103)
+
+    def sent(reply):
+        arrays = reply.content["arrays"].to_torch_state_dict()
+        return torch.cat([arrays["w"], arrays["b"]])
+
+    # A huge budget: (almost) no noise, so the update is exactly clipped to the norm.
+    clipped = sent(_train_exchange(local_privacy_mod(lambda c: _dp_config(dp_clipping_norm=2.0, dp_epsilon=1e9)),
+                                   received, update))
+    assert abs(float(clipped.norm()) - 2.0) < 1e-3
+    assert torch.allclose(clipped / clipped.norm(), torch.ones(103) / 103 ** 0.5, atol=1e-4)  # direction kept
+    noisy = sent(_train_exchange(local_privacy_mod(lambda c: _dp_config(dp_clipping_norm=2.0, dp_epsilon=1.0)),
+                                 received, update))
+    assert float((noisy - clipped).std()) > 1.0  # std = 2 * sqrt(2 ln(1.25e5)) / 1, about 9.7
+    untouched = sent(_train_exchange(local_privacy_mod(lambda c: _dp_config()), received, update))
+    assert torch.equal(untouched, torch.ones(103))
+    evaluation = _train_exchange(local_privacy_mod(lambda c: _dp_config(dp_clipping_norm=2.0, dp_epsilon=1.0)),
+                                 received, update, message_type="evaluate")
+    assert not evaluation.has_error() and "arrays" not in evaluation.content
+
+
+@pytest.mark.parametrize("dp, message", [
+    ({"dp_epsilon": 1.0}, "dp_clipping_norm"),
+    ({"dp_clipping_norm": 1.0}, "dp_epsilon"),
+    ({"dp_clipping_norm": 1.0, "dp_epsilon": 1.0, "dp_delta": 2}, "dp_delta"),
+])
+def test_local_dp_settings_are_checked(dp, message):
+    with pytest.raises(UserError, match=message):
+        _dp_config(**dp)

@@ -356,6 +356,10 @@ FEDERATED_HELP = {
     "client_cpus": "CPUs Ray reserves per simulated client (default 1)",
     "poisoned_clients": "attack simulation: comma-separated client indices that send scaled updates (robustness checks)",
     "poison_scale": "attack simulation: the poisoned update is global + SCALE * (local - global) (default -10)",
+    "dp_clipping_norm": "local differential privacy: clip each client's update to this L2 norm (with --dp-epsilon)",
+    "dp_epsilon": "local differential privacy: privacy budget per round; Gaussian noise grows as it shrinks",
+    "dp_delta": "local differential privacy: failure probability delta (default 1e-5)",
+    "dp_sensitivity": "local differential privacy: sensitivity of the clipped update (default: the clipping norm)",
 }
 
 

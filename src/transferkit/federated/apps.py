@@ -34,11 +34,29 @@ def classes_record(classes: list[str]) -> dict[str, str]:
     return {"classes": json.dumps(classes)}
 
 
+def local_privacy_mod(config_of: Callable[[Any], FederatedConfig]):
+    """A client mod: when the federation asks for local differential privacy, Flower's LocalDpMod clips each
+    training update's distance from the received weights to ``dp_clipping_norm`` and adds Gaussian noise of
+    std ``sensitivity * sqrt(2 ln(1.25 / delta)) / epsilon``; other messages pass untouched (LocalDpMod
+    itself expects weights in the reply, which evaluate and query replies do not carry)."""
+    from flwr.app import MessageType
+    from flwr.clientapp.mod import LocalDpMod
+
+    def mod(message, context, call_next):
+        config = config_of(context)
+        if config.dp_clipping_norm is None or message.metadata.message_type != MessageType.TRAIN:
+            return call_next(message, context)
+        sensitivity = config.dp_clipping_norm if config.dp_sensitivity is None else config.dp_sensitivity
+        return LocalDpMod(config.dp_clipping_norm, sensitivity, config.dp_epsilon, config.dp_delta)(message, context, call_next)
+
+    return mod
+
+
 def make_client_app(config: FederatedConfig, classes: list[str]):
     """The ClientApp of a simulation: one config and class list for every client in this process."""
     from flwr.clientapp import ClientApp
 
-    app = ClientApp()
+    app = ClientApp(mods=[local_privacy_mod(lambda context: config)])
     add_client_handlers(app, lambda message, context: (config, classes, _client_index(context),
                                                         client_examples(config)[_client_index(context)]))
     return app
@@ -70,6 +88,8 @@ def add_client_handlers(app, setup: Callable) -> None:
         update = exchanged_state(local)
         if index in config.poisoned_clients:  # attack simulation: a scaled (e.g. sign-flipped) update
             update = {k: received[k] + config.poison_scale * (update[k] - received[k]) for k in update}
+        # In the order the server sent them: Flower's mods (e.g. local DP) pair the reply's arrays with the message's.
+        update = {k: update[k] for k in message.content["arrays"].keys()}
         metrics = MetricRecord({"num-examples": len(split["train"]), "client": index, "train_loss": result["train_loss"]})
         return Message(RecordDict({"arrays": ArrayRecord(update), "metrics": metrics}), reply_to=message)
 

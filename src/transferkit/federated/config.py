@@ -65,13 +65,17 @@ class FederatedConfig:
     client_cpus: float = 1.0
     poisoned_clients: list[int] = field(default_factory=list)  # attack simulation (benchmarks, tests)
     poison_scale: float = -10.0
+    dp_clipping_norm: float | None = None  # client-side (local) differential privacy, Flower's LocalDpMod
+    dp_epsilon: float | None = None
+    dp_delta: float = 1e-5
+    dp_sensitivity: float | None = None  # default: the clipping norm (a clipped update moves at most that far)
     source: str = "config"
     run_config: RunConfig | None = field(default=None, repr=False)
 
     OPTIONS = ("partitioner", "num_clients", "alpha", "classes_per_client", "aggregator", "proximal_mu", "trimmed_beta",
                "krum_malicious", "server_lr", "max_rounds", "local_epochs", "min_delta", "round_patience",
                "fraction_train", "min_clients", "personalise_epochs", "local_only", "client_cpus", "poisoned_clients",
-               "poison_scale")
+               "poison_scale", "dp_clipping_norm", "dp_epsilon", "dp_delta", "dp_sensitivity")
 
     def __post_init__(self) -> None:
         # Each round's local training is a short run of its own: a warm-up and decay inside it would
@@ -101,6 +105,17 @@ class FederatedConfig:
             raise UserError(f"{source}: 'fraction_train' is {self.fraction_train}: it must be in (0, 1]")
         if self.round_patience is not None and self.round_patience < 1:
             raise UserError(f"{source}: 'round_patience' is {self.round_patience}: it must be >= 1, or none")
+        if self.dp_clipping_norm is not None or self.dp_epsilon is not None:
+            if self.dp_clipping_norm is None or not self.dp_clipping_norm > 0:
+                raise UserError(f"{source}: local differential privacy needs 'dp_clipping_norm' > 0 (the largest L2 "
+                                f"norm of a client's update), e.g. 1.0")
+            if self.dp_epsilon is None or not self.dp_epsilon > 0:
+                raise UserError(f"{source}: local differential privacy needs 'dp_epsilon' > 0 (the privacy budget per "
+                                f"round; smaller is more private and noisier), e.g. 5")
+            if not 0 < self.dp_delta < 1:
+                raise UserError(f"{source}: 'dp_delta' is {self.dp_delta}: it must be in (0, 1), e.g. 1e-5")
+            if self.dp_sensitivity is not None and self.dp_sensitivity < 0:
+                raise UserError(f"{source}: 'dp_sensitivity' is {self.dp_sensitivity}: it must be >= 0")
         if self.recipe.get("strategy") == "linear-probe":
             raise UserError(f"{source}: linear-probe is not supported in a federated run yet: use lora, bitfit or "
                             f"freeze-bottom (they also send few parameters)")

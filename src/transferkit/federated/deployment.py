@@ -37,14 +37,13 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict  # noqa: E40
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import ServerApp  # noqa: E402
 
-from .apps import add_client_handlers, server_loop  # noqa: E402
+from .apps import add_client_handlers, local_privacy_mod, server_loop  # noqa: E402
 from .local import load_exchanged, local_model, one_client_examples  # noqa: E402
 
 NODE_WAIT_S = 300.0
 DESCRIBE_TIMEOUT_S = 600.0
 
 server_app = ServerApp()
-client_app = ClientApp()
 
 
 def federation_config(context) -> FederatedConfig:
@@ -63,6 +62,7 @@ def _client_setup(message, context):
     return config, classes, index, one_client_examples(config, index, data)
 
 
+client_app = ClientApp(mods=[local_privacy_mod(federation_config)])
 add_client_handlers(client_app, _client_setup)
 
 

@@ -166,6 +166,13 @@ def write_federated_run(config: FederatedConfig, local, classes: list[str], resu
                   "total": sum(h["bytes_down"] + h["bytes_up"] for h in history)},
         "per_client": per_client, "history": history,
     }
+    if config.dp_clipping_norm is not None:
+        sensitivity = config.dp_clipping_norm if config.dp_sensitivity is None else config.dp_sensitivity
+        metrics["privacy"] = {"mechanism": "local differential privacy (Flower LocalDpMod): each training update "
+                                           "clipped, then Gaussian noise added, on the client",
+                              "clipping_norm": config.dp_clipping_norm, "epsilon_per_round": config.dp_epsilon,
+                              "delta": config.dp_delta, "sensitivity": sensitivity,
+                              "noise_std": sensitivity * float(np.sqrt(2 * np.log(1.25 / config.dp_delta))) / config.dp_epsilon}
     for key in ("global", "personalised", "local_only"):
         values = [r[key] for r in per_client.values() if key in r]
         if values:
