@@ -88,7 +88,7 @@ def test_deployed_federation_runs_rounds_on_real_supernodes(tiny_bert_dir, tmp_p
         federation["supernode"](i, f'partition-id={i} data-config="{tmp_path / f"site{i}.yaml"}"')
     config = tmp_path / "fed.yaml"
     config.write_text(f"model: {tiny_bert_dir}\nstrategy: full\nlr: 1.0e-3\nbatch_size: 16\nmax_rounds: 2\n"
-                      f"round_patience: null\nclients:\n  - {{name: north, train: /elsewhere/north.csv}}\n"
+                      f"round_patience: null\ndp_clipping_norm: 5.0\ndp_epsilon: 1000\nclients:\n  - {{name: north, train: /elsewhere/north.csv}}\n"
                       f"  - {{name: south, train: /elsewhere/south.csv}}\nout: {tmp_path / 'run'}\n")
     result = subprocess.run([sys.executable, "-m", "transferkit", "federate", "--config", str(config),
                              "--superlink", federation["control"], "--insecure"],
@@ -99,6 +99,8 @@ def test_deployed_federation_runs_rounds_on_real_supernodes(tiny_bert_dir, tmp_p
     assert metrics["engine"] == "deployment" and metrics["rounds"] == 2
     assert all(h["clients_trained"] == 2 and not h["failures"] for h in metrics["history"])
     assert set(metrics["per_client"]) == {"north", "south"}
+    assert metrics["privacy"]["clipping_norm"] == 5.0 and metrics["privacy"]["noise_std"] > 0
+    assert "LocalDpMod: parameters are clipped" in (federation["logs"] / "supernode-0.log").read_text()
     test_examples = sum(r["test_examples"] for r in metrics["per_client"].values())
     assert metrics["test"]["examples"] == test_examples == 16  # 10% of each client's 80
     mean = sum(r["global"] * r["test_examples"] for r in metrics["per_client"].values()) / test_examples
