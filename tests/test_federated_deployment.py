@@ -3,8 +3,10 @@ reading its own data file through --node-config), and `transferkit federate --su
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -51,8 +53,9 @@ def federation(tmp_path):
 
     def start(command, name, home):
         log = tmp_path / f"{name}.log"
+        # A session of its own: killing the group takes the SuperNode's ClientApp process with it.
         process = subprocess.Popen(command, env=dict(env, FLWR_HOME=str(tmp_path / home)), stdout=open(log, "w"),
-                                   stderr=subprocess.STDOUT)
+                                   stderr=subprocess.STDOUT, start_new_session=True)
         processes.append(process)
         return process, log
 
@@ -68,44 +71,62 @@ def federation(tmp_path):
                      f"supernode-{partition}", f"supernode-{partition}-home")
 
     yield {"control": f"127.0.0.1:{control}", "supernode": supernode, "logs": tmp_path}
+    # Whole process groups: the SuperLink's ServerApp and the SuperNodes' ClientApps are child processes.
     for process in processes:
-        process.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
     for process in processes:
         try:
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
 
 
-def test_deployed_federation_runs_rounds_on_real_supernodes(tiny_bert_dir, tmp_path, federation):
-    # Each client's file lives "on its machine": the server's config names other paths, the SuperNodes'
-    # data-config points at the real ones.
-    sites = []
-    for i in range(2):
+def test_deployed_federation_on_real_supernodes_survives_a_killed_client(tiny_bert_dir, tmp_path, federation):
+    """Three SuperNodes: two read files "on their own machines" (data-config; the server's config names other
+    paths), the third reads the path the config names and is killed while it trains in round 1. The run
+    goes on with the other two, names the dropped client, and writes a usable global model. Local DP is on."""
+    nodes, entries = [], []
+    for i in range(3):
         data = write_table(tmp_path / f"site{i}.csv", make_sentences(80, seed=20 + i))
-        (tmp_path / f"site{i}.yaml").write_text(f"train: {data}\n")
-        sites.append(data)
-        federation["supernode"](i, f'partition-id={i} data-config="{tmp_path / f"site{i}.yaml"}"')
+        if i < 2:
+            (tmp_path / f"site{i}.yaml").write_text(f"train: {data}\n")
+            nodes.append(federation["supernode"](i, f'partition-id={i} data-config="{tmp_path / f"site{i}.yaml"}"'))
+            entries.append(f"  - {{name: site{i}, train: /elsewhere/site{i}.csv}}")
+        else:
+            nodes.append(federation["supernode"](i, f"partition-id={i}"))
+            entries.append(f"  - {{name: site{i}, train: {data}}}")
     config = tmp_path / "fed.yaml"
     config.write_text(f"model: {tiny_bert_dir}\nstrategy: full\nlr: 1.0e-3\nbatch_size: 16\nmax_rounds: 2\n"
-                      f"round_patience: null\ndp_clipping_norm: 5.0\ndp_epsilon: 1000\nclients:\n  - {{name: north, train: /elsewhere/north.csv}}\n"
-                      f"  - {{name: south, train: /elsewhere/south.csv}}\nout: {tmp_path / 'run'}\n")
-    result = subprocess.run([sys.executable, "-m", "transferkit", "federate", "--config", str(config),
-                             "--superlink", federation["control"], "--insecure"],
-                            capture_output=True, text=True, timeout=900)
+                      f"round_patience: null\nround_timeout_s: 30\ndp_clipping_norm: 5.0\ndp_epsilon: 1000\n"
+                      f"clients:\n" + "\n".join(entries) + f"\nout: {tmp_path / 'run'}\n")
+    submit = subprocess.Popen([sys.executable, "-m", "transferkit", "federate", "--config", str(config),
+                               "--superlink", federation["control"], "--insecure"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    victim, victim_log = nodes[2]
+    deadline = time.time() + 600
+    while "train message" not in victim_log.read_text():  # its first round's training has started
+        assert time.time() < deadline and submit.poll() is None, victim_log.read_text()[-2000:]
+        time.sleep(0.5)
+    os.killpg(victim.pid, signal.SIGKILL)
+    output, _ = submit.communicate(timeout=900)
     logs = "\n".join(p.read_text()[-1500:] for p in sorted(federation["logs"].glob("*.log")))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + logs
+    assert submit.returncode == 0, output[-4000:] + logs
+
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["engine"] == "deployment" and metrics["rounds"] == 2
-    assert all(h["clients_trained"] == 2 and not h["failures"] for h in metrics["history"])
-    assert set(metrics["per_client"]) == {"north", "south"}
-    assert metrics["privacy"]["clipping_norm"] == 5.0 and metrics["privacy"]["noise_std"] > 0
-    assert "LocalDpMod: parameters are clipped" in (federation["logs"] / "supernode-0.log").read_text()
+    first, second = metrics["history"]
+    assert first["clients_sent"] == 3 and first["clients_trained"] == 2 and set(first["failures"]) == {"site2"}
+    assert second["clients_sent"] == 2 and not second["failures"]
+    assert metrics["dropped_clients"] == ["site2"] and set(metrics["per_client"]) == {"site0", "site1"}
+    assert "dropped: site2" in output and "global model test accuracy" in output
     test_examples = sum(r["test_examples"] for r in metrics["per_client"].values())
-    assert metrics["test"]["examples"] == test_examples == 16  # 10% of each client's 80
+    assert metrics["test"]["examples"] == test_examples == 16  # 10% of each reporting client's 80
     mean = sum(r["global"] * r["test_examples"] for r in metrics["per_client"].values()) / test_examples
     assert abs(metrics["test"]["accuracy"] - mean) < 1e-9  # the union's accuracy, from the clients' confusion matrices
-    assert "global model test accuracy" in result.stdout
+    assert metrics["privacy"]["clipping_norm"] == 5.0 and metrics["privacy"]["noise_std"] > 0
+    assert "LocalDpMod: parameters are clipped" in (federation["logs"] / "supernode-0.log").read_text()
 
     import transferkit
 
@@ -121,3 +142,4 @@ def test_an_unreachable_superlink_is_one_clear_line(tiny_bert_dir, tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "not reachable" in result.stderr and result.stderr.count("\n") == 1, result.stderr
+

@@ -28,7 +28,10 @@ def create_aggregator(config, num_clients: int):
     from flwr.serverapp import strategy
 
     _, class_name, options = AGGREGATORS[config.aggregator]
-    minimum = config.min_clients or max(2, int(round(config.fraction_train * num_clients)))
+    # Flower samples fraction_train of the clients connected now, at least this many, and waits (without a
+    # time limit) until this many are connected: a default of every client would stall the whole run for
+    # good once one client drops out, so the default is Flower's own, 2.
+    minimum = min(config.min_clients or 2, num_clients)
     return getattr(strategy, class_name)(fraction_train=config.fraction_train, fraction_evaluate=1.0,
                                          min_train_nodes=minimum, min_evaluate_nodes=minimum,
                                          min_available_nodes=minimum, **options(config))

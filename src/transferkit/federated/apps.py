@@ -22,8 +22,6 @@ from .aggregators import create_aggregator
 from .config import FederatedConfig
 from .local import client_examples, exchanged_state, load_exchanged, local_evaluate, local_model, local_train
 
-ROUND_TIMEOUT_S = 3600.0
-
 
 def _client_index(context) -> int:
     return int(context.node_config["partition-id"])
@@ -165,7 +163,7 @@ def _bytes(record) -> int:
 
 
 def server_loop(grid, config: FederatedConfig, classes: list[str], initial: dict[str, torch.Tensor], run_dir: Path,
-                resume: bool, progress) -> dict[str, Any]:
+                resume: bool, progress, node_names: dict[int, str] | None = None) -> dict[str, Any]:
     """Rounds until convergence (no gain of ``min_delta`` in the mean client validation accuracy for
     ``round_patience`` rounds) or ``max_rounds``; then the clients' reports."""
     from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -186,11 +184,13 @@ def server_loop(grid, config: FederatedConfig, classes: list[str], initial: dict
         started = time.time()
         messages = list(strategy.configure_train(round_number, arrays, ConfigRecord(classes_record(classes)), grid))
         sent_to = {m.metadata.dst_node_id for m in messages}
-        replies = list(grid.send_and_receive(messages, timeout=ROUND_TIMEOUT_S))
+        replies = list(grid.send_and_receive(messages, timeout=config.round_timeout_s))
         answered = [r for r in replies if not r.has_error()]
-        failures = {str(r.metadata.src_node_id): r.error.reason for r in replies if r.has_error()}
+        names = node_names or {}
+        failures = {names.get(r.metadata.src_node_id, f"node {r.metadata.src_node_id}"): r.error.reason
+                    for r in replies if r.has_error()}
         silent = sent_to - {r.metadata.src_node_id for r in replies}
-        failures.update({str(node): "no reply" for node in silent})
+        failures.update({names.get(node, f"node {node}"): f"no reply within {config.round_timeout_s:g} s" for node in silent})
         bytes_down = _bytes(arrays) * len(messages)
         bytes_up = sum(_bytes(r.content["arrays"]) for r in answered)
         aggregated, _ = strategy.aggregate_train(round_number, answered)
@@ -198,7 +198,7 @@ def server_loop(grid, config: FederatedConfig, classes: list[str], initial: dict
             arrays = aggregated
         evaluations = [r for r in grid.send_and_receive(
             list(strategy.configure_evaluate(round_number, arrays, ConfigRecord(classes_record(classes)), grid)),
-            timeout=ROUND_TIMEOUT_S)
+            timeout=config.round_timeout_s)
             if not r.has_error()]
         per_client = {int(r.content["metrics"]["client"]): float(r.content["metrics"]["accuracy"]) for r in evaluations}
         examples = {int(r.content["metrics"]["client"]): int(r.content["metrics"]["num-examples"]) for r in evaluations}
@@ -219,7 +219,7 @@ def server_loop(grid, config: FederatedConfig, classes: list[str], initial: dict
         progress.set_postfix(val_accuracy=f"{accuracy:.4f}", clients=f"{len(answered)}/{len(messages)}")
         progress.write(f"round {round_number}/{config.max_rounds}: {len(answered)}/{len(messages)} clients trained, "
                        f"mean client val accuracy {accuracy:.4f}{' (best)' if improved else ''}"
-                       + (f"; dropped: {', '.join(f'node {n} ({why})' for n, why in failures.items())}" if failures else ""))
+                       + (f"; dropped: {', '.join(f'{n} ({why})' for n, why in failures.items())}" if failures else ""))
     best, _ = checkpoint.load("best")
     # The clients' reports on the best round's global weights.
     best_arrays = ArrayRecord(best)
@@ -229,7 +229,7 @@ def server_loop(grid, config: FederatedConfig, classes: list[str], initial: dict
     queries = [Message(RecordDict({"arrays": best_arrays, "config": settings}), dst_node_id=node,
                        message_type=MessageType.QUERY) for node in grid.get_node_ids()]
     reports = {}
-    for reply in grid.send_and_receive(queries, timeout=ROUND_TIMEOUT_S):
+    for reply in grid.send_and_receive(queries, timeout=config.round_timeout_s):
         if not reply.has_error():
             metrics = dict(reply.content["metrics"])
             reports[int(metrics.pop("client"))] = metrics

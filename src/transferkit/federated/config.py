@@ -65,6 +65,7 @@ class FederatedConfig:
     client_cpus: float = 1.0
     poisoned_clients: list[int] = field(default_factory=list)  # attack simulation (benchmarks, tests)
     poison_scale: float = -10.0
+    round_timeout_s: float = 3600.0  # how long a round waits for replies before it goes on without the silent clients
     dp_clipping_norm: float | None = None  # client-side (local) differential privacy, Flower's LocalDpMod
     dp_epsilon: float | None = None
     dp_delta: float = 1e-5
@@ -75,7 +76,7 @@ class FederatedConfig:
     OPTIONS = ("partitioner", "num_clients", "alpha", "classes_per_client", "aggregator", "proximal_mu", "trimmed_beta",
                "krum_malicious", "server_lr", "max_rounds", "local_epochs", "min_delta", "round_patience",
                "fraction_train", "min_clients", "personalise_epochs", "local_only", "client_cpus", "poisoned_clients",
-               "poison_scale", "dp_clipping_norm", "dp_epsilon", "dp_delta", "dp_sensitivity")
+               "poison_scale", "round_timeout_s", "dp_clipping_norm", "dp_epsilon", "dp_delta", "dp_sensitivity")
 
     def __post_init__(self) -> None:
         # Each round's local training is a short run of its own: a warm-up and decay inside it would
@@ -105,6 +106,8 @@ class FederatedConfig:
             raise UserError(f"{source}: 'fraction_train' is {self.fraction_train}: it must be in (0, 1]")
         if self.round_patience is not None and self.round_patience < 1:
             raise UserError(f"{source}: 'round_patience' is {self.round_patience}: it must be >= 1, or none")
+        if not self.round_timeout_s > 0:
+            raise UserError(f"{source}: 'round_timeout_s' is {self.round_timeout_s}: it must be a positive number of seconds")
         if self.dp_clipping_norm is not None or self.dp_epsilon is not None:
             if self.dp_clipping_norm is None or not self.dp_clipping_norm > 0:
                 raise UserError(f"{source}: local differential privacy needs 'dp_clipping_norm' > 0 (the largest L2 "

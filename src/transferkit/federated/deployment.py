@@ -79,8 +79,9 @@ def wait_for_nodes(grid, count: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-def describe_clients(grid, nodes: list[int], config: FederatedConfig) -> list[str]:
-    """Ask every client which labels it holds; the global classes are their union."""
+def describe_clients(grid, nodes: list[int], config: FederatedConfig) -> tuple[list[str], dict[int, str]]:
+    """Ask every client which labels it holds; the global classes are their union. Also which node is which
+    client, so the rounds can name a client that drops."""
     queries = [Message(RecordDict({"config": ConfigRecord({"kind": "describe"})}), dst_node_id=node,
                        message_type=MessageType.QUERY) for node in nodes]
     labels, seen = set(), {}
@@ -100,7 +101,7 @@ def describe_clients(grid, nodes: list[int], config: FederatedConfig) -> list[st
     classes = sort_classes(sorted(labels))
     if len(classes) < 2:
         raise UserError(f"all clients together hold one class ({classes}): a classifier needs at least two")
-    return classes
+    return classes, {node: config.client_names[index] for index, node in seen.items()}
 
 
 @server_app.main()
@@ -114,16 +115,16 @@ def main(grid, context) -> None:
         run_dir = Path(config.out)
         resume = bool(context.run_config.get("resume", False))
         nodes = wait_for_nodes(grid, config.num_clients, float(context.run_config.get("wait-s", NODE_WAIT_S)))
-        classes = describe_clients(grid, nodes, config)
+        classes, node_names = describe_clients(grid, nodes, config)
         local = local_model(config, classes)
         load_exchanged(local, None)
         initial = {k: v.detach().clone() for k, v in local.model.state_dict().items() if k in local.exchanged}
         started = time.time()
         with tqdm(total=config.max_rounds, desc="federated rounds", unit="round", dynamic_ncols=True) as progress:
-            results = server_loop(grid, config, classes, initial, run_dir, resume, progress)
-        missing = sorted(set(range(config.num_clients)) - set(results["clients"]))
-        if missing:
-            raise UserError(f"clients {missing} sent no final report; the rounds are kept in {run_dir / 'rounds'}")
+            results = server_loop(grid, config, classes, initial, run_dir, resume, progress, node_names)
+        if not results["clients"]:
+            raise UserError(f"no client sent its final report; the rounds are kept in {run_dir / 'rounds'}, "
+                            f"continue with --resume")
         results["engine"] = "deployment"
         load_exchanged(local, results["best_weights"])
         write_federated_run(config, local, classes, results, initial, union_test(results["clients"], classes),
@@ -213,10 +214,16 @@ def submit(config: FederatedConfig, run_dir: Path, superlink: str, *, insecure: 
                                              + "\n".join(connection) + "\n", encoding="utf-8")
         env = {**os.environ, "FLWR_HOME": home, "FLWR_TELEMETRY_ENABLED": "0",
                "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
-        process = subprocess.run([flwr, "run", str(app), "transferkit", "--stream"], env=env, text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    output = process.stdout or ""
-    sys.stdout.write(output)
+        # The run's log is shown as it comes (a federation can take hours) and kept to explain a failure.
+        process = subprocess.Popen([flwr, "run", str(app), "transferkit", "--stream"], env=env, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        lines = []
+        for line in process.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            lines.append(line)
+        process.wait()
+    output = "".join(lines)
     if process.returncode != 0 or not (run_dir / "metrics.json").is_file():
         reason = [line for line in output.splitlines() if "transferkit: error:" in line]
         if reason:

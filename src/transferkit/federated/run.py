@@ -165,6 +165,8 @@ def write_federated_run(config: FederatedConfig, local, classes: list[str], resu
                   "per_round": [h["bytes_down"] + h["bytes_up"] for h in history],
                   "total": sum(h["bytes_down"] + h["bytes_up"] for h in history)},
         "per_client": per_client, "history": history,
+        # Clients without a final report (they dropped out): the global test and the means leave them out.
+        "dropped_clients": [name for i, name in enumerate(config.client_names) if i not in results["clients"]],
     }
     if config.dp_clipping_norm is not None:
         sensitivity = config.dp_clipping_norm if config.dp_sensitivity is None else config.dp_sensitivity
@@ -197,7 +199,8 @@ def federated_table(metrics: dict[str, Any]) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     b = metrics["bytes"]
     lines += ["", f"global model test accuracy {metrics['test']['accuracy']:.4f} (best of {metrics['rounds']} rounds: "
-              f"round {metrics['best_round']}); {metrics['aggregator']}, {metrics['clients']} clients",
+              f"round {metrics['best_round']}); {metrics['aggregator']}, {metrics['clients']} clients"
+              + (f" ({', '.join(metrics['dropped_clients'])} dropped out)" if metrics.get("dropped_clients") else ""),
               f"sent per client per direction {b['exchanged_per_client_per_direction'] / 1e6:.2f} MB = "
               f"{100 * b['exchanged_fraction']:.2f}% of the model; {b['total'] / 1e6:.1f} MB in all"]
     return "\n".join(lines)
