@@ -106,3 +106,27 @@ def image_folder(tmp_path) -> Path:
         (root / label).mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(root / label / f"{i:03d}.png")
     return root
+
+
+def interrupt_then_resume(monkeypatch, run_fit, out: Path) -> dict:
+    """Run ``run_fit(out)`` until the first fine-tuning epoch's checkpoint, stop it there as Ctrl-C would,
+    then continue it with ``transferkit fit --out OUT --resume``; returns the resumed run's metrics."""
+    import json
+
+    from transferkit.cli import main
+    from transferkit.engine.loop import Engine
+
+    original_save = Engine._save
+
+    def save_then_die(self, epoch, steps_done, running, seen, improved):
+        original_save(self, epoch, steps_done, running, seen, improved)
+        if self.description.startswith("fine-tune") and epoch == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Engine, "_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_fit(out)
+    assert not (out / "metrics.json").exists()
+    monkeypatch.setattr(Engine, "_save", original_save)
+    assert main(["fit", "--out", str(out), "--resume"]) == 0
+    return json.loads((out / "metrics.json").read_text())

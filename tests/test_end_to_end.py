@@ -12,9 +12,8 @@ import torch
 
 import transferkit
 from transferkit.cli import main
-from transferkit.engine.loop import Engine
 
-from .conftest import make_sentences, make_stripes, write_table
+from .conftest import interrupt_then_resume, make_sentences, make_stripes, write_table
 
 
 def _fit(argv):
@@ -74,20 +73,8 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_bert_dir, text_data, tm
                   model=str(tiny_bert_dir), epochs=3, lr=1e-3, baseline_epochs=2, patience=None)
     reference = transferkit.finetune(**common, out=str(tmp_path / "reference"))
 
-    original_save = Engine._save
-
-    def save_then_die(self, epoch, steps_done, running, seen, improved):
-        original_save(self, epoch, steps_done, running, seen, improved)
-        if self.description.startswith("fine-tune") and epoch == 0:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Engine, "_save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        transferkit.finetune(**common, out=str(tmp_path / "resumed"))
-    assert not (tmp_path / "resumed" / "metrics.json").exists()
-    monkeypatch.setattr(Engine, "_save", original_save)
-    assert main(["fit", "--out", str(tmp_path / "resumed"), "--resume"]) == 0
-    resumed = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    resumed = interrupt_then_resume(monkeypatch, lambda out: transferkit.finetune(**common, out=str(out)),
+                                    tmp_path / "resumed")
     assert resumed["test"] == reference["test"]
     assert [h["val_loss"] for h in resumed["history"]] == [h["val_loss"] for h in reference["history"]]
 

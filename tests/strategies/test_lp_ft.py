@@ -1,14 +1,13 @@
 """LP-FT (--head-init probe): fine-tuning starts from the linear probe's head instead of a random one."""
 
-import json
-
 import pytest
 
 import transferkit
 from transferkit.cli import main
 from transferkit.config import RunConfig
-from transferkit.engine.loop import Engine
 from transferkit.errors import UserError
+
+from ..conftest import interrupt_then_resume
 
 
 def _common(tiny_bert_dir, text_data, **extra):
@@ -38,19 +37,8 @@ def test_probe_head_without_the_baseline_report(tiny_bert_dir, text_data, tmp_pa
 def test_lp_ft_run_resumes_to_the_same_result(tiny_bert_dir, text_data, tmp_path, monkeypatch):
     common = _common(tiny_bert_dir, text_data, epochs=2, lr=1e-3, head_init="probe")
     reference = transferkit.finetune(**common, out=str(tmp_path / "reference"))
-    original_save = Engine._save
-
-    def save_then_die(self, epoch, steps_done, running, seen, improved):
-        original_save(self, epoch, steps_done, running, seen, improved)
-        if self.description.startswith("fine-tune") and epoch == 0:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Engine, "_save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        transferkit.finetune(**common, out=str(tmp_path / "resumed"))
-    monkeypatch.setattr(Engine, "_save", original_save)
-    assert main(["fit", "--out", str(tmp_path / "resumed"), "--resume"]) == 0
-    resumed = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    resumed = interrupt_then_resume(monkeypatch, lambda out: transferkit.finetune(**common, out=str(out)),
+                                    tmp_path / "resumed")
     assert resumed["test"] == reference["test"]
 
 
