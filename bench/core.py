@@ -5,7 +5,7 @@ Experiments (each one full `transferkit.finetune` run, linear-probe baseline inc
 - fashion-full: the same on all 60,000 training images;
 - sst2-8k: all-MiniLM-L6-v2 on 8,000 SST-2 training phrases, a stratified random sample; a small grid of
   recipes is tried and the one with the best validation accuracy is kept;
-- sst2-full: the same on all 60,614 phrases, with the recipe sst2-8k chose on validation (2 epochs).
+- sst2-full: the same on all 60,614 phrases, with the recipe sst2-8k chose on validation (3 epochs).
 SST-2 validation: `dev.tsv` holds phrases while the test set holds full sentences, so phrase accuracy is
 a poor guide to sentence accuracy. The SST-2 experiments therefore validate on 872 full sentences held
 out from `train.tsv` (rows that are no sub-phrase of another row), and drop every training row that is
@@ -52,8 +52,9 @@ EXPERIMENTS = {
         {"lr": 5e-5, "head_init": "probe"},
         {"strategy": "discriminative-lr", "lr": 1e-4, "lr_decay": 0.8, "epochs": 5}]}),
     # The full set is too large for a grid here: it takes the recipe that won sst2-8k's validation (its epochs
-    # excepted: two passes over 60k phrases are more steps than five over 8k).
-    "sst2-full": ("SST-2", "MiniLM-L6", 0.90, {**SST2_BASE, "epochs": 2, "recipe_from": "sst2-8k"}),
+    # excepted: passes over 52k phrases are more steps than over 8k). Three epochs, the best one chosen on
+    # validation: a 2-epoch run's validation accuracy was still rising at its end (0.8784, 0.8842).
+    "sst2-full": ("SST-2", "MiniLM-L6", 0.90, {**SST2_BASE, "epochs": 3, "recipe_from": "sst2-8k"}),
 }
 NOT_INHERITED = ("epochs",)
 

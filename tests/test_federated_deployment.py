@@ -142,4 +142,10 @@ def test_an_unreachable_superlink_is_one_clear_line(tiny_bert_dir, tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "not reachable" in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "run").exists()  # nothing written: the same command works once the SuperLink runs
+    result = subprocess.run([sys.executable, "-m", "transferkit", "federate", "--model", str(tiny_bert_dir),
+                             "--client", f"name=a,train={data}", "--client", f"name=b,train={data}",
+                             "--out", str(tmp_path / "run"), "--superlink", f"127.0.0.1:{port}"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "--insecure" in result.stderr and not (tmp_path / "run").exists()
 

@@ -181,12 +181,13 @@ def _absolute_data_paths(values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def submit(config: FederatedConfig, run_dir: Path, superlink: str, *, insecure: bool, root_certificates: str | None,
-           resume: bool, wait_s: float = NODE_WAIT_S) -> None:
-    """Build the Flower app for this federation and run it on the SuperLink at ``superlink`` (its Control
-    API, host:port) with ``flwr run``, streaming its log; the ServerApp writes ``run_dir``."""
+def check_superlink(superlink: str, insecure: bool, root_certificates: str | None) -> str:
+    """The ``flwr`` command, once the SuperLink's address, TLS choice and reachability are fine (checked before
+    anything is written)."""
     if not insecure and not root_certificates:
         raise UserError("--superlink needs --insecure (no TLS, e.g. loopback) or --root-certificates CA.pem")
+    if root_certificates and not Path(root_certificates).is_file():
+        raise UserError(f"--root-certificates {root_certificates} does not exist: give the SuperLink's CA certificate (PEM)")
     flwr = shutil.which("flwr", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     if flwr is None:
         raise UserError("the flwr command is not installed: pip install 'transferkit[federated]'")
@@ -198,6 +199,14 @@ def submit(config: FederatedConfig, run_dir: Path, superlink: str, *, insecure: 
     except OSError as error:
         raise UserError(f"SuperLink {superlink} is not reachable ({error.strerror or error}): start flower-superlink, "
                         f"and give its Control API address (default port 9093)") from None
+    return flwr
+
+
+def submit(config: FederatedConfig, run_dir: Path, superlink: str, *, insecure: bool, root_certificates: str | None,
+           resume: bool, wait_s: float = NODE_WAIT_S) -> None:
+    """Build the Flower app for this federation and run it on the SuperLink at ``superlink`` (its Control
+    API, host:port) with ``flwr run``, streaming its log; the ServerApp writes ``run_dir``."""
+    flwr = check_superlink(superlink, insecure, root_certificates)
     values = _absolute_data_paths(config.to_dict())
     values["out"] = str(run_dir.resolve())
     federation = json.dumps(values, default=str)

@@ -117,8 +117,9 @@ def federate(config: FederatedConfig | str | Path, *, resume: bool = False, over
 def _deploy(config: FederatedConfig, run_dir: Path, superlink: str, insecure: bool, root_certificates: str | None,
             resume: bool, overwrite: bool) -> dict[str, Any]:
     """Submit to a SuperLink; the clients read their own data, so nothing here reads any."""
-    from .deployment import submit
+    from .deployment import check_superlink, submit
 
+    check_superlink(superlink, insecure, root_certificates)  # before the run directory exists
     if not resume:
         if overwrite and run_dir.exists():
             shutil.rmtree(run_dir)
