@@ -223,3 +223,24 @@ def test_local_dp_clips_the_update_and_adds_noise_only_to_training_replies():
 def test_local_dp_settings_are_checked(dp, message):
     with pytest.raises(UserError, match=message):
         _dp_config(**dp)
+
+
+def test_union_test_from_confusion_matrices_equals_scoring_the_pooled_predictions():
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+    from transferkit.federated.run import union_test
+
+    rng = np.random.default_rng(0)
+    reports, all_true, all_pred = {}, [], []
+    for client in range(3):
+        true, pred = rng.integers(0, 4, 50), rng.integers(0, 4, 50)
+        pred[true == 3] = 3  # class 3 always right, class 2 never predicted by client 0
+        if client == 0:
+            pred[pred == 2] = 1
+        reports[client] = {"global_confusion": confusion_matrix(true, pred, labels=range(4)).ravel().tolist()}
+        all_true += true.tolist()
+        all_pred += pred.tolist()
+    scores = union_test(reports, ["a", "b", "c", "d"])
+    assert scores["examples"] == 150
+    assert scores["accuracy"] == accuracy_score(all_true, all_pred)
+    assert abs(scores["macro_f1"] - f1_score(all_true, all_pred, average="macro")) < 1e-12

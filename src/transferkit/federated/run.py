@@ -132,17 +132,15 @@ def _deploy(config: FederatedConfig, run_dir: Path, superlink: str, insecure: bo
 def union_test(reports: dict[int, dict], classes: list[str]) -> dict[str, Any]:
     """Accuracy and macro-F1 of the global model on the union of the clients' test splits, from the confusion
     matrices the clients report (a deployed server never sees their examples)."""
+    from ..evaluation.metrics import summary_metrics
+
     size = len(classes)
     confusion = np.zeros((size, size), dtype=np.int64)
     for report in reports.values():
         confusion += np.asarray(report["global_confusion"], dtype=np.int64).reshape(size, size)
-    true, predicted, correct = confusion.sum(1), confusion.sum(0), np.diag(confusion)
-    total = int(confusion.sum())
-    f1 = [2 * c / (t + p) if t + p else 0.0 for c, t, p in zip(correct, true, predicted)]
-    # As scikit-learn's macro average over the classes present in labels or predictions.
-    present = [i for i in range(size) if true[i] + predicted[i] > 0]
-    return {"accuracy": float(correct.sum() / max(total, 1)), "macro_f1": float(np.mean([f1[i] for i in present])),
-            "examples": total}
+    # The (true, predicted) pairs the matrix counts, for scikit-learn's own accuracy and macro-F1.
+    true, predicted = np.divmod(np.repeat(np.arange(size * size), confusion.ravel()), size)
+    return {**summary_metrics(true, predicted), "examples": int(confusion.sum())}
 
 
 def write_federated_run(config: FederatedConfig, local, classes: list[str], results: dict[str, Any],
