@@ -18,9 +18,13 @@ from typing import Any, Callable
 import torch
 
 from ..engine.checkpoint import atomic_write_text, save_weights
+from ..errors import UserError
 from .aggregators import create_aggregator
 from .config import FederatedConfig
 from .local import client_examples, exchanged_state, load_exchanged, local_evaluate, local_model, local_train
+
+
+NODE_WAIT_S = 300.0
 
 
 def _client_index(context) -> int:
@@ -162,12 +166,27 @@ def _bytes(record) -> int:
     return int(record.count_bytes())
 
 
+def wait_for_nodes(grid, count: int, timeout: float) -> list[int]:
+    """The connected nodes, once ``count`` of them are there (every client, before round 1: later rounds go on
+    with fewer when a client drops out)."""
+    deadline = time.time() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= count:
+            return nodes
+        if time.time() > deadline:
+            raise UserError(f"{len(nodes)} of {count} SuperNodes connected within {timeout:.0f} s: start one "
+                            f"flower-supernode per client (--node-config 'partition-id=K')")
+        time.sleep(1.0)
+
+
 def server_loop(grid, config: FederatedConfig, classes: list[str], initial: dict[str, torch.Tensor], run_dir: Path,
                 resume: bool, progress, node_names: dict[int, str] | None = None) -> dict[str, Any]:
     """Rounds until convergence (no gain of ``min_delta`` in the mean client validation accuracy for
     ``round_patience`` rounds) or ``max_rounds``; then the clients' reports."""
     from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
+    wait_for_nodes(grid, config.num_clients, NODE_WAIT_S)
     strategy = create_aggregator(config, config.num_clients)
     checkpoint = RoundCheckpoint(run_dir)
     state = {"history": [], "best_round": None, "best_accuracy": None, "bad_rounds": 0}

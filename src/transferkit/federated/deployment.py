@@ -37,7 +37,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict  # noqa: E40
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import ServerApp  # noqa: E402
 
-from .apps import add_client_handlers, local_privacy_mod, server_loop  # noqa: E402
+from .apps import add_client_handlers, local_privacy_mod, server_loop, wait_for_nodes  # noqa: E402
 from .local import load_exchanged, local_model, one_client_examples  # noqa: E402
 
 NODE_WAIT_S = 300.0
@@ -64,19 +64,6 @@ def _client_setup(message, context):
 
 client_app = ClientApp(mods=[local_privacy_mod(federation_config)])
 add_client_handlers(client_app, _client_setup)
-
-
-def wait_for_nodes(grid, count: int, timeout: float) -> list[int]:
-    """The connected SuperNodes, once ``count`` of them are there."""
-    deadline = time.time() + timeout
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= count:
-            return nodes
-        if time.time() > deadline:
-            raise UserError(f"{len(nodes)} of {count} SuperNodes connected within {timeout:.0f} s: start one "
-                            f"flower-supernode per client (--node-config 'partition-id=K')")
-        time.sleep(1.0)
 
 
 def describe_clients(grid, nodes: list[int], config: FederatedConfig) -> tuple[list[str], dict[int, str]]:
