@@ -170,7 +170,8 @@ def pretrain(model: str, text_data: str, out: str, *, text_column: str | None = 
         before = head_engine.evaluate(val)
         # On --resume a finished warm-up only reloads its best weights; the main phase's checkpoint then wins.
         head_engine.fit(resume=resume and head_engine.checkpoints.find_resumable() is not None)
-        warmup = {"epochs": warmup_epochs, "lr": head_warmup_lr, "val_loss_after": head_engine.evaluate(val)["loss"],
+        # The best epoch's weights are loaded back, so its validation loss is the warm-up's result.
+        warmup = {"epochs": warmup_epochs, "lr": head_warmup_lr, "val_loss_after": head_engine.best_value,
                   "history": head_engine.history}
         for parameter in network.parameters():
             parameter.requires_grad_(True)

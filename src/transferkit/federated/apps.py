@@ -23,8 +23,7 @@ from .aggregators import create_aggregator
 from .config import FederatedConfig
 from .local import client_examples, exchanged_state, load_exchanged, local_evaluate, local_model, local_train
 
-
-NODE_WAIT_S = 300.0
+NODE_WAIT_S = 300.0  # how long round 1 waits for every client to connect
 
 
 def _client_index(context) -> int:
@@ -59,8 +58,12 @@ def make_client_app(config: FederatedConfig, classes: list[str]):
     from flwr.clientapp import ClientApp
 
     app = ClientApp(mods=[local_privacy_mod(lambda context: config)])
-    add_client_handlers(app, lambda message, context: (config, classes, _client_index(context),
-                                                        client_examples(config)[_client_index(context)]))
+
+    def setup(message, context):
+        index = _client_index(context)
+        return config, classes, index, client_examples(config)[index]
+
+    add_client_handlers(app, setup)
     return app
 
 
@@ -175,8 +178,8 @@ def wait_for_nodes(grid, count: int, timeout: float) -> list[int]:
         if len(nodes) >= count:
             return nodes
         if time.time() > deadline:
-            raise UserError(f"{len(nodes)} of {count} SuperNodes connected within {timeout:.0f} s: start one "
-                            f"flower-supernode per client (--node-config 'partition-id=K')")
+            raise UserError(f"{len(nodes)} of {count} clients connected within {timeout:.0f} s: on the Deployment "
+                            f"Engine, start one flower-supernode per client (--node-config 'partition-id=K')")
         time.sleep(1.0)
 
 

@@ -16,6 +16,7 @@ test score is the union of the clients' test splits, summed from the confusion m
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import read_yaml
+from ..data.dataset import sort_classes
 from ..errors import UserError
 from .config import FederatedConfig
 
@@ -37,17 +39,22 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict  # noqa: E40
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import ServerApp  # noqa: E402
 
-from .apps import add_client_handlers, local_privacy_mod, server_loop, wait_for_nodes  # noqa: E402
+from .apps import NODE_WAIT_S, add_client_handlers, local_privacy_mod, server_loop, wait_for_nodes  # noqa: E402
 from .local import load_exchanged, local_model, one_client_examples  # noqa: E402
 
-NODE_WAIT_S = 300.0
 DESCRIBE_TIMEOUT_S = 600.0
 
 server_app = ServerApp()
 
 
 def federation_config(context) -> FederatedConfig:
-    return FederatedConfig.from_dict(json.loads(context.run_config["federation"]), source="the federation's config")
+    return _parse_federation(context.run_config["federation"])
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_federation(text: str) -> FederatedConfig:
+    # Every message (and the privacy mod before it) asks for the config: parse and validate it once per run.
+    return FederatedConfig.from_dict(json.loads(text), source="the federation's config")
 
 
 def _client_setup(message, context):
@@ -83,8 +90,6 @@ def describe_clients(grid, nodes: list[int], config: FederatedConfig) -> tuple[l
     missing = sorted(set(range(config.num_clients)) - set(seen))
     if missing:
         raise UserError(f"no SuperNode is client {missing} (partition-id): every client of the config needs one")
-    from ..data.dataset import sort_classes
-
     classes = sort_classes(sorted(labels))
     if len(classes) < 2:
         raise UserError(f"all clients together hold one class ({classes}): a classifier needs at least two")

@@ -229,10 +229,10 @@ def local_evaluate(local: LocalModel, examples: Examples, classes: list[str], co
 
     logits = map_in_order(batches, lambda inputs: engine_model(**inputs), default_device())
     loss = float(torch.nn.functional.cross_entropy(logits, batches.labels))
-    scores = {"loss": loss, **summary_metrics(batches.labels.numpy(), logits.argmax(1).numpy())}
+    labels, predictions = batches.labels.numpy(), logits.argmax(1).numpy()
+    scores = {"loss": loss, **summary_metrics(labels, predictions)}
     if confusion:
         from sklearn.metrics import confusion_matrix
 
-        scores["confusion"] = confusion_matrix(batches.labels.numpy(), logits.argmax(1).numpy(),
-                                               labels=list(range(len(classes)))).tolist()
+        scores["confusion"] = confusion_matrix(labels, predictions, labels=list(range(len(classes)))).tolist()
     return scores
