@@ -118,7 +118,9 @@ def test_deployed_federation_on_real_supernodes_survives_a_killed_client(tiny_be
     assert metrics["engine"] == "deployment" and metrics["rounds"] == 2
     first, second = metrics["history"]
     assert first["clients_sent"] == 3 and first["clients_trained"] == 2 and set(first["failures"]) == {"site2"}
-    assert second["clients_sent"] == 2 and not second["failures"]
+    # Whether Flower still lists the dead node in round 2 depends on when its heartbeat expires; either way
+    # round 2 trains on the two live clients and names nobody else.
+    assert second["clients_trained"] == 2 and set(second["failures"]) <= {"site2"}
     assert metrics["dropped_clients"] == ["site2"] and set(metrics["per_client"]) == {"site0", "site1"}
     assert "dropped: site2" in output and "global model test accuracy" in output
     test_examples = sum(r["test_examples"] for r in metrics["per_client"].values())
