@@ -105,12 +105,11 @@ def federate(config: FederatedConfig | str | Path, *, resume: bool = False, over
 
     load_exchanged(local, results["best_weights"])
     shared_test = read_dataset(config.run_config)[1] if config.data is not None else None
-    # The dataset's own test split, else the union of the clients' test splits.
-    test_sets = [shared_test] if shared_test is not None else [c["test"] for c in clients]
-    global_test = [local_evaluate(local, examples, classes) | {"examples": len(examples)} for examples in test_sets]
-    total = sum(t["examples"] for t in global_test)
-    test = {"accuracy": sum(t["accuracy"] * t["examples"] for t in global_test) / total,
-            "macro_f1": sum(t["macro_f1"] * t["examples"] for t in global_test) / total, "examples": total}
+    if shared_test is not None:  # the dataset's own test split
+        test = local_evaluate(local, shared_test, classes) | {"examples": len(shared_test)}
+        test = {k: test[k] for k in ("accuracy", "macro_f1", "examples")}
+    else:  # the union of the clients' test splits, which the clients already scored in their reports
+        test = union_test(results["clients"], classes)
     return write_federated_run(config, local, classes, results, initial, test, seconds, run_dir)
 
 
