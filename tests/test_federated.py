@@ -244,3 +244,22 @@ def test_union_test_from_confusion_matrices_equals_scoring_the_pooled_prediction
     assert scores["examples"] == 150
     assert scores["accuracy"] == accuracy_score(all_true, all_pred)
     assert abs(scores["macro_f1"] - f1_score(all_true, all_pred, average="macro")) < 1e-12
+
+
+def test_a_failure_is_named_after_the_client_the_message_went_to_not_the_sender_of_the_error():
+    """When a node is gone the SuperLink answers in its place, with its own node id (1) as the sender; the round's
+    report must still name the client that dropped, and a client that never answered is named too."""
+    from flwr.app import Error, Message, RecordDict
+
+    from transferkit.federated.apps import _failures
+
+    sent = []
+    for node, message_id in ((7, "m7"), (8, "m8"), (9, "m9")):
+        message = Message(RecordDict(), dst_node_id=node, message_type="train")
+        message.metadata.__dict__["_message_id"] = message_id
+        sent.append(message)
+    ok = Message(RecordDict(), reply_to=sent[0])
+    gone = Message(Error(code=3, reason="node unavailable"), reply_to=sent[1])
+    gone.metadata.__dict__["_src_node_id"] = 1  # as the SuperLink writes it
+    failures = _failures(sent, [ok, gone], {7: "site0", 8: "site1", 9: "site2"}, 30)
+    assert failures == {"site1": "node unavailable", "site2": "no reply within 30 s"}

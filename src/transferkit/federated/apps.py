@@ -169,6 +169,22 @@ def _bytes(record) -> int:
     return int(record.count_bytes())
 
 
+def _failures(sent: list, replies: list, names: dict[int, str], timeout: float) -> dict[str, str]:
+    """Who failed this round and why, by client name. A reply is matched to its message, not to its sender: when
+    a node is gone, the SuperLink answers in its place, with its own node id as the sender."""
+    destination = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+
+    def name(node: int) -> str:
+        return names.get(node, f"node {node}")
+
+    failures = {name(destination.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)): r.error.reason
+                for r in replies if r.has_error()}
+    answered = {r.metadata.reply_to_message_id for r in replies}
+    failures.update({name(node): f"no reply within {timeout:g} s"
+                     for message_id, node in destination.items() if message_id not in answered})
+    return failures
+
+
 def wait_for_nodes(grid, count: int, timeout: float) -> list[int]:
     """The connected nodes, once ``count`` of them are there (every client, before round 1: later rounds go on
     with fewer when a client drops out)."""
@@ -205,14 +221,9 @@ def server_loop(grid, config: FederatedConfig, classes: list[str], initial: dict
             break
         started = time.time()
         messages = list(strategy.configure_train(round_number, arrays, ConfigRecord(classes_record(classes)), grid))
-        sent_to = {m.metadata.dst_node_id for m in messages}
         replies = list(grid.send_and_receive(messages, timeout=config.round_timeout_s))
         answered = [r for r in replies if not r.has_error()]
-        names = node_names or {}
-        failures = {names.get(r.metadata.src_node_id, f"node {r.metadata.src_node_id}"): r.error.reason
-                    for r in replies if r.has_error()}
-        silent = sent_to - {r.metadata.src_node_id for r in replies}
-        failures.update({names.get(node, f"node {node}"): f"no reply within {config.round_timeout_s:g} s" for node in silent})
+        failures = _failures(messages, replies, node_names or {}, config.round_timeout_s)
         bytes_down = _bytes(arrays) * len(messages)
         bytes_up = sum(_bytes(r.content["arrays"]) for r in answered)
         aggregated, _ = strategy.aggregate_train(round_number, answered)
