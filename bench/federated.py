@@ -64,7 +64,9 @@ def run_setting(name: str, recipe: dict, folder: Path, args, **options) -> dict:
            "personalisation_gain_per_client": {c: r["personalised"] - r["global"]
                                                for c, r in metrics["per_client"].items() if "personalised" in r},
            "bytes_per_round": metrics["bytes"]["per_round"][0], "exchanged_fraction": metrics["bytes"]["exchanged_fraction"],
-           "full_model_bytes": metrics["bytes"]["full_model"], "seconds": time.time() - started}
+           "full_model_bytes": metrics["bytes"]["full_model"], "seconds": time.time() - started,
+           "server_lr": options.get("server_lr"),
+           "best_val_accuracy": max(h["val_accuracy"] for h in metrics["history"])}
     print(f"{name}: test {row['test_accuracy']:.4f}", flush=True)
     return row
 
@@ -91,6 +93,17 @@ def run_pair(args, folder: Path, name: str, recipe: dict) -> dict:
         rows["iid"] = run_setting("iid", recipe, folder, args)
     if "dirichlet" in args.partitions:
         rows["dirichlet"] = run_setting("dirichlet", recipe, folder, args, partitioner="dirichlet", alpha=0.5)
+    if args.server_lrs and "iid" in args.partitions:
+        # FedAvgM: the server's learning rate chosen on the clients' validation splits (best round's mean
+        # client validation accuracy), on the IID split; the Dirichlet split takes the chosen one.
+        sweep = {lr: run_setting(f"iid-fedavgm-{lr:g}", recipe, folder, args, aggregator="fedavgm", server_lr=lr)
+                 for lr in args.server_lrs}
+        chosen = max(sweep, key=lambda lr: sweep[lr]["best_val_accuracy"])
+        rows["iid-fedavgm"] = {**sweep[chosen], "server_lr_sweep": {f"{lr:g}": r["best_val_accuracy"]
+                                                                    for lr, r in sweep.items()}}
+        if "dirichlet" in args.partitions:
+            rows["dirichlet-fedavgm"] = run_setting("dirichlet-fedavgm", recipe, folder, args, partitioner="dirichlet",
+                                                    alpha=0.5, aggregator="fedavgm", server_lr=chosen)
     if name == "text" and not args.no_attack:
         for aggregator in ("fedavg", "fedmedian"):
             rows[f"poisoned-{aggregator}"] = run_setting(f"poisoned-{aggregator}", recipe, folder, args,
@@ -145,11 +158,17 @@ def table(results: dict) -> str:
             gaining = f"{sum(g >= 0.01 for g in gains.values())}/{len(gains)}" if gains else "-"
             clients = (" / ".join(f"{row[k]:.4f}" if row.get(k) is not None else "-" for k in
                                   ("mean_client_local_only", "mean_client_global", "mean_client_personalised")))
-            label = {"iid": "FedAvg, IID", "dirichlet": "FedAvg, Dirichlet(0.5)"}.get(
+            server = f" (server LR {row['server_lr']:g}, momentum 0.9)" if row.get("server_lr") else ""
+            label = {"iid": "FedAvg, IID", "dirichlet": "FedAvg, Dirichlet(0.5)", "iid-fedavgm": f"FedAvgM{server}, IID",
+                     "dirichlet-fedavgm": f"FedAvgM{server}, Dirichlet(0.5)"}.get(
                 key, f"{row['aggregator']}, IID, client 0 sends -10 x its update")
             lines.append(f"| {label} | {row['test_accuracy']:.4f} | {100 * (row['test_accuracy'] - central['test_accuracy']):+.2f} pts | "
                          f"{clients} | {gaining} | {row['bytes_per_round'] / 1e6:.2f} MB ({100 * row['exchanged_fraction']:.2f}%) | "
                          f"{row['seconds']:.0f} |")
+        sweeps = [row["server_lr_sweep"] for row in rows.values() if row.get("server_lr_sweep")]
+        if sweeps:
+            lines += ["", "FedAvgM's server learning rate, chosen by the best round's mean client validation accuracy "
+                      "on the IID split: " + ", ".join(f"{lr}: {acc:.4f}" for lr, acc in sweeps[0].items()) + "."]
         lines.append("")
     domains = results.get("domains")
     if domains:
@@ -186,6 +205,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--partitions", nargs="+", choices=["iid", "dirichlet"], default=["iid", "dirichlet"])
     parser.add_argument("--no-attack", action="store_true", help="skip the poisoned-client runs")
+    parser.add_argument("--server-lrs", nargs="*", type=float, default=[1.0, 3.0],
+                        help="FedAvgM server learning rates to try (chosen on validation); none: skip FedAvgM")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--no-doc", action="store_true")

@@ -118,11 +118,13 @@ def test_federated_benchmark_runs_on_a_tiny_model(tiny_bert_dir, tmp_path):
     results = tmp_path / "federated.json"
     process = subprocess.run(
         [sys.executable, str(BENCH / "federated.py"), "--tiny", "--model", str(tiny_bert_dir), "--only", "text",
-         "--clients", "2", "--rounds", "1", "--partitions", "dirichlet", "--no-attack", "--results", str(results),
+         "--clients", "2", "--rounds", "1", "--partitions", "iid", "--server-lrs", "2", "--no-attack",
+         "--results", str(results),
          "--no-doc"],
         capture_output=True, text=True, timeout=900)
     assert process.returncode == 0, process.stderr[-3000:] + process.stdout[-3000:]
-    assert "| FedAvg, Dirichlet(0.5) |" in process.stdout and "| centralised, pooled data, 1 epochs |" in process.stdout
+    assert "| FedAvg, IID |" in process.stdout and "| centralised, pooled data, 1 epochs |" in process.stdout
+    assert "| FedAvgM (server LR 2, momentum 0.9), IID |" in process.stdout
     rows = json.loads(results.read_text())["text"]["rows"]
-    assert set(rows) == {"centralised", "dirichlet"}
+    assert set(rows) == {"centralised", "iid", "iid-fedavgm"} and rows["iid-fedavgm"]["aggregator"] == "fedavgm"
     assert all(0 <= r["test_accuracy"] <= 1 for r in rows.values())

@@ -64,6 +64,8 @@ def test_a_partition_that_leaves_a_client_almost_empty_is_a_clear_error():
     ({"model": "m", "clients": [{"name": "a", "train": "x"}, {"name": "b"}]}, "client 'b' needs 'train'"),
     ({"model": "m", "clients": [{"name": "a", "train": "x", "epochs": 3}, {"name": "b", "train": "y"}]}, "sets epochs"),
     ({"model": "m", "data": {"train": "a.csv"}, "max_rounds": "many"}, "'max_rounds' is 'many'"),
+    ({"model": "m", "data": {"train": "a.csv"}, "aggregator": "fedavgm", "server_momentum": 1.0}, "'server_momentum' is 1.0"),
+    ({"model": "m", "data": {"train": "a.csv"}, "aggregator": "fedadam", "server_lr": 0}, "'server_lr' is 0"),
 ])
 def test_bad_federated_configs_are_clear_errors(values, message):
     with pytest.raises(UserError, match=message):
@@ -84,6 +86,19 @@ def test_clients_with_test_labels_no_client_trains_on_are_refused(tiny_bert_dir,
 
 
 # -- the client's pieces ----------------------------------------------------------------------------------------
+def test_server_learning_rate_defaults_to_each_aggregators_own_and_is_passed_to_flower():
+    from transferkit.federated.aggregators import create_aggregator
+
+    base = {"model": "m", "data": {"train": "a.csv"}}
+    momentum = create_aggregator(FederatedConfig.from_dict({**base, "aggregator": "fedavgm"}), 3)
+    assert type(momentum).__name__ == "FedAvgM"
+    assert (momentum.server_learning_rate, momentum.server_momentum) == (1.0, 0.9)
+    tuned = create_aggregator(FederatedConfig.from_dict({**base, "aggregator": "fedavgm", "server_lr": "3",
+                                                         "server_momentum": 0}), 3)
+    assert (tuned.server_learning_rate, tuned.server_momentum) == (3.0, 0.0)
+    assert create_aggregator(FederatedConfig.from_dict({**base, "aggregator": "fedadam"}), 3).eta == 0.01
+
+
 def test_proximal_term_is_zero_at_the_global_weights_and_pulls_back():
     from transferkit.federated.local import ProximalPenalty
 

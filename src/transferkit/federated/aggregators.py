@@ -14,7 +14,12 @@ AGGREGATORS: dict[str, tuple[str, str, Callable[[Any], dict]]] = {
     "fedprox": ("FedProx: FedAvg, clients add mu/2 ||w - w_global||^2 (Li et al. 2020)", "FedProx",
                 lambda c: {"proximal_mu": c.proximal_mu}),
     "fedadam": ("FedAdam: Adam on the server over the averaged update (Reddi et al. 2021)", "FedAdam",
-                lambda c: {"eta": c.server_lr}),
+                lambda c: {"eta": 0.01 if c.server_lr is None else c.server_lr}),
+    # A client's round is a few local steps, so the average of IID updates moves the global model about as far
+    # as one client's steps: a server learning rate above 1 and momentum make up for it (Reddi et al. 2021).
+    "fedavgm": ("FedAvgM: FedAvg with server learning rate and momentum (Hsu et al. 2019)", "FedAvgM",
+                lambda c: {"server_learning_rate": 1.0 if c.server_lr is None else c.server_lr,
+                           "server_momentum": c.server_momentum}),
     "fedmedian": ("coordinate-wise median of the clients' parameters (Yin et al. 2018); robust", "FedMedian",
                   lambda c: {}),
     "fedtrimmedavg": ("coordinate-wise mean without the beta largest and smallest values (Yin et al. 2018); robust",

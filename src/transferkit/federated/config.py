@@ -53,7 +53,8 @@ class FederatedConfig:
     proximal_mu: float = 0.01
     trimmed_beta: float = 0.2
     krum_malicious: int = 1
-    server_lr: float = 0.01
+    server_lr: float | None = None  # fedadam: 0.01, fedavgm: 1.0
+    server_momentum: float = 0.9  # fedavgm
     max_rounds: int = 10
     local_epochs: int = 1
     min_delta: float = 0.001
@@ -74,7 +75,7 @@ class FederatedConfig:
     run_config: RunConfig | None = field(default=None, repr=False)
 
     OPTIONS = ("partitioner", "num_clients", "alpha", "classes_per_client", "aggregator", "proximal_mu", "trimmed_beta",
-               "krum_malicious", "server_lr", "max_rounds", "local_epochs", "min_delta", "round_patience",
+               "krum_malicious", "server_lr", "server_momentum", "max_rounds", "local_epochs", "min_delta", "round_patience",
                "fraction_train", "min_clients", "personalise_epochs", "local_only", "client_cpus", "poisoned_clients",
                "poison_scale", "round_timeout_s", "dp_clipping_norm", "dp_epsilon", "dp_delta", "dp_sensitivity")
 
@@ -95,6 +96,10 @@ class FederatedConfig:
                 raise UserError(f"{source}: '{key}' is not supported in a federated run: {fix}")
         if self.aggregator not in AGGREGATORS:
             raise UserError(f"{source}: 'aggregator' is '{self.aggregator}': choose one of {', '.join(AGGREGATORS)}")
+        if self.server_lr is not None and not self.server_lr > 0:
+            raise UserError(f"{source}: 'server_lr' is {self.server_lr}: it must be > 0")
+        if not 0 <= self.server_momentum < 1:
+            raise UserError(f"{source}: 'server_momentum' is {self.server_momentum}: it must be in [0, 1)")
         if self.partitioner not in PARTITIONERS:
             raise UserError(f"{source}: 'partitioner' is '{self.partitioner}': choose one of {', '.join(PARTITIONERS)}")
         for name in ("max_rounds", "local_epochs", "num_clients"):
