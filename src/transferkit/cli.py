@@ -547,6 +547,14 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"transferkit: error: {error}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as error:
+        if error.name not in ("torch", "transformers"):
+            raise
+        # A serving-only install (ONNX runtime) has neither; every other command needs both.
+        print(f"transferkit: error: 'transferkit {args.command}' needs {error.name}, which is not installed: "
+              f"pip install torch transformers (only 'transferkit serve --runtime onnx' works without them)",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\ntransferkit: interrupted; continue with 'transferkit fit --out RUN --resume'", file=sys.stderr)
         return 130

@@ -24,6 +24,7 @@ from .engine.loop import default_device
 from .errors import UserError
 from .evaluation.metrics import full_report
 from .model import Classifier
+from .run_directory import model_directory
 
 FORMAT_VERSION = 1
 
@@ -133,17 +134,6 @@ class FineTunedModel:
         labels = encode_labels(examples.labels, self.classes)
         predictions = self.predict_proba(examples.inputs).argmax(1)
         return full_report(labels, predictions, self.classes)
-
-
-def model_directory(run: str | Path) -> Path:
-    """The ``model/`` folder of a finished run (or ``run`` itself when it is that folder)."""
-    run = Path(run)
-    if not run.exists():
-        raise UserError(f"run directory {run} does not exist: point at the --out of a finished 'transferkit fit'")
-    directory = run / "model" if (run / "model").is_dir() else run
-    if not (directory / "transferkit.json").is_file():
-        raise UserError(f"{run} holds no finished model (no model/transferkit.json): point at a finished run directory")
-    return directory
 
 
 def load_run(run: str | Path, task: str | None = None) -> FineTunedModel:

@@ -139,6 +139,82 @@ def test_onnx_runtime_serves_the_same_predictions(text_run, tmp_path):
         assert a["label"] == b["label"] and abs(a["probabilities"]["pos"] - b["probabilities"]["pos"]) < 1e-5
 
 
+# Runs the CLI with PyTorch and transformers made unimportable, as on a machine where they are not installed.
+WITHOUT_TORCH = """
+import importlib.abc, runpy, sys
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("torch", "transformers"):
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)", name=name.split(".")[0])
+sys.meta_path.insert(0, NotInstalled())
+sys.argv[0] = "transferkit"
+runpy.run_module("transferkit", run_name="__main__")
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_onnx_runtime_serves_without_pytorch_installed(text_run, tmp_path):
+    import time
+
+    onnx_path = tmp_path / "m.onnx"
+    export_onnx(text_run, onnx_path)
+    texts = [t for t, _ in make_sentences(10, seed=9)] + ["good " * 200]  # the last one is cut at max_length
+    expected = TorchPredictor.load(text_run)
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-c", WITHOUT_TORCH, "serve", str(text_run), "--runtime", "onnx",
+                               "--onnx", str(onnx_path), "--port", str(port), "--log-level", "warning"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert server.poll() is None, server.stdout.read()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, "the torch-free server did not start within 120 s"
+            time.sleep(0.3)
+        answers = httpx.post(f"http://127.0.0.1:{port}/predict", json={"texts": texts}).json()["predictions"]
+        assert httpx.get(f"http://127.0.0.1:{port}/metadata").json()["runtime"] == "onnx"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    probabilities = expected.predict_proba(texts)
+    for answer, row, cut in zip(answers, probabilities, expected.truncated(texts)):
+        assert answer["label"] == expected.classes[int(row.argmax())] and answer["truncated"] is cut
+        assert abs(answer["probabilities"]["pos"] - row[expected.classes.index("pos")]) < 1e-5
+    assert answers[-1]["truncated"] is True
+
+
+def test_commands_that_need_pytorch_say_so_on_a_serving_only_install(tmp_path):
+    result = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, "fit", "--train", str(tmp_path / "a.csv"),
+                             "--model", "minilm-l6", "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "'transferkit fit' needs torch, which is not installed" in result.stderr
+
+
+def test_onnx_runtime_predicts_images_as_pytorch_does(image_run, tmp_path):
+    from PIL import Image
+
+    onnx_path = tmp_path / "m.onnx"
+    export_onnx(image_run, onnx_path)
+    images = [np.array(Image.open(p).convert("RGB")) for p in sorted((image_run.parent / "images").rglob("*.png"))]
+    # Other sizes than training's: the central square is cut and resized, in NumPy on the ONNX path.
+    images += [np.pad(images[0], ((0, 7), (3, 0), (0, 0)), mode="edge"), np.kron(images[1], np.ones((3, 3, 1), np.uint8))]
+    torch_probabilities = TorchPredictor.load(image_run).predict_proba(images)
+    onnx_probabilities = OnnxPredictor(image_run, onnx_path, batch_size=8).predict_proba(images)
+    assert np.abs(torch_probabilities - onnx_probabilities).max() < 1e-5
+
+
 def test_fuzzing_the_openapi_schema_finds_no_server_error(text_run):
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, given, settings

@@ -1,8 +1,9 @@
 """What serving calls to predict: a run's PyTorch model or its ONNX export, behind one small interface.
 
 Both take raw inputs (a list of texts, or a list of decoded RGB images as uint8 arrays) and return
-class probabilities. The ONNX predictor preprocesses with the run's own saved tokenizer or image
-settings and never builds the PyTorch network.
+class probabilities. The ONNX predictor never imports PyTorch: it preprocesses with the run's saved fast
+tokenizer or image settings in NumPy (``preprocess``), so a server needs only onnxruntime, tokenizers and
+NumPy beside the web stack.
 """
 
 from __future__ import annotations
@@ -12,13 +13,10 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
-import torch
 
-from ..backbones.hf_text import pad_token_ids
-from ..backbones.images import images_to_batch
-from ..engine.batches import Batches, map_in_order
 from ..errors import UserError
-from ..saved_model import FineTunedModel, model_directory
+from ..run_directory import model_directory
+from .preprocess import TextEncoder, images_to_array
 
 
 class Predictor(Protocol):
@@ -52,7 +50,7 @@ class TorchPredictor:
 
     runtime = "torch"
 
-    def __init__(self, model: FineTunedModel):
+    def __init__(self, model):
         self.model = model  # a FineTunedModel or an EnsembleModel: both predict and flag truncation
         self.classes = model.classes
         self.modality = model.modality
@@ -61,6 +59,8 @@ class TorchPredictor:
 
     @classmethod
     def load(cls, run: str | Path, task: str | None = None) -> "TorchPredictor":
+        from ..saved_model import FineTunedModel
+
         return cls(FineTunedModel.load(run, task))
 
     def predict_proba(self, inputs) -> np.ndarray:
@@ -97,31 +97,31 @@ class OnnxPredictor:
         self.batch_size = batch_size
         self.path = path
         if self.modality == "text":
-            from transformers import AutoTokenizer
+            self.encoder = TextEncoder(directory / "backbone", int(self.backbone_spec["max_length"]))
 
-            self.tokenizer = AutoTokenizer.from_pretrained(directory / "backbone")
-            self.max_length = int(self.backbone_spec["max_length"])
-
-    def _run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        feeds = {name: inputs[name].contiguous().numpy() for name in self.input_names}
-        return torch.from_numpy(self.session.run(None, feeds)[0])
+    def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run(None, {name: feeds[name] for name in self.input_names})[0]
 
     def predict_proba(self, inputs) -> np.ndarray:
         if self.modality == "text":
-            ids = self.tokenizer(list(inputs), truncation=True, max_length=self.max_length, return_attention_mask=False,
-                                 return_token_type_ids=False)["input_ids"]
-            pad_id = self.tokenizer.pad_token_id or 0
-            batches = Batches(ids, None, lambda rows, idx: pad_token_ids([rows[i] for i in idx], pad_id), self.batch_size,
-                              lengths=[len(r) for r in ids])
+            ids, _ = self.encoder.encode(inputs)
+            # Texts of similar length batched together, as in training: less padding, same results.
+            order = np.argsort([len(row) for row in ids], kind="stable")
+            chunks = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+            logits = np.empty((len(ids), len(self.classes)), dtype=np.float32)
+            for chunk in chunks:
+                logits[chunk] = self._run(self.encoder.pad([ids[i] for i in chunk]))
         else:
             spec = self.backbone_spec
-            batches = Batches(inputs, None, lambda images, idx: {"pixel_values": images_to_batch(
-                images, idx, int(spec["image_size"]), spec["mean"], spec["std"], channels_last=False)}, self.batch_size)
-        logits = map_in_order(batches, self._run, torch.device("cpu"))
-        return torch.softmax(logits, dim=-1).numpy()
+            images = np.asarray(inputs.pixels) if hasattr(inputs, "pixels") else list(inputs)
+            logits = np.concatenate([self._run({"pixel_values": images_to_array(
+                images[i : i + self.batch_size], int(spec["image_size"]), spec["mean"], spec["std"])})
+                for i in range(0, len(images), self.batch_size)])
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return shifted / shifted.sum(axis=1, keepdims=True)
 
     def truncated(self, texts: Sequence[str]) -> list[bool]:
-        return truncation_flags(self.tokenizer, self.max_length, texts)
+        return self.encoder.encode(texts)[1]
 
 
 def load_predictor(run: str | Path, runtime: str = "torch", onnx_path: str | Path | None = None,
