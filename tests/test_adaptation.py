@@ -41,6 +41,27 @@ def test_coral_is_zero_for_matching_covariances_and_positive_otherwise():
     assert coral_distance(x, 2.0 * x).item() > 0.01
 
 
+def test_deep_embedded_validation_estimates_the_target_risk_from_source_validation():
+    """1-D Gaussian domains, where a logistic domain classifier recovers the density ratio exactly. Loss 1 for
+    x > 0.5: the source risk is P(N(0,1) > 0.5) = 0.31, the target risk P(N(1,1) > 0.5) = 0.69; DEV, seeing
+    only source losses, must find the target's."""
+    import numpy as np
+
+    from transferkit.adaptation import deep_embedded_validation
+
+    rng = np.random.default_rng(0)
+    train, val = rng.normal(0, 1, (4000, 1)), rng.normal(0, 1, (4000, 1))
+    target = rng.normal(1, 1, (4000, 1))
+    losses = (val[:, 0] > 0.5).astype(float)
+    shifted = deep_embedded_validation(train, target, val, losses)
+    assert shifted["source_val_loss"] == pytest.approx(0.31, abs=0.02)
+    assert shifted["risk"] == pytest.approx(0.69, abs=0.05)
+    assert shifted["effective_examples"] < 4000
+    # No shift: every weight is about 1 and the estimate is the plain validation loss.
+    same = deep_embedded_validation(train, rng.normal(0, 1, (4000, 1)), val, losses)
+    assert same["mean_weight"] == pytest.approx(1.0, abs=0.05) and same["risk"] == pytest.approx(0.31, abs=0.03)
+
+
 def test_cdan_uses_a_random_multilinear_map_only_for_wide_inputs():
     assert CDAN(32, 2).exact and not CDAN(1280, 10).exact
     wide = CDAN(1280, 10)
@@ -83,6 +104,8 @@ def test_adapt_runs_each_method_and_reports_the_target(method, domains, source_o
     assert report["method"] == method and report["target_examples"] == 80
     assert 0 <= report["target_test"]["accuracy"] <= 1 and report["target_test"]["examples"] == 40
     assert -2 <= report["a_distance_before"] <= 2 and -2 <= report["a_distance_after"] <= 2
+    dev = report["dev"]  # the target risk estimated from source validation losses (finite: NaN would compare unequal)
+    assert dev["risk"] == dev["risk"] and dev["mean_weight"] > 0 and 0 < dev["effective_examples"] <= 40
     assert (tmp_path / method / "plots" / "domains.png").is_file()
     # The transfer term changes training: the weights differ from a source-only run with the same seed.
     from safetensors.torch import load_file

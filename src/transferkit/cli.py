@@ -181,6 +181,8 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         target = adaptation.get("target_test")
         print(f"{adaptation.get('method')}: A-distance {adaptation.get('a_distance_before', 0):.2f} -> "
               f"{adaptation.get('a_distance_after', 0):.2f}"
+              + (f"; DEV target risk {adaptation['dev']['risk']:.4f} (source validation loss "
+                 f"{adaptation['dev']['source_val_loss']:.4f})" if "dev" in adaptation else "")
               + (f"; target test accuracy {target['accuracy']:.4f} ({target['examples']} examples)" if target else "")
               + f"; plot {Path(out) / adaptation.get('plot', '')}")
     return code

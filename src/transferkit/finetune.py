@@ -44,7 +44,8 @@ from .saved_model import FineTunedModel, save_classifier
 from .strategies import Strategy, create_strategy
 from .strategies.base import decay_groups
 from .teacher import check_teacher, median_latency_ms, teacher_logits
-from .adaptation import backbone_features, load_target, plot_domains, proxy_a_distance, sample_indices
+from .adaptation import (backbone_features, deep_embedded_validation, load_target, plot_domains, proxy_a_distance,
+                         sample_indices)
 from .objectives.domain import ADAPTATION_METHODS, DomainAdaptationObjective, TargetStream
 
 DEFAULT_LR = {"probe": 1e-3, "text": 5e-5, "image": 5e-4}
@@ -214,12 +215,19 @@ def _domain_features(model: Classifier, prepared: dict, sample: dict, batch_size
 
 
 def _adaptation_report(config: RunConfig, model: Classifier, splits: Splits, prepared: dict, sample: dict,
-                       before: tuple, classes: list[str], device: torch.device, run_dir: Path) -> dict[str, Any]:
-    """Target test accuracy (labels used only here), the A-distance before and after, the embedding plot."""
+                       before: tuple, classes: list[str], val_labels: np.ndarray, device: torch.device,
+                       run_dir: Path) -> dict[str, Any]:
+    """Target test accuracy (labels used only here), the A-distance before and after, the DEV estimate of the
+    target risk (for choosing among runs without target labels), the embedding plot."""
     after = _domain_features(model, prepared, sample, config.eval_batch_size, device)
     report: dict[str, Any] = {"method": config.adapt_method, "weight": config.adapt_weight, "target": config.target,
                               "target_examples": len(splits.target.inputs), "selection": "source validation split",
                               "a_distance_before": proxy_a_distance(*before), "a_distance_after": proxy_a_distance(*after)}
+    val_features = backbone_features(model, prepared["val"], np.arange(len(prepared["val"])), config.eval_batch_size, device)
+    with torch.no_grad():
+        logits = model.head(torch.from_numpy(val_features).to(device)).float().cpu()
+    val_losses = torch.nn.functional.cross_entropy(logits, torch.as_tensor(val_labels), reduction="none").numpy()
+    report["dev"] = deep_embedded_validation(*after, val_features, val_losses)
     if splits.target_test is not None:
         student = FineTunedModel(model, classes, run_dir, config.eval_batch_size)
         full = student.evaluate(splits.target_test)
@@ -456,7 +464,7 @@ def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bo
         metrics["distillation"] = _compare_with_teacher(config, teacher, model, classes, splits)
     if domains_before is not None and main:
         metrics["adaptation"] = _adaptation_report(config, model, splits, prepared, domain_sample, domains_before,
-                                                   classes, device, run_dir)
+                                                   classes, labels["val"], device, run_dir)
     if main:
         _write_run(run_dir, config, strategy.name, model, classes, metrics)
     distributed.barrier()  # no process returns before the run directory is complete
