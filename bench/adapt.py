@@ -94,16 +94,39 @@ def run_methods(args, folder: Path, name: str, recipe: dict) -> list[dict]:
     runs = []
     for seed in args.seeds:
         for method in args.methods:
-            started = time.time()
-            metrics = transferkit.finetune(adapt_method=method, seed=seed, out=str(folder / f"{name}-{method}-{seed}"),
-                                           **recipe)
-            a = metrics["adaptation"]
-            runs.append({"method": method, "seed": seed, "target_accuracy": a["target_test"]["accuracy"],
-                         "source_test_accuracy": metrics["test"]["accuracy"], "a_distance_before": a["a_distance_before"],
-                         "a_distance_after": a["a_distance_after"], "seconds": time.time() - started})
-            print(f"{name} {method:12s} seed {seed}: target {a['target_test']['accuracy']:.4f}, "
-                  f"A-distance {a['a_distance_before']:.2f} -> {a['a_distance_after']:.2f}", flush=True)
+            for weight in [1.0] if method == "source-only" else args.weights:
+                started = time.time()
+                metrics = transferkit.finetune(adapt_method=method, adapt_weight=weight, seed=seed,
+                                               out=str(folder / f"{name}-{method}-{weight:g}-{seed}"), **recipe)
+                a = metrics["adaptation"]
+                runs.append({"method": method, "weight": weight, "seed": seed,
+                             "target_accuracy": a["target_test"]["accuracy"],
+                             "source_test_accuracy": metrics["test"]["accuracy"], "a_distance_before": a["a_distance_before"],
+                             "a_distance_after": a["a_distance_after"], "dev_risk": a["dev"]["risk"],
+                             "seconds": time.time() - started})
+                print(f"{name} {method:12s} weight {weight:g} seed {seed}: target {a['target_test']['accuracy']:.4f}, "
+                      f"A-distance {a['a_distance_before']:.2f} -> {a['a_distance_after']:.2f}, DEV {a['dev']['risk']:.4f}",
+                      flush=True)
     return runs
+
+
+def _key(run: dict) -> tuple:
+    return run["method"], run.get("weight", 1.0), run["seed"]
+
+
+def _label(method: str, weight: float) -> str:
+    return method if weight == 1.0 else f"{method} (weight {weight:g})"
+
+
+def dev_choice(runs: list[dict]) -> list[dict] | None:
+    """Per seed, among the runs that report a DEV risk, the one with the lowest (target labels play no part)."""
+    chosen = []
+    for seed in sorted({r["seed"] for r in runs}):
+        candidates = [r for r in runs if r["seed"] == seed and r.get("dev_risk") is not None]
+        if len(candidates) < 2:
+            return None
+        chosen.append(min(candidates, key=lambda r: r["dev_risk"]))
+    return chosen
 
 
 PAIRS = {"text": text_pair, "image": image_pair}
@@ -118,22 +141,30 @@ def table(results: dict) -> str:
         seeds = sorted({r["seed"] for r in pair["runs"]})
         lines += [f"### {name}: {pair['pair']}, {pair['model']} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}; "
                   f"{results['machine']}, {pair.get('date', results['date'])})", "",
-                  "| method | target accuracy (mean +- std) | vs source-only | source test accuracy | A-distance before -> after | time (s) |",
-                  "|---|---|---|---|---|---|"]
+                  "| method | target accuracy (mean +- std) | vs source-only | source test accuracy | A-distance before -> after | DEV risk | time (s) |",
+                  "|---|---|---|---|---|---|---|"]
         by = {}
         for r in pair["runs"]:
-            by.setdefault(r["method"], []).append(r)
+            by.setdefault(_label(r["method"], r.get("weight", 1.0)), []).append(r)
         base = statistics.mean(r["target_accuracy"] for r in by.get("source-only", [])) if "source-only" in by else None
         for method, rows in by.items():
             accuracy = [r["target_accuracy"] for r in rows]
             mean = statistics.mean(accuracy)
             spread = statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0
             delta = f"{100 * (mean - base):+.2f} pts" if base is not None else "-"
+            risks = [r["dev_risk"] for r in rows if r.get("dev_risk") is not None]
+            dev = f"{statistics.mean(risks):.4f}" if len(risks) == len(rows) else "-"
             lines.append(f"| {method} | {mean:.4f} +- {spread:.4f} | {delta} | "
                          f"{statistics.mean(r['source_test_accuracy'] for r in rows):.4f} | "
                          f"{statistics.mean(r['a_distance_before'] for r in rows):.2f} -> "
-                         f"{statistics.mean(r['a_distance_after'] for r in rows):.2f} | "
+                         f"{statistics.mean(r['a_distance_after'] for r in rows):.2f} | {dev} | "
                          f"{statistics.mean(r['seconds'] for r in rows):.0f} |")
+        chosen = dev_choice(pair["runs"])
+        if chosen is not None and base is not None:
+            mean = statistics.mean(r["target_accuracy"] for r in chosen)
+            lines += ["", f"Chosen without target labels, per seed the run with the lowest DEV risk (among the runs with one): "
+                      + ", ".join(f"seed {r['seed']}: {_label(r['method'], r.get('weight', 1.0))}" for r in chosen)
+                      + f"; target accuracy {mean:.4f} ({100 * (mean - base):+.2f} pts vs source-only)."]
         lines.append("")
     return "\n".join(lines).rstrip()
 
@@ -142,7 +173,9 @@ def write_doc(results: dict) -> None:
     intro = ("## Domain adaptation (bench/adapt.py)\n\nEvery method with the same backbone, recipe and seed; the model "
              "is selected on the source validation split, target labels are used only for the target accuracy. "
              "A-distance: proxy A-distance of a linear domain classifier on the backbone's features (2 = separable, "
-             "0 = indistinguishable), pretrained -> after training. Reference points (other data, ResNet-50): TLlib "
+             "0 = indistinguishable), pretrained -> after training. DEV risk: Deep Embedded Validation (You et al. 2019), the "
+             "target risk estimated from source validation losses weighted by the density ratio, without target labels "
+             "(lower is better; '-': recorded before DEV was reported). Reference points (other data, ResNet-50): TLlib "
              "Office-31 source-only 79.5, DAN 83.7, DANN 86.1, CDAN 87.7; Ganin et al. MNIST -> MNIST-M source-only "
              "52.25, DANN 76.66.\n\n")
     replace_section("## Domain adaptation (bench/adapt.py)", intro + table(results) + "\n")
@@ -153,6 +186,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=list(PAIRS), default=list(PAIRS))
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--weights", nargs="+", type=float, default=[1.0],
+                        help="adaptation weights to run each method with (--adapt-weight; default 1)")
     parser.add_argument("--model", default="minilm-l6", help="text model")
     parser.add_argument("--epochs", type=int, default=3, help="text epochs")
     parser.add_argument("--image-model", default="efficientnet-lite0")
@@ -174,9 +209,12 @@ def main() -> None:
                 results[name] = PAIRS[name](args, Path(tmp))
                 results[name]["date"] = results["date"]
                 if previous.get("model") == results[name]["model"] and not args.tiny:
-                    # Seeds run earlier with the same model stay: --seeds 1 2 adds to a recorded seed 0.
-                    kept = [r for r in previous["runs"] if r["seed"] not in args.seeds and r["method"] in args.methods]
-                    results[name]["runs"] = sorted(kept + results[name]["runs"], key=lambda r: r["seed"])
+                    # Runs recorded earlier with the same model stay unless this run repeats them (same method,
+                    # weight and seed): --seeds 1 2 adds to a recorded seed 0, --weights 3 to the weight-1 runs.
+                    fresh = {_key(r) for r in results[name]["runs"]}
+                    kept = [r for r in previous["runs"] if _key(r) not in fresh]
+                    results[name]["runs"] = sorted(kept + results[name]["runs"], key=lambda r: (r["seed"], METHODS.index(
+                        r["method"]) if r["method"] in METHODS else 99, r.get("weight", 1.0)))
                 save_results(args.results, results)
         print(table(results))
     if not args.no_doc:
