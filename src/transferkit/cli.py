@@ -445,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     ranker = commands.add_parser("rank", help="rank candidate pretrained models for your data before fine-tuning")
     _add_fit_arguments(ranker)
     ranker.add_argument("--data", dest="train", default=None, help="the labelled data to rank for (same as --train)")
-    ranker.add_argument("--models", required=True, help="comma-separated candidates; random:NAME is NAME with random weights")
+    ranker.add_argument("--models", required=True, help="comma-separated candidates; random:NAME is NAME with random weights, "
+                        "NAME@layers=K is NAME cut to its K lowest transformer layers")
     ranker.add_argument("--sample", type=int, default=1000, help="stratified sample of the data to score on (default 1000)")
     ranker.add_argument("--validate", type=int, default=0,
                         help="fine-tune the top K (and the bottom one) with --epochs and report rank correlations")

@@ -83,6 +83,25 @@ def test_validation_fine_tunes_top_and_bottom_and_reports_rank_correlations(tiny
     assert [row["model"] for row in failed] == ["random:efficientnet-lite0"] and "images" in failed[0]["error"]
 
 
+def test_a_candidate_cut_to_its_lowest_layers_is_scored_priced_and_fine_tuned_that_deep(tiny_bert_dir, text_data, tmp_path):
+    from transformers import BertConfig
+
+    config = BertConfig.from_pretrained(tiny_bert_dir)
+    h, i = config.hidden_size, config.intermediate_size
+    layer = 4 * (h * h + h) + 2 * h + (h * i + i) + (i * h + h) + 2 * h
+    candidates = [str(tiny_bert_dir), f"{tiny_bert_dir}@layers=1", f"{tiny_bert_dir}@layers=9"]
+    result = transferkit.rank(candidates, train=str(text_data["train"]), val=str(text_data["val"]),
+                              test=str(text_data["test"]), sample=40, validate=2, epochs=1, out=str(tmp_path / "rank"))
+    rows = {row["model"]: row for row in result["candidates"]}
+    full, cut = rows[candidates[0]], rows[candidates[1]]
+    assert full["cost"]["total_parameters"] - cut["cost"]["total_parameters"] == layer
+    assert cut["cost"]["flops_per_example"] < full["cost"]["flops_per_example"]
+    assert "choose 1 to 2" in rows[candidates[2]]["error"]
+    assert set(result["validation"]["fine_tuned"]) == set(candidates[:2])
+    folder = next(p for p in (tmp_path / "rank" / "validate").iterdir() if p.name.endswith("layers_1"))
+    assert json.loads((folder / "model" / "backbone" / "config.json").read_text())["num_hidden_layers"] == 1
+
+
 def test_pareto_front_keeps_what_nothing_cheaper_beats():
     assert sorted(pareto_front([(1.0, 0.5), (2.0, 0.9), (3.0, 0.7), (1.0, 0.4)])) == [0, 1]
 
@@ -91,6 +110,7 @@ def test_pareto_front_keeps_what_nothing_cheaper_beats():
     (["--models", "minilm-l6", "--sample", "1"], "--sample is 1"),
     (["--models", "minilm-l6", "--estimators", "logm"], "unknown estimator 'logm'"),
     (["--models", "minilm-l6", "--model", "minilm-l6"], "--models a,b,c"),
+    (["--models", "minilm-l6,minilm-l6@3"], "write NAME@layers=K"),
 ])
 def test_bad_rank_requests_get_one_line_and_exit_2(argv, message, sentiment_csv, tmp_path, capsys):
     assert main(["rank", "--data", str(sentiment_csv), "--out", str(tmp_path / "r"), *argv]) == 2

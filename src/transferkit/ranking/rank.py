@@ -42,14 +42,35 @@ def _folder_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
+LAYERS = re.compile(r"^(?P<model>.+)@layers=(?P<layers>\d+)$")
+
+
+def parse_candidate(candidate: str) -> tuple[str, int | None]:
+    """``NAME`` or ``NAME@layers=K`` (NAME cut to its K lowest transformer layers: a cheaper candidate of the
+    same family, so the ranking also answers "how deep a model do I need?")."""
+    match = LAYERS.match(candidate)
+    if match is None:
+        if "@" in candidate:
+            raise UserError(f"candidate '{candidate}': write NAME@layers=K to keep the K lowest layers of NAME "
+                            f"(e.g. minilm-l6@layers=3)")
+        return candidate, None
+    layers = int(match["layers"])
+    if layers < 1:
+        raise UserError(f"candidate '{candidate}': keep at least 1 layer")
+    return match["model"], layers
+
+
 def _score_candidate(name: str, config: RunConfig, sample, classes: list[str], estimators: list[str],
                      cache: Path, device: torch.device) -> dict[str, Any]:
     """One row of the table; a candidate that cannot be loaded or used gets its reason instead."""
     row: dict[str, Any] = {"model": name, "scores": {}, "not_applicable": {}}
     started = time.time()
+    model_name, layers = parse_candidate(name)
     try:
-        backbone = create_backbone(name, image_size=config.image_size, max_length=config.max_length,
+        backbone = create_backbone(model_name, image_size=config.image_size, max_length=config.max_length,
                                    pooling=config.pooling, allow_pickle=config.allow_pickle)
+        if layers is not None:
+            backbone.keep_bottom_layers(layers)
     except UserError as error:
         return {**row, "error": str(error)}
     except Exception as error:  # a broken third-party checkpoint must not stop the other candidates
@@ -111,8 +132,10 @@ def _validate(rows: list[dict], config: RunConfig, by: str, k: int, sample_size:
     chosen = ranked[:k] + ([ranked[-1]] if len(ranked) > k else [])
     for row in chosen:
         print(f"validating the ranking: fine-tuning {row['model']}", flush=True)
-        metrics = finetune(config.replace(model=row["model"], out=str(out / "validate" / _folder_name(row["model"])),
-                                          baseline=False, max_train_examples=sample_size), overwrite=True)
+        model_name, layers = parse_candidate(row["model"])
+        metrics = finetune(config.replace(model=model_name, keep_layers=layers, baseline=False,
+                                          out=str(out / "validate" / _folder_name(row["model"])),
+                                          max_train_examples=sample_size), overwrite=True)
         row["fine_tuned_accuracy"] = metrics["test"]["accuracy"]
         row["fine_tune_seconds"] = metrics["seconds"]
     correlations = {}
@@ -178,6 +201,8 @@ def rank(models: list[str], *, sample: int = 1000, validate: int = 0, validate_e
         estimators.insert(0, by)
     if len(models) < 1 or any(not m.strip() for m in models):
         raise UserError("--models needs a comma-separated list of candidate models, e.g. minilm-l6,random:minilm-l6")
+    for candidate in models:
+        parse_candidate(candidate.strip())  # a malformed candidate is the user's mistake, not a failed load
     if sample < 2:
         raise UserError(f"--sample is {sample}: it must be at least the number of classes (and at least 2)")
     if validate < 0:
@@ -185,7 +210,8 @@ def rank(models: list[str], *, sample: int = 1000, validate: int = 0, validate_e
     out_dir = Path(out)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise UserError(f"output directory {out_dir} already exists: choose another --out or pass --overwrite")
-    config = RunConfig.from_dict({**fields, "model": models[0], "out": str(out_dir)}, source="rank")
+    config = RunConfig.from_dict({**fields, "model": parse_candidate(models[0].strip())[0], "out": str(out_dir)},
+                                 source="rank")
     splits = load_splits(config)
     if sample < len(splits.classes):
         raise UserError(f"--sample is {sample} but the data have {len(splits.classes)} classes: "
