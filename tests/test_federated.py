@@ -205,6 +205,23 @@ def _train_exchange(mod, received, update, message_type="train"):
     return mod(message, None, client)
 
 
+def test_the_privacy_accountant_composes_rounds_by_both_bounds():
+    import math
+
+    from transferkit.federated.privacy import compose_rounds
+
+    sigma = math.sqrt(2 * math.log(1.25 / 1e-5)) / 2.0  # Flower's noise for epsilon 2, sensitivity 1
+    one = compose_rounds(2.0, 1e-5, 1.0, sigma, 1)
+    assert one["basic_composition"] == {"epsilon": 2.0, "delta": 1e-5}
+    # By hand: rho = 1 / (2 sigma^2) = epsilon^2 / (4 ln(1.25e5)) = 4 / 46.94 = 0.0852;
+    # epsilon = rho + 2 sqrt(rho ln 1e5) = 0.0852 + 2 * 0.9904 = 2.066 (for one round, looser than 2).
+    assert one["zcdp"]["rho"] == pytest.approx(0.08521, abs=1e-4)
+    assert one["zcdp"]["epsilon"] == pytest.approx(2.0661, abs=1e-3)
+    many = compose_rounds(2.0, 1e-5, 1.0, sigma, 100)
+    assert many["basic_composition"]["epsilon"] == 200.0 and many["zcdp"]["rho"] == pytest.approx(100 * one["zcdp"]["rho"])
+    assert many["zcdp"]["epsilon"] < 40 < many["basic_composition"]["epsilon"]  # sqrt(k) beats k
+
+
 def test_local_dp_clips_the_update_and_adds_noise_only_to_training_replies():
     from transferkit.federated.apps import local_privacy_mod
 

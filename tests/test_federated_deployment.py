@@ -128,6 +128,7 @@ def test_deployed_federation_on_real_supernodes_survives_a_killed_client(tiny_be
     mean = sum(r["global"] * r["test_examples"] for r in metrics["per_client"].values()) / test_examples
     assert abs(metrics["test"]["accuracy"] - mean) < 1e-9  # the union's accuracy, from the clients' confusion matrices
     assert metrics["privacy"]["clipping_norm"] == 5.0 and metrics["privacy"]["noise_std"] > 0
+    assert metrics["privacy"]["total"]["rounds"] == 2 and metrics["privacy"]["total"]["basic_composition"]["epsilon"] == 2000
     assert "LocalDpMod: parameters are clipped" in (federation["logs"] / "supernode-0.log").read_text()
 
     import transferkit

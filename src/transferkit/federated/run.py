@@ -173,6 +173,13 @@ def write_federated_run(config: FederatedConfig, local, classes: list[str], resu
                               "clipping_norm": config.dp_clipping_norm, "epsilon_per_round": config.dp_epsilon,
                               "delta": config.dp_delta, "sensitivity": sensitivity,
                               "noise_std": sensitivity * float(np.sqrt(2 * np.log(1.25 / config.dp_delta))) / config.dp_epsilon}
+        if sensitivity > 0:
+            from .privacy import compose_rounds
+
+            # Counted as if every client trained in every round: an upper bound when fraction_train < 1 or a
+            # client dropped out.
+            metrics["privacy"]["total"] = compose_rounds(config.dp_epsilon, config.dp_delta, sensitivity,
+                                                         metrics["privacy"]["noise_std"], len(history))
     for key in ("global", "personalised", "local_only"):
         values = [r[key] for r in per_client.values() if key in r]
         if values:
@@ -201,6 +208,11 @@ def federated_table(metrics: dict[str, Any]) -> str:
               + (f" ({', '.join(metrics['dropped_clients'])} dropped out)" if metrics.get("dropped_clients") else ""),
               f"sent per client per direction {b['exchanged_per_client_per_direction'] / 1e6:.2f} MB = "
               f"{100 * b['exchanged_fraction']:.2f}% of the model; {b['total'] / 1e6:.1f} MB in all"]
+    total = metrics.get("privacy", {}).get("total")
+    if total:
+        zcdp, basic = total["zcdp"], total["basic_composition"]
+        lines.append(f"local DP over {total['rounds']} rounds: epsilon {zcdp['epsilon']:.3g} at delta {zcdp['delta']:g} "
+                     f"(zCDP), {basic['epsilon']:.3g} at delta {basic['delta']:g} (basic composition)")
     return "\n".join(lines)
 
 
