@@ -53,7 +53,9 @@ EXPERIMENTS = {
         {"strategy": "discriminative-lr", "lr": 1e-4, "lr_decay": 0.8, "epochs": 5},
         # "at most 8,000 training sentences": the treebank's full sentences, then its longest phrases, instead of
         # a random sample of rows (half of which are phrases of seven words or fewer).
-        {"lr": 5e-5, "head_init": "probe", "rows": "sentences"}]}),
+        {"lr": 5e-5, "head_init": "probe", "rows": "sentences"},
+        {"lr": 5e-5, "head_init": "probe", "rows": "sentences", "epochs": 5},
+        {"lr": 1e-4, "head_init": "probe", "rows": "sentences"}]}),
     # The full set is too large for a grid here: it takes the recipe that won sst2-8k's validation (its epochs
     # excepted: passes over 52k phrases are more steps than over 8k). Three epochs, the best one chosen on
     # validation: a 2-epoch run's validation accuracy was still rising at its end (0.8784, 0.8842).
