@@ -128,14 +128,17 @@ def _objective(config: RunConfig, model: Classifier, train_labels: np.ndarray, t
 
 
 def batch_augmenter(config: RunConfig, backbone) -> BatchAugmenter:
+    # A transformers tokenizer masks with its mask (or unknown) token; a static model's plain tokenizer has
+    # neither, and token masking drops words instead.
     tokenizer = getattr(backbone, "tokenizer", None)
-    mask_id = None
-    if tokenizer is not None:
+    mask_id, keep_ids = None, set()
+    if hasattr(tokenizer, "all_special_ids"):
         mask_id = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else tokenizer.unk_token_id
+        keep_ids = set(tokenizer.all_special_ids)
     augmentations = config.augmentations
     return BatchAugmenter(flip="flip" in augmentations, crop="crop" in augmentations, affine="affine" in augmentations,
                           noise=config.noise or 0.0, token_mask=config.token_mask or 0.0, mask_id=mask_id,
-                          keep_ids=set(tokenizer.all_special_ids) if tokenizer is not None else set())
+                          keep_ids=keep_ids)
 
 
 def check_augmentation(config: RunConfig, modality: str) -> None:

@@ -98,10 +98,7 @@ class FineTunedModel:
 
     def truncated(self, texts) -> list[bool]:
         """Which texts are longer than the model's maximum length (only their first tokens are used)."""
-        from .deploy.predictors import truncation_flags
-
-        backbone = self.model.backbone
-        return truncation_flags(backbone.tokenizer, backbone.max_length, texts)
+        return self.model.backbone.truncated(texts)
 
     @torch.no_grad()
     def predict_logits(self, inputs, progress: str | None = None) -> torch.Tensor:

@@ -55,6 +55,10 @@ class Backbone(nn.Module, ABC):
         """Per-example sequence lengths, for length-grouped batches; None when inputs have one size."""
         return None
 
+    def truncated(self, texts: Sequence[str]) -> list[bool]:
+        """Which texts are longer than the model's maximum length (text backbones say; images never are)."""
+        return [False] * len(texts)
+
     def source_probabilities(self, features: torch.Tensor) -> torch.Tensor | None:
         """The pre-training classifier's class probabilities for these features (LEEP, NCE need them);
         None for backbones without one (sentence encoders, hub models loaded without their head)."""

@@ -119,6 +119,18 @@ class HFTextBackbone(PeftAdapterHost, Backbone):
     def lengths(self, prepared: list[list[int]]) -> list[int]:
         return [len(ids) for ids in prepared]
 
+    def truncated(self, texts: Sequence[str]) -> list[bool]:
+        """Which texts are longer than ``max_length`` tokens (the model sees only their first tokens).
+
+        Only texts that reach the limit after truncation are tokenised again in full, so the common case
+        costs one tokenisation.
+        """
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, return_attention_mask=False,
+                             return_token_type_ids=False)["input_ids"]
+        return [len(row) >= self.max_length and len(self.tokenizer(text, truncation=False, verbose=False,
+                                                                   return_attention_mask=False)["input_ids"]) > self.max_length
+                for text, row in zip(texts, ids)]
+
     def collate(self, prepared: list[list[int]], indices: Sequence[int]) -> dict[str, torch.Tensor]:
         return pad_token_ids([prepared[i] for i in indices], self.tokenizer.pad_token_id or 0)
 

