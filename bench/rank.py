@@ -3,7 +3,7 @@ every candidate actually reaches, and what ranking costs next to fine-tuning.
 
 Zoos (offline): Fashion-MNIST with EfficientNet-Lite0/1/2 and the same three with random weights (the
 controls must rank last); SST-2 with MiniLM-L6, the same cut to its 4, 2 and 1 lowest layers (cheaper
-candidates of one family) and its random-weight control. Every candidate is
+candidates of one family), the static-embedding model and its random-weight control. Every candidate is
 fine-tuned with one fixed recipe (strategy full, the same images/sentences, epochs and LR); ranking
 scores a stratified sample of the same training data. Kendall tau and weighted tau (top ranks weigh
 more, as in TLlib's tables) are computed per estimator over the candidates it can score.
@@ -40,7 +40,8 @@ ZOOS = {
                            "random:efficientnet-lite1", "random:efficientnet-lite2"],
                 "data": {"train": "fashion-mnist", "image_size": 32, "val_fraction": 0.05, "batch_size": 64,
                          "lr": 1e-3, "epochs": 2, "schedule": "cosine", "patience": None}},
-    "sst2": {"models": ["minilm-l6", "minilm-l6@layers=4", "minilm-l6@layers=2", "minilm-l6@layers=1", "random:minilm-l6"],
+    "sst2": {"models": ["minilm-l6", "minilm-l6@layers=4", "minilm-l6@layers=2", "minilm-l6@layers=1", "static-64",
+                        "random:minilm-l6"],
              "data": {"train": str(SST2 / "train.tsv"), "val": str(SST2 / "dev.tsv"), "test": str(SST2 / "test.tsv"),
                       "text_column": "sentence", "batch_size": 32, "lr": 1e-4, "epochs": 2, "patience": None}},
 }
