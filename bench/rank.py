@@ -3,7 +3,7 @@ every candidate actually reaches, and what ranking costs next to fine-tuning.
 
 Zoos (offline): Fashion-MNIST with EfficientNet-Lite0/1/2 and the same three with random weights (the
 controls must rank last); SST-2 with MiniLM-L6, the same cut to its 4, 2 and 1 lowest layers (cheaper
-candidates of one family), the static-embedding model and its random-weight control. Every candidate is
+candidates of one family), the static-embedding model, and MiniLM-L6 with random weights (the control). Every candidate is
 fine-tuned with one fixed recipe (strategy full, the same images/sentences, epochs and LR); ranking
 scores a stratified sample of the same training data. Kendall tau and weighted tau (top ranks weigh
 more, as in TLlib's tables) are computed per estimator over the candidates it can score.
