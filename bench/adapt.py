@@ -162,7 +162,7 @@ def table(results: dict) -> str:
         chosen = dev_choice(pair["runs"])
         if chosen is not None and base is not None:
             mean = statistics.mean(r["target_accuracy"] for r in chosen)
-            lines += ["", f"Chosen without target labels, per seed the run with the lowest DEV risk (among the runs with one): "
+            lines += ["", "Chosen without target labels, per seed the run with the lowest DEV risk (among the runs with one): "
                       + ", ".join(f"seed {r['seed']}: {_label(r['method'], r.get('weight', 1.0))}" for r in chosen)
                       + f"; target accuracy {mean:.4f} ({100 * (mean - base):+.2f} pts vs source-only)."]
         lines.append("")
