@@ -62,6 +62,36 @@ def test_deep_embedded_validation_estimates_the_target_risk_from_source_validati
     assert same["mean_weight"] == pytest.approx(1.0, abs=0.05) and same["risk"] == pytest.approx(0.31, abs=0.03)
 
 
+def test_target_bn_lets_batchnorm_statistics_see_the_target_and_adds_no_loss():
+    from torch import nn
+
+    from transferkit.objectives.domain import DomainAdaptationObjective, TargetStream
+
+    class TargetBatches:
+        def iterate(self, epoch):
+            for _ in range(4):
+                yield {"inputs": {"input": torch.randn(16, 4) + 5.0}}  # the target sits at 5, the source at 0
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.head = nn.BatchNorm1d(4), nn.Linear(4, 2)
+
+    means = {}
+    for method in ("source-only", "target-bn"):
+        torch.manual_seed(0)
+        net = Net().train()
+        objective = DomainAdaptationObjective(ADAPTATION_METHODS[method](4, 2), TargetStream(TargetBatches(), "cpu"), 20)
+        batch = {"inputs": {"input": torch.randn(16, 4)}, "labels": torch.zeros(16, dtype=torch.long)}
+        plain = torch.nn.functional.cross_entropy(net.head(net.backbone(**batch["inputs"])), batch["labels"])
+        net.backbone.reset_running_stats()
+        for _ in range(20):
+            loss, _ = objective(net, batch)
+        means[method] = float(net.backbone.running_mean.mean())
+        assert float(loss) == pytest.approx(float(plain), abs=1e-6)  # no transfer term: the source loss alone
+    assert abs(means["source-only"]) < 0.5 and means["target-bn"] > 2.0
+
+
 def test_cdan_uses_a_random_multilinear_map_only_for_wide_inputs():
     assert CDAN(32, 2).exact and not CDAN(1280, 10).exact
     wide = CDAN(1280, 10)

@@ -78,6 +78,7 @@ class RunConfig:
     target_test: str | None = None
     adapt_method: str = "source-only"
     adapt_weight: float = 1.0
+    adapt_lr: float | None = None  # the domain discriminator's (DANN, CDAN) learning rate; default head_lr or lr
     teacher: str | None = None
     distill_data: str | None = None
     distill_alpha: float = 0.5
@@ -217,6 +218,8 @@ class RunConfig:
         if self.target and self.adapt_method != "source-only" and self.strategy == "linear-probe":
             raise UserError("linear-probe freezes the backbone, so its features cannot adapt to the target: "
                             "use full, lora, bitfit or freeze-bottom")
+        if self.adapt_lr is not None and not self.adapt_lr > 0:
+            raise UserError(f"config field 'adapt_lr' is {self.adapt_lr}: it must be positive (e.g. 1e-3)")
         if not self.adapt_weight > 0:
             raise UserError(f"config field 'adapt_weight' is {self.adapt_weight}: it must be positive (1.0 is usual)")
         if not 0 <= self.distill_alpha <= 1:

@@ -438,7 +438,8 @@ def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bo
             if parallel:
                 raise UserError("domain adaptation runs in one process: launch it without torchrun/accelerate")
             objective, method = _adaptation_objective(config, model, prepared["target"], labels["train"], len(train), device)
-            groups += decay_groups(list(method.parameters()), config.head_lr or config.lr, config.weight_decay)
+            groups += decay_groups(list(method.parameters()), config.adapt_lr or config.head_lr or config.lr,
+                                   config.weight_decay)
         engine = Engine(model, groups, objective, train, val,
                         engine_settings(config, config.epochs, data_parallel=parallel),
                         set_train_mode=strategy.set_train_mode, on_epoch_start=strategy.on_epoch_start,

@@ -7,6 +7,9 @@ such as a domain discriminator). ``lambda_p`` ramps from 0 to ``weight`` with tr
 wrecking the pretrained features. Methods follow TLlib's reference implementations:
 
 - ``source-only``: no transfer term (the baseline);
+- ``target-bn``: no transfer term either, but every target batch goes through the network as the others'
+  do, so BatchNorm's statistics are a mix of both domains (the AdaBN effect, Li et al. 2016): the control
+  that tells what a transfer term adds beyond what every method gets from the target's statistics;
 - ``dan``: multi-kernel MMD between the batches' features (Long et al. 2015);
 - ``dann``: a domain discriminator trained through a gradient-reversal layer (Ganin et al. 2016);
 - ``coral``: distance between the feature covariances (Sun & Saenko 2016, Deep CORAL);
@@ -105,6 +108,16 @@ class AdaptationMethod(nn.Module):
 class SourceOnly(AdaptationMethod):
     name = "source-only"
     summary = "train on the labelled source only (the baseline every method is compared with)"
+
+    def forward(self, fs, ft, logits_s, logits_t, coefficient):
+        return fs.new_zeros(())
+
+
+@register
+class TargetBatchNorm(AdaptationMethod):
+    name = "target-bn"
+    summary = ("source loss only, target batches through the network: BatchNorm statistics see both domains "
+               "(AdaBN, Li et al. 2016); the control for what a transfer loss adds")
 
     def forward(self, fs, ft, logits_s, logits_t, coefficient):
         return fs.new_zeros(())
