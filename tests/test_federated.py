@@ -99,6 +99,47 @@ def test_server_learning_rate_defaults_to_each_aggregators_own_and_is_passed_to_
     assert create_aggregator(FederatedConfig.from_dict({**base, "aggregator": "fedadam"}), 3).eta == 0.01
 
 
+def test_fedavgm_pairs_arrays_by_name_and_keeps_batchnorm_statistics_averaged():
+    """Flower's FedAvgM pairs the current and the averaged arrays by position: the server's initial weights and
+    the clients' updates must list them in one order. Its momentum must not touch running statistics."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    from transferkit.federated.aggregators import average_statistics, create_aggregator
+    from transferkit.federated.local import exchanged_keys
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    keys = exchanged_keys(net)
+    assert keys == [k for k in net.state_dict() if k != "1.num_batches_tracked"]  # state-dict order, floats only
+    initial = {k: net.state_dict()[k].clone() for k in keys}
+
+    class Grid:
+        def get_node_ids(self):
+            return [11, 12]
+
+        def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+            return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+    strategy = create_aggregator(FederatedConfig.from_dict({"model": "m", "data": {"train": "a.csv"},
+                                                            "aggregator": "fedavgm", "server_momentum": 0.9}), 2)
+    sent = list(strategy.configure_train(1, ArrayRecord(initial), ConfigRecord({}), Grid()))
+    replies = []
+    for message, (shift, examples) in zip(sent, ((1.0, 30), (3.0, 10))):
+        update = {k: v + shift for k, v in initial.items()}
+        replies.append(Message(RecordDict({"arrays": ArrayRecord(update),
+                                           "metrics": MetricRecord({"num-examples": examples})}), reply_to=message))
+    aggregated, _ = strategy.aggregate_train(1, replies)
+    result = average_statistics(aggregated, replies).to_torch_state_dict()
+    for name, value in initial.items():  # round 1 of FedAvgM at server LR 1 is the weighted mean: + 1.5
+        assert torch.allclose(result[name], value + 1.5), name
+    # Round 2: momentum carries the parameters further; the statistics stay the plain weighted mean.
+    sent = list(strategy.configure_train(2, ArrayRecord(result), ConfigRecord({}), Grid()))
+    replies = [Message(RecordDict({"arrays": ArrayRecord({k: v + 1.0 for k, v in result.items()}),
+                                   "metrics": MetricRecord({"num-examples": 20})}), reply_to=m) for m in sent]
+    second = average_statistics(strategy.aggregate_train(2, replies)[0], replies).to_torch_state_dict()
+    assert torch.allclose(second["0.weight"], result["0.weight"] + 1.0 + 0.9 * 1.5)
+    assert torch.allclose(second["1.running_var"], result["1.running_var"] + 1.0)
+
+
 def test_proximal_term_is_zero_at_the_global_weights_and_pulls_back():
     from transferkit.federated.local import ProximalPenalty
 

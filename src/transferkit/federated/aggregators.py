@@ -40,3 +40,26 @@ def create_aggregator(config, num_clients: int):
     return getattr(strategy, class_name)(fraction_train=config.fraction_train, fraction_evaluate=1.0,
                                          min_train_nodes=minimum, min_evaluate_nodes=minimum,
                                          min_available_nodes=minimum, **options(config))
+
+
+# Running statistics (BatchNorm) travel with the weights but are not parameters: a server optimiser's
+# momentum on a variance can overshoot below zero. They get the example-weighted average, as under FedAvg.
+STATISTICS = ("running_mean", "running_var")
+SERVER_OPTIMISERS = ("fedavgm", "fedadam")
+
+
+def average_statistics(aggregated, replies: list):
+    """``aggregated`` with its running statistics replaced by the replies' example-weighted average."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    names = [name for name in aggregated.keys() if name.endswith(STATISTICS)]
+    if not names or not replies:
+        return aggregated
+    weights = np.array([float(r.content["metrics"]["num-examples"]) for r in replies])
+    weights = weights / weights.sum()
+    arrays = dict(aggregated.items())
+    for name in names:
+        arrays[name] = Array(np.asarray(sum(w * r.content["arrays"][name].numpy() for w, r in zip(weights, replies)),
+                                        dtype=aggregated[name].numpy().dtype))
+    return ArrayRecord(arrays)

@@ -19,7 +19,7 @@ import torch
 
 from ..engine.checkpoint import atomic_write_text, save_weights
 from ..errors import UserError
-from .aggregators import create_aggregator
+from .aggregators import SERVER_OPTIMISERS, average_statistics, create_aggregator
 from .config import FederatedConfig
 from .local import client_examples, exchanged_state, load_exchanged, local_evaluate, local_model, local_train
 
@@ -228,7 +228,7 @@ def server_loop(grid, config: FederatedConfig, classes: list[str], initial: dict
         bytes_up = sum(_bytes(r.content["arrays"]) for r in answered)
         aggregated, _ = strategy.aggregate_train(round_number, answered)
         if aggregated is not None:
-            arrays = aggregated
+            arrays = average_statistics(aggregated, answered) if config.aggregator in SERVER_OPTIMISERS else aggregated
         evaluations = [r for r in grid.send_and_receive(
             list(strategy.configure_evaluate(round_number, arrays, ConfigRecord(classes_record(classes)), grid)),
             timeout=config.round_timeout_s)

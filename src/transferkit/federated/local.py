@@ -153,13 +153,15 @@ def local_model(config: FederatedConfig, classes: list[str]) -> LocalModel:
 
 
 def exchanged_keys(model: torch.nn.Module) -> list[str]:
-    """Trainable parameters, plus the floating-point buffers (BatchNorm statistics) of modules that train."""
-    keys = [name for name, p in model.named_parameters() if p.requires_grad]
+    """Trainable parameters, plus the floating-point buffers (BatchNorm statistics) of modules that train,
+    in state-dict order: the server's initial weights and every client's update list them the same way, as
+    Flower's server optimisers (FedAvgM, FedAdam) need, since they pair arrays by position, not by name."""
+    keys = {name for name, p in model.named_parameters() if p.requires_grad}
     for module_name, module in model.named_modules():
         if any(p.requires_grad for p in module.parameters(recurse=False)):
-            keys += [f"{module_name}.{b}" if module_name else b for b, buffer in module.named_buffers(recurse=False)
-                     if buffer.is_floating_point()]
-    return keys
+            keys |= {f"{module_name}.{b}" if module_name else b for b, buffer in module.named_buffers(recurse=False)
+                     if buffer.is_floating_point()}
+    return [name for name in model.state_dict() if name in keys]
 
 
 def exchanged_state(local: LocalModel) -> dict[str, torch.Tensor]:
