@@ -175,7 +175,9 @@ def write_doc(results: dict) -> None:
              "A-distance: proxy A-distance of a linear domain classifier on the backbone's features (2 = separable, "
              "0 = indistinguishable), pretrained -> after training. DEV risk: Deep Embedded Validation (You et al. 2019), the "
              "target risk estimated from source validation losses weighted by the density ratio, without target labels "
-             "(lower is better; '-': recorded before DEV was reported). Reference points (other data, ResNet-50): TLlib "
+             "(lower is better; '-': recorded before DEV was reported). target-bn: no transfer loss, but the target "
+             "batches go through the network as under every other method, so BatchNorm statistics see both domains "
+             "(AdaBN): what a method adds beyond that is its gain over target-bn. Reference points (other data, ResNet-50): TLlib "
              "Office-31 source-only 79.5, DAN 83.7, DANN 86.1, CDAN 87.7; Ganin et al. MNIST -> MNIST-M source-only "
              "52.25, DANN 76.66.\n\n")
     replace_section("## Domain adaptation (bench/adapt.py)", intro + table(results) + "\n")
