@@ -168,4 +168,4 @@ def test_adapt_errors(tiny_bert_dir, image_folder, tmp_path, capsys):
     assert main(["fit", "--train", str(source), "--model", str(tiny_bert_dir), "--target-test", str(target),
                  "--out", str(tmp_path / "out")]) == 2
     assert "without 'target'" in capsys.readouterr().err
-    assert sorted(ADAPTATION_METHODS) == ["cdan", "coral", "dan", "dann", "source-only"]
+    assert sorted(ADAPTATION_METHODS) == ["cdan", "coral", "dan", "dann", "source-only", "target-bn"]

@@ -106,7 +106,7 @@ def test_pretrain_errors(tiny_bert_dir, tiny_vit_dir, tmp_path, capsys):
     texts = tmp_path / "t.txt"
     texts.write_text("one text\nanother text\nthird\n")
     cases = [
-        (["--model", "efficientnet-lite0", "--text-data", str(texts)], "no token embeddings"),
+        (["--model", "efficientnet-lite0", "--text-data", str(texts)], "is not a transformers text model"),
         (["--model", str(tiny_vit_dir), "--text-data", str(texts)], "image model"),
         (["--model", str(tiny_bert_dir), "--text-data", str(tmp_path / "none.txt")], "does not exist"),
         (["--model", str(tiny_bert_dir), "--text-data", str(texts), "--mask-probability", "0"], "mask-probability"),
