@@ -99,7 +99,8 @@ def _sentence_validation(source: str, count: int, folder: Path, seed: int = 0,
     for words in tokens:
         contained |= spans(words) - {" ".join(words)}
     keys = [" ".join(words) for words in tokens]
-    roots = frame[[len(w) >= 5 and k not in contained for w, k in zip(tokens, keys)]]
+    is_root = pd.Series([len(w) >= 5 and k not in contained for w, k in zip(tokens, keys)], index=frame.index)
+    roots = frame[is_root]
     share = count / len(roots)
     validation = pd.concat([group.sample(round(len(group) * share), random_state=seed)
                             for _, group in roots.groupby("label")])
@@ -108,7 +109,6 @@ def _sentence_validation(source: str, count: int, folder: Path, seed: int = 0,
         held_out |= spans(sentence.split())
     train = frame[[k not in held_out for k in keys]]
     if longest is not None:
-        is_root = pd.Series([len(w) >= 5 and k not in contained for w, k in zip(tokens, keys)], index=frame.index)
         order = pd.DataFrame({"root": is_root[train.index], "words": [len(tokens[i]) for i in train.index]},
                              index=train.index).sort_values(["root", "words"], ascending=False, kind="stable")
         train = train.loc[order.index[:longest]]

@@ -136,8 +136,9 @@ class HFTextBackbone(PeftAdapterHost, Backbone):
 
 
 def pad_token_ids(rows: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Token id rows padded to the longest one (dynamic padding), with the attention mask."""
-    width = max(len(r) for r in rows)
+    """Token id rows padded to the longest one (dynamic padding), with the attention mask; an empty row
+    (possible for static embeddings, which add no special tokens) still gets one masked position."""
+    width = max(1, max(len(r) for r in rows))
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):

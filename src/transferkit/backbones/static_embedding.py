@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import UserError
 from .base import Backbone
+from .hf_text import pad_token_ids
 
 DEFAULT_MAX_LENGTH = 512  # tokens per text, as the package's own encoder takes them
 
@@ -95,14 +96,7 @@ class StaticEmbeddingBackbone(Backbone):
                 for e in self.tokenizer.encode_batch([str(t) for t in texts], add_special_tokens=False)]
 
     def collate(self, prepared: list[list[int]], indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        rows = [prepared[i] for i in indices]
-        width = max(1, max(len(r) for r in rows))  # an empty text gives a zero vector, not an empty batch
-        input_ids = torch.zeros((len(rows), width), dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            attention_mask[i, : len(row)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return pad_token_ids([prepared[i] for i in indices], 0)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         weights = self.token_weights[input_ids] * attention_mask.to(self.token_weights.dtype)

@@ -99,6 +99,7 @@ class AdaptationMethod(nn.Module):
 
     name: ClassVar[str]
     summary: ClassVar[str]
+    needs_target: ClassVar[bool] = True  # whether target batches go through the network each step
 
     def __init__(self, feature_dim: int, num_classes: int):
         super().__init__()
@@ -108,19 +109,18 @@ class AdaptationMethod(nn.Module):
 class SourceOnly(AdaptationMethod):
     name = "source-only"
     summary = "train on the labelled source only (the baseline every method is compared with)"
+    needs_target = False
 
     def forward(self, fs, ft, logits_s, logits_t, coefficient):
         return fs.new_zeros(())
 
 
 @register
-class TargetBatchNorm(AdaptationMethod):
+class TargetBatchNorm(SourceOnly):
     name = "target-bn"
     summary = ("source loss only, target batches through the network: BatchNorm statistics see both domains "
                "(AdaBN, Li et al. 2016); the control for what a transfer loss adds")
-
-    def forward(self, fs, ft, logits_s, logits_t, coefficient):
-        return fs.new_zeros(())
+    needs_target = True
 
 
 @register
@@ -229,7 +229,7 @@ class DomainAdaptationObjective:
         logits_s = model.head(fs)
         weight = None if self.class_weight is None else self.class_weight.to(logits_s.device)
         loss = F.cross_entropy(logits_s.float(), batch["labels"], weight=weight, label_smoothing=self.label_smoothing)
-        if not isinstance(self.method, SourceOnly) and torch.is_grad_enabled():
+        if self.method.needs_target and torch.is_grad_enabled():
             coefficient = self.weight * ramp(self.step / self.total_steps)
             ft = model.backbone(**self.target.next())
             logits_t = model.head(ft)
