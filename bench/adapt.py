@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOMAINS = ROOT.parent / "shared" / "data" / "sentiment-domains"
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 RESULTS = ROOT / "bench" / "results" / "adapt.json"
-METHODS = ["source-only", "target-bn", "dan", "dann", "coral", "cdan"]
+METHODS = ["source-only", "target-bn", "dan", "dann", "coral", "cdan", "mcc"]
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from docs_section import machine, replace_section, save_results  # noqa: E402

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from transferkit.cli import main
-from transferkit.objectives.domain import (ADAPTATION_METHODS, CDAN, coral_distance, multi_kernel_mmd, ramp,
-                                           reverse_gradient)
+from transferkit.objectives.domain import (ADAPTATION_METHODS, CDAN, class_confusion, coral_distance, multi_kernel_mmd,
+                                           ramp, reverse_gradient)
 
 from .conftest import FILLER, make_sentences, write_table
 
@@ -39,6 +39,18 @@ def test_coral_is_zero_for_matching_covariances_and_positive_otherwise():
     assert coral_distance(x, x + 3.0).item() == pytest.approx(0.0, abs=1e-6)  # a shift keeps the covariance
     assert coral_distance(x, x[torch.randperm(200, generator=generator)]).item() == pytest.approx(0.0, abs=1e-6)
     assert coral_distance(x, 2.0 * x).item() > 0.01
+
+
+def test_class_confusion_is_zero_for_confident_distinct_classes_and_highest_for_uniform_predictions():
+    confident = torch.tensor([[20.0, 0.0, 0.0], [0.0, 20.0, 0.0], [0.0, 0.0, 20.0]]) * 5
+    assert class_confusion(confident).item() == pytest.approx(0.0, abs=1e-6)
+    uniform = torch.zeros(6, 3)  # every class confused with every other: rows of 1/3, off-diagonal 2/3 per class
+    assert class_confusion(uniform).item() == pytest.approx(2 / 3, abs=1e-6)
+    # Lowering it makes target predictions more decisive: one gradient step on the logits cuts the loss.
+    logits = torch.randn(16, 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    before = class_confusion(logits)
+    before.backward()
+    assert class_confusion(logits.detach() - 1.0 * logits.grad).item() < before.item()
 
 
 def test_deep_embedded_validation_estimates_the_target_risk_from_source_validation():
@@ -126,7 +138,7 @@ def source_only_run(domains, tiny_bert_dir, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("method", ["dan", "dann", "coral", "cdan"])
+@pytest.mark.parametrize("method", ["dan", "dann", "coral", "cdan", "mcc"])
 def test_adapt_runs_each_method_and_reports_the_target(method, domains, source_only_run, tiny_bert_dir, tmp_path, capsys):
     assert main(["adapt", *_common(domains, tiny_bert_dir), "--method", method, "--out", str(tmp_path / method)]) == 0
     assert "A-distance" in capsys.readouterr().out
@@ -168,4 +180,4 @@ def test_adapt_errors(tiny_bert_dir, image_folder, tmp_path, capsys):
     assert main(["fit", "--train", str(source), "--model", str(tiny_bert_dir), "--target-test", str(target),
                  "--out", str(tmp_path / "out")]) == 2
     assert "without 'target'" in capsys.readouterr().err
-    assert sorted(ADAPTATION_METHODS) == ["cdan", "coral", "dan", "dann", "source-only", "target-bn"]
+    assert sorted(ADAPTATION_METHODS) == ["cdan", "coral", "dan", "dann", "mcc", "source-only", "target-bn"]
