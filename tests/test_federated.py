@@ -66,6 +66,7 @@ def test_a_partition_that_leaves_a_client_almost_empty_is_a_clear_error():
     ({"model": "m", "data": {"train": "a.csv"}, "max_rounds": "many"}, "'max_rounds' is 'many'"),
     ({"model": "m", "data": {"train": "a.csv"}, "aggregator": "fedavgm", "server_momentum": 1.0}, "'server_momentum' is 1.0"),
     ({"model": "m", "data": {"train": "a.csv"}, "aggregator": "fedadam", "server_lr": 0}, "'server_lr' is 0"),
+    ({"model": "m", "data": {"train": "a.csv"}, "personal": "encoder"}, "'personal' is 'encoder': choose one of none, head"),
 ])
 def test_bad_federated_configs_are_clear_errors(values, message):
     with pytest.raises(UserError, match=message):
@@ -167,6 +168,48 @@ def test_lora_clients_exchange_only_adapters_and_the_head(tiny_bert_dir, tmp_pat
     assert sent < 0.5 * total
 
 
+def test_personal_parts_name_the_head_or_the_batchnorm_layers_among_what_trains():
+    from transferkit.federated.personal import personal_keys
+
+    model = torch.nn.Module()
+    model.body = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    model.head = torch.nn.Linear(4, 2)
+    trained = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+    assert personal_keys(model, "head", trained) == ["head.weight", "head.bias"]
+    assert personal_keys(model, "batchnorm", trained) == ["body.1.weight", "body.1.bias", "body.1.running_mean",
+                                                          "body.1.running_var"]
+    assert personal_keys(model, "none", trained) == []
+    # Only what trains can be personal: a frozen BatchNorm stays out.
+    assert personal_keys(model, "batchnorm", ["body.0.weight", "head.weight"]) == []
+
+
+def test_a_client_keeps_its_personal_part_in_its_flower_state_and_counts_the_rounds():
+    from flwr.app import RecordDict
+
+    from transferkit.federated import personal
+
+    state = RecordDict()
+    assert personal.kept(state) == (None, 0)
+    head = {"head.weight": torch.randn(2, 3)}
+    personal.keep(state, head)
+    head["head.weight"].add_(1.0)  # what is kept is a copy, not the live tensor
+    personal.keep(state, head)
+    weights, rounds = personal.kept(state)
+    assert rounds == 2 and torch.equal(weights["head.weight"], head["head.weight"])
+
+
+def test_fedper_keeps_the_head_on_the_client_and_fedbn_needs_batchnorm(tiny_bert_dir, tmp_path):
+    from transferkit.federated.local import local_model
+
+    data = write_table(tmp_path / "d.csv", make_sentences(60))
+    recipe = {"model": str(tiny_bert_dir), "strategy": "lora", "data": {"train": str(data)}}
+    local = local_model(FederatedConfig.from_dict({**recipe, "personal": "head"}, source="t"), ["neg", "pos"])
+    assert local.personal and all(k.startswith("head.") for k in local.personal)
+    assert local.exchanged and not any(k.startswith("head.") for k in local.exchanged)
+    with pytest.raises(UserError, match="'personal' is 'batchnorm', but .* trains no such weights"):
+        local_model(FederatedConfig.from_dict({**recipe, "personal": "batchnorm"}, source="fed.yaml"), ["neg", "pos"])
+
+
 def test_resume_without_an_unfinished_federation_is_a_clear_error(tmp_path):
     from transferkit.federated import federate
 
@@ -207,6 +250,22 @@ def test_federated_lora_run_reports_clients_and_saves_a_usable_global_model(tiny
     assert not (run / "rounds").exists()  # round checkpoints go once the run finished
     model = transferkit.load_run(run)
     assert model.predict(["good movie"])[0] in ("neg", "pos")
+
+
+def test_fedper_run_trains_each_clients_own_head_over_every_round_and_sends_no_head(tiny_bert_dir, tmp_path):
+    import transferkit
+
+    clients = [{"name": f"site{i}", "train": str(write_table(tmp_path / f"c{i}.csv", make_sentences(60, seed=20 + i)))}
+               for i in range(2)]
+    metrics = transferkit.federate(FederatedConfig.from_dict({
+        "model": str(tiny_bert_dir), "strategy": "lora", "lr": 5e-3, "batch_size": 16, "out": str(tmp_path / "run"),
+        "clients": clients, "personal": "head", "max_rounds": 2, "round_patience": None, "personalise_epochs": 0,
+        "local_only": False}, source="test"))
+    # Each client's head trained in both rounds and came back from its Flower state for the next one.
+    assert [r["personal_rounds"] for r in metrics["per_client"].values()] == [2, 2]
+    assert metrics["personal"]["part"] == "head" and metrics["personal"]["kept_keys"] == 2
+    assert metrics["test"]["examples"] > 0  # the clients' own test splits, each scored with its own head
+    assert not (tmp_path / "run" / "model").exists()  # the shared part alone is no client's model
 
 
 def test_federate_cli_per_client_datasets_with_a_robust_aggregator_and_a_poisoned_client(tiny_bert_dir, tmp_path):

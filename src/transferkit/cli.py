@@ -355,6 +355,7 @@ FEDERATED_HELP = {
     "round_patience": "stop after this many rounds without improvement ('none': run max_rounds; default 3)",
     "fraction_train": "share of clients sampled each round (default 1.0)",
     "min_clients": "fewest clients a round runs with; Flower waits until that many are connected (default 2)",
+    "personal": "what each client keeps to itself between rounds: none, head (FedPer) or batchnorm (FedBN) (default none)",
     "personalise_epochs": "after federation each client fine-tunes the global model this long (default 1; 0: skip)",
     "local_only": "also train a model on each client's data alone, for the report (default true)",
     "client_cpus": "CPUs Ray reserves per simulated client (default 1)",

@@ -21,7 +21,9 @@ from ..engine.checkpoint import atomic_write_text, save_weights
 from ..errors import UserError
 from .aggregators import SERVER_OPTIMISERS, average_statistics, create_aggregator
 from .config import FederatedConfig
-from .local import client_examples, exchanged_state, load_exchanged, local_evaluate, local_model, local_train
+from . import personal
+from .local import (client_examples, exchanged_state, load_exchanged, load_personal, local_evaluate, local_model,
+                    local_train, personal_state)
 
 NODE_WAIT_S = 300.0  # how long round 1 waits for every client to connect
 
@@ -80,6 +82,7 @@ def add_client_handlers(app, setup: Callable) -> None:
         local = local_model(config, classes)
         arrays = message.content["arrays"].to_torch_state_dict() if "arrays" in message.content else None
         load_exchanged(local, arrays)
+        load_personal(local, personal.kept(context.state)[0])
         return config, classes, index, local, split
 
     @app.train()
@@ -91,6 +94,8 @@ def add_client_handlers(app, setup: Callable) -> None:
         result = local_train(local, split, classes, config.local_epochs, mu,
                              description=f"client {index} round {round_number}")
         update = exchanged_state(local)
+        if local.personal:
+            personal.keep(context.state, personal_state(local))
         if index in config.poisoned_clients:  # attack simulation: a scaled (e.g. sign-flipped) update
             update = {k: received[k] + config.poison_scale * (update[k] - received[k]) for k in update}
         # In the order the server sent them: Flower's mods (e.g. local DP) pair the reply's arrays with the message's.
@@ -119,7 +124,7 @@ def add_client_handlers(app, setup: Callable) -> None:
         config, classes, index, local, split = prepared(message, context)
         global_scores = local_evaluate(local, split["test"], classes, confusion=True)
         scores = {"client": index, "train_examples": len(split["train"]), "test_examples": len(split["test"]),
-                  "global": global_scores["accuracy"],
+                  "global": global_scores["accuracy"], "personal_rounds": personal.kept(context.state)[1],
                   # Rows: true class; summed over clients, the union test set's accuracy and macro-F1 follow exactly.
                   "global_confusion": [int(v) for row in global_scores["confusion"] for v in row]}
         if int(settings["personalise-epochs"]) > 0:

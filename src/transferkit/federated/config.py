@@ -17,7 +17,8 @@ or one dataset per client (each client a different domain)::
       - {name: imdb, train: imdb.tsv, text_column: sentence}
 
 and for both: ``aggregator`` (fedavg, fedprox, fedadam, fedmedian, fedtrimmedavg, krum), ``max_rounds``,
-``local_epochs``, ``patience``/``min_delta`` over rounds, ``personalise_epochs``.
+``local_epochs``, ``patience``/``min_delta`` over rounds, ``personal`` (none, head: FedPer, batchnorm: FedBN),
+``personalise_epochs``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ..config import RunConfig, read_yaml
 from ..errors import UserError
 from .aggregators import AGGREGATORS
 from .partition import PARTITIONERS
+from .personal import PERSONAL_PARTS
 
 DATA_FIELDS = ("train", "test", "text_column", "image_column", "label_column", "max_train_examples")
 UNSUPPORTED = {"teacher": "distil the federated model afterwards", "target": "adapt separately",
@@ -61,6 +63,7 @@ class FederatedConfig:
     round_patience: int | None = 3
     fraction_train: float = 1.0
     min_clients: int | None = None
+    personal: str = "none"  # what each client keeps to itself between rounds (federated/personal.py)
     personalise_epochs: int = 1
     local_only: bool = True
     client_cpus: float = 1.0
@@ -76,7 +79,7 @@ class FederatedConfig:
 
     OPTIONS = ("partitioner", "num_clients", "alpha", "classes_per_client", "aggregator", "proximal_mu", "trimmed_beta",
                "krum_malicious", "server_lr", "server_momentum", "max_rounds", "local_epochs", "min_delta", "round_patience",
-               "fraction_train", "min_clients", "personalise_epochs", "local_only", "client_cpus", "poisoned_clients",
+               "fraction_train", "min_clients", "personal", "personalise_epochs", "local_only", "client_cpus", "poisoned_clients",
                "poison_scale", "round_timeout_s", "dp_clipping_norm", "dp_epsilon", "dp_delta", "dp_sensitivity")
 
     def __post_init__(self) -> None:
@@ -105,6 +108,8 @@ class FederatedConfig:
         for name in ("max_rounds", "local_epochs", "num_clients"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"{source}: '{name}' is {getattr(self, name)}: it must be a positive integer")
+        if self.personal not in PERSONAL_PARTS:
+            raise UserError(f"{source}: 'personal' is '{self.personal}': choose one of {', '.join(PERSONAL_PARTS)}")
         if self.personalise_epochs < 0:
             raise UserError(f"{source}: 'personalise_epochs' is {self.personalise_epochs}: it must be >= 0")
         if not 0 < self.fraction_train <= 1:

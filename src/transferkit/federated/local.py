@@ -29,6 +29,7 @@ from ..objectives import CrossEntropyObjective, RegularisedObjective
 from ..strategies import create_strategy
 from .config import DATA_FIELDS, FederatedConfig
 from .partition import partition
+from .personal import personal_keys
 
 _DATA_CACHE: dict[tuple, dict] = {}
 _MODEL_CACHE: dict[tuple, tuple] = {}
@@ -131,6 +132,7 @@ class LocalModel:
     run_config: RunConfig
     initial: dict[str, torch.Tensor]  # the starting weights every client shares (pretrained + seeded head)
     exchanged: list[str]  # the state-dict keys that travel: trainable parameters and their modules' float buffers
+    personal: list[str]  # the trained keys each client keeps to itself (``personal.py``); they never travel
 
 
 def local_model(config: FederatedConfig, classes: list[str]) -> LocalModel:
@@ -147,8 +149,13 @@ def local_model(config: FederatedConfig, classes: list[str]) -> LocalModel:
         strategy.apply(model)
         if base.lr is None:
             base = base.replace(lr=strategy.default_lr or DEFAULT_LR[backbone.modality])
+        trained = exchanged_keys(model)
+        personal = personal_keys(model, config.personal, trained)
+        if config.personal != "none" and not personal:
+            raise UserError(f"{config.source}: 'personal' is '{config.personal}', but {base.model} under {base.strategy} "
+                            f"trains no such weights: choose 'none' or another personal part")
         _MODEL_CACHE[key] = LocalModel(model, strategy, base, {k: v.detach().clone() for k, v in model.state_dict().items()},
-                                       exchanged_keys(model))
+                                       [k for k in trained if k not in personal], personal)
     return _MODEL_CACHE[key]
 
 
@@ -162,6 +169,17 @@ def exchanged_keys(model: torch.nn.Module) -> list[str]:
             keys |= {f"{module_name}.{b}" if module_name else b for b, buffer in module.named_buffers(recurse=False)
                      if buffer.is_floating_point()}
     return [name for name in model.state_dict() if name in keys]
+
+
+def personal_state(local: LocalModel) -> dict[str, torch.Tensor]:
+    state = local.model.state_dict()
+    return {k: state[k].detach().cpu().clone() for k in local.personal}
+
+
+def load_personal(local: LocalModel, state: dict[str, torch.Tensor] | None) -> None:
+    """Put this client's own part back on top of the global weights (nothing before its first round)."""
+    if state:
+        local.model.load_state_dict({k: v for k, v in state.items() if k in local.personal}, strict=False)
 
 
 def exchanged_state(local: LocalModel) -> dict[str, torch.Tensor]:

@@ -104,7 +104,8 @@ def federate(config: FederatedConfig | str | Path, *, resume: bool = False, over
     seconds = time.time() - started
 
     load_exchanged(local, results["best_weights"])
-    shared_test = read_dataset(config.run_config)[1] if config.data is not None else None
+    # With personal parts, the shared weights alone are no client's model: each client scores its own test split.
+    shared_test = read_dataset(config.run_config)[1] if config.data is not None and config.personal == "none" else None
     if shared_test is not None:  # the dataset's own test split
         test = local_evaluate(local, shared_test, classes) | {"examples": len(shared_test)}
         test = {k: test[k] for k in ("accuracy", "macro_f1", "examples")}
@@ -184,7 +185,12 @@ def write_federated_run(config: FederatedConfig, local, classes: list[str], resu
         values = [r[key] for r in per_client.values() if key in r]
         if values:
             metrics[f"mean_client_{key}"] = float(np.mean(values))
-    save_classifier(local.model.cpu(), classes, run_dir / "model")
+    if config.personal == "none":
+        save_classifier(local.model.cpu(), classes, run_dir / "model")
+    else:
+        metrics["personal"] = {"part": config.personal, "kept_keys": len(local.personal),
+                               "saved_model": "none: each client's model is the shared part plus its own personal part, "
+                                              "which never leaves the client"}
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
     metrics["plots"] = [str(p.relative_to(run_dir)) for p in (plot_rounds(history, config.client_names, plots / "rounds.png"),
@@ -208,6 +214,9 @@ def federated_table(metrics: dict[str, Any]) -> str:
               + (f" ({', '.join(metrics['dropped_clients'])} dropped out)" if metrics.get("dropped_clients") else ""),
               f"sent per client per direction {b['exchanged_per_client_per_direction'] / 1e6:.2f} MB = "
               f"{100 * b['exchanged_fraction']:.2f}% of the model; {b['total'] / 1e6:.1f} MB in all"]
+    if metrics.get("personal"):
+        lines.append(f"personal part '{metrics['personal']['part']}' ({metrics['personal']['kept_keys']} tensors) kept on "
+                     f"each client: 'global' is the shared part with the client's own part; no global model is saved")
     total = metrics.get("privacy", {}).get("total")
     if total:
         zcdp, basic = total["zcdp"], total["basic_composition"]
