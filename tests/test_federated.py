@@ -210,6 +210,27 @@ def test_fedper_keeps_the_head_on_the_client_and_fedbn_needs_batchnorm(tiny_bert
         local_model(FederatedConfig.from_dict({**recipe, "personal": "batchnorm"}, source="fed.yaml"), ["neg", "pos"])
 
 
+def test_a_clients_local_training_repeats_itself_whatever_ran_before_in_its_process(tiny_bert_dir, tmp_path):
+    from transferkit.data.readers import read_examples
+    from transferkit.federated.local import exchanged_state, held_out_split, load_exchanged, local_model, local_train
+
+    data = write_table(tmp_path / "d.csv", make_sentences(80, seed=4))
+    config = FederatedConfig.from_dict({"model": str(tiny_bert_dir), "strategy": "lora", "lr": 5e-3, "batch_size": 8,
+                                        "dropout": 0.3, "data": {"train": str(data)}}, source="t")
+    split = held_out_split(read_examples(str(data), text_column="text"), 0.1, 0.1, seed=0)
+    local = local_model(config, ["neg", "pos"])
+
+    def train(seed, noise):
+        load_exchanged(local, None)
+        torch.rand(noise)  # another client or round ran in this process before: the global RNG moved on
+        local_train(local, split, ["neg", "pos"], 1, seed=seed)
+        return exchanged_state(local)
+
+    first, second, other = train(7, 1), train(7, 123), train(8, 1)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)  # a different phase trains differently
+
+
 def test_resume_without_an_unfinished_federation_is_a_clear_error(tmp_path):
     from transferkit.federated import federate
 

@@ -23,9 +23,10 @@ from .aggregators import SERVER_OPTIMISERS, average_statistics, create_aggregato
 from .config import FederatedConfig
 from . import personal
 from .local import (client_examples, exchanged_state, load_exchanged, load_personal, local_evaluate, local_model,
-                    local_train, personal_state)
+                    local_train, personal_state, training_seed)
 
 NODE_WAIT_S = 300.0  # how long round 1 waits for every client to connect
+PERSONALISE_PHASE, LOCAL_ONLY_PHASE = 100_000, 100_001  # training_seed phases past any round number
 
 
 def _client_index(context) -> int:
@@ -91,8 +92,8 @@ def add_client_handlers(app, setup: Callable) -> None:
         received = exchanged_state(local)
         round_number = int(message.content["config"].get("server-round", 0))
         mu = float(message.content["config"].get("proximal-mu", 0.0))
-        result = local_train(local, split, classes, config.local_epochs, mu,
-                             description=f"client {index} round {round_number}")
+        result = local_train(local, split, classes, config.local_epochs, mu, description=f"client {index} round {round_number}",
+                             seed=training_seed(local.run_config.seed, index, round_number))
         update = exchanged_state(local)
         if local.personal:
             personal.keep(context.state, personal_state(local))
@@ -131,13 +132,15 @@ def add_client_handlers(app, setup: Callable) -> None:
             # Fine-tune the global model on this client's data; keep it only if its validation accuracy
             # improves (model selection on the client's validation split, never its test split).
             before = local_evaluate(local, split["val"], classes)["accuracy"]
-            local_train(local, split, classes, int(settings["personalise-epochs"]), description=f"client {index} personalise")
+            local_train(local, split, classes, int(settings["personalise-epochs"]), description=f"client {index} personalise",
+                        seed=training_seed(local.run_config.seed, index, PERSONALISE_PHASE))
             kept = local_evaluate(local, split["val"], classes)["accuracy"] >= before
             scores["personalised"] = local_evaluate(local, split["test"], classes)["accuracy"] if kept else scores["global"]
             scores["personalisation_kept"] = int(kept)
         if int(settings["local-only-epochs"]) > 0:
             load_exchanged(local, None)  # from the pretrained weights, its own data only
-            local_train(local, split, classes, int(settings["local-only-epochs"]), description=f"client {index} local-only")
+            local_train(local, split, classes, int(settings["local-only-epochs"]), description=f"client {index} local-only",
+                        seed=training_seed(local.run_config.seed, index, LOCAL_ONLY_PHASE))
             scores["local_only"] = local_evaluate(local, split["test"], classes)["accuracy"]
         return Message(RecordDict({"metrics": MetricRecord(scores)}), reply_to=message)
 

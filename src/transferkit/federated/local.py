@@ -210,8 +210,17 @@ class ProximalPenalty:
         return 0.5 * self.mu * torch.stack(terms).sum() if terms else torch.zeros(())
 
 
-def _batches(local: LocalModel, examples: Examples, classes: list[str], train: bool) -> Batches:
+def training_seed(base_seed: int, client: int, phase: int) -> int:
+    """The seed of one client's local training in one phase (round r is phase r; the final personalisation and
+    local-only runs have their own): a Ray worker runs many clients and rounds in one process, so what its
+    global RNG holds depends on what ran there before, and a run would not repeat itself."""
+    return base_seed + 1_000 * phase + client
+
+
+def _batches(local: LocalModel, examples: Examples, classes: list[str], train: bool, seed: int | None = None) -> Batches:
     backbone, config = local.model.backbone, local.run_config
+    if seed is not None:
+        config = config.replace(seed=seed)
     prepared = backbone.prepare(examples.inputs)
     labels = encode_labels(examples.labels, classes)
     if train:
@@ -223,9 +232,13 @@ def _batches(local: LocalModel, examples: Examples, classes: list[str], train: b
 
 
 def local_train(local: LocalModel, split: dict[str, Examples], classes: list[str], epochs: int,
-                proximal_mu: float = 0.0, description: str = "local") -> dict[str, float]:
-    """Fine-tune the loaded weights on this client's data (best epoch on its validation split)."""
+                proximal_mu: float = 0.0, description: str = "local", seed: int | None = None) -> dict[str, float]:
+    """Fine-tune the loaded weights on this client's data (best epoch on its validation split). ``seed`` fixes
+    the batch order, dropout and augmentation of this call (``training_seed``), whatever ran before it."""
     config = local.run_config
+    if seed is not None:
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
     unknown = sorted(set(split["train"].labels) - set(classes))
     if unknown:
         raise UserError(f"client labels {unknown[:5]} are not classes of the global model")
@@ -233,7 +246,7 @@ def local_train(local: LocalModel, split: dict[str, Examples], classes: list[str
     if proximal_mu > 0:
         objective = RegularisedObjective(objective, [ProximalPenalty(local.model, proximal_mu)])
     groups = local.strategy.param_groups(local.model, config.lr, config.head_lr, config.weight_decay)
-    engine = Engine(local.model, groups, objective, _batches(local, split["train"], classes, True),
+    engine = Engine(local.model, groups, objective, _batches(local, split["train"], classes, True, seed),
                     _batches(local, split["val"], classes, False), engine_settings(config, epochs),
                     set_train_mode=local.strategy.set_train_mode, description=description)
     engine.fit()
