@@ -6,7 +6,8 @@ set is the global test), EfficientNet-Lite0 at 32 px, full fine-tuning. For each
 Dirichlet(0.5) partitions with FedAvg, and centralised fine-tuning on the pooled data for as many
 epochs as the federation ran rounds x local epochs. Then, on the IID text split, client 0 sends
 updates scaled by -10: FedAvg vs FedMedian. Finally three clients that each hold one domain (UCI amazon,
-UCI imdb, 1,000 SST-2 phrases): local-only vs global vs personalised per client. Flower's Simulation
+UCI imdb, 1,000 SST-2 phrases): local-only vs global vs personalised per client, with FedAvg and with each
+client's head kept on the client (FedPer). Flower's Simulation
 Engine (Ray), 1 CPU per client.
 
     python bench/federated.py                       # about 30 min on 2 CPU cores
@@ -113,8 +114,9 @@ def run_pair(args, folder: Path, name: str, recipe: dict) -> dict:
             "examples": args.examples, "rows": rows}
 
 
-def run_domains(args, folder: Path) -> dict:
-    """Three clients, three domains: UCI amazon and imdb reviews and a share of SST-2 (MiniLM-L6 + LoRA)."""
+def run_domains(args, folder: Path, personal: str = "none") -> dict:
+    """Three clients, three domains: UCI amazon and imdb reviews and a share of SST-2 (MiniLM-L6 + LoRA);
+    with ``personal``, each client keeps that part of its model to itself (head: FedPer)."""
     import transferkit
     from transferkit.federated import FederatedConfig
 
@@ -128,10 +130,11 @@ def run_domains(args, folder: Path) -> dict:
     started = time.time()
     metrics = transferkit.federate(FederatedConfig.from_dict(
         {**recipe, "text_column": "sentence", "clients": clients, "max_rounds": args.rounds, "local_epochs": 1,
-         "round_patience": None, "val_fraction": 0.15, "test_fraction": 0.15, "out": str(folder / "run")},
+         "round_patience": None, "val_fraction": 0.15, "test_fraction": 0.15, "personal": personal,
+         "out": str(folder / f"run-{personal}")},
         source="domains"))
-    print(f"domains: {metrics['per_client']}", flush=True)
-    return {"model": recipe["model"], "rounds": args.rounds, "per_client": metrics["per_client"],
+    print(f"domains (personal {personal}): {metrics['per_client']}", flush=True)
+    return {"model": recipe["model"], "rounds": args.rounds, "personal": personal, "per_client": metrics["per_client"],
             "test_accuracy": metrics["test"]["accuracy"], "seconds": time.time() - started}
 
 
@@ -181,6 +184,18 @@ def table(results: dict) -> str:
                          f"{100 * (r['personalised'] - r['global']):+.2f} pts |")
         lines += ["", f"Global model on the union of the clients' test splits: {domains['test_accuracy']:.4f}; "
                   f"{domains['seconds']:.0f} s.", ""]
+    fedper = results.get("domains-head")
+    if domains and fedper:
+        lines += [f"### domains with a personal head (FedPer, `personal: head`): the same clients, data, recipe and rounds; "
+                  f"each client's head stays on the client ({fedper.get('date', results['date'])})", "",
+                  "| client | FedAvg global | FedPer: shared part + own head | FedPer - FedAvg | FedPer, then personalised | "
+                  "rounds that trained the own head |", "|---|---|---|---|---|---|"]
+        for name, r in fedper["per_client"].items():
+            base = domains["per_client"][name]["global"]
+            lines.append(f"| {name} | {base:.4f} | {r['global']:.4f} | {100 * (r['global'] - base):+.2f} pts | "
+                         f"{r['personalised']:.4f} | {r.get('personal_rounds', '-')} |")
+        lines += ["", f"Union of the clients' test splits, each scored with its own head: {fedper['test_accuracy']:.4f} "
+                  f"(FedAvg's global model: {domains['test_accuracy']:.4f}); {fedper['seconds']:.0f} s.", ""]
     return "\n".join(lines).rstrip()
 
 
@@ -207,6 +222,8 @@ def main() -> None:
     parser.add_argument("--no-attack", action="store_true", help="skip the poisoned-client runs")
     parser.add_argument("--server-lrs", nargs="*", type=float, default=[1.0, 3.0],
                         help="FedAvgM server learning rates to try (chosen on validation); none: skip FedAvgM")
+    parser.add_argument("--personal", nargs="+", choices=["none", "head"], default=["none", "head"],
+                        help="domains: personal parts to run (none: FedAvg; head: FedPer)")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--no-doc", action="store_true")
@@ -219,9 +236,11 @@ def main() -> None:
             available = setups(args, Path(tmp))
             for name in args.only:
                 if name == "domains" and not args.tiny:  # real data only
-                    results["domains"] = run_domains(args, Path(tmp) / "domains")
-                    results["domains"]["date"] = results["date"]
-                    save_results(args.results, results)
+                    for personal in args.personal:
+                        key = "domains" if personal == "none" else f"domains-{personal}"
+                        results[key] = run_domains(args, Path(tmp) / "domains", personal)
+                        results[key]["date"] = results["date"]
+                        save_results(args.results, results)
                 if name not in available:
                     continue
                 results[name] = run_pair(args, Path(tmp) / name, name, available[name])
