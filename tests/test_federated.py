@@ -179,6 +179,9 @@ def test_personal_parts_name_the_head_or_the_batchnorm_layers_among_what_trains(
     assert personal_keys(model, "batchnorm", trained) == ["body.1.weight", "body.1.bias", "body.1.running_mean",
                                                           "body.1.running_var"]
     assert personal_keys(model, "none", trained) == []
+    # 'none' read from YAML or the command line arrives as no value: it means no personal part, not an error.
+    assert FederatedConfig.from_dict({"model": "m", "data": {"train": "a.csv"}, "personal": "none"}, source="t").personal == "none"
+    assert FederatedConfig.from_dict({"model": "m", "data": {"train": "a.csv"}, "personal": None}, source="t").personal == "none"
     # Only what trains can be personal: a frozen BatchNorm stays out.
     assert personal_keys(model, "batchnorm", ["body.0.weight", "head.weight"]) == []
 

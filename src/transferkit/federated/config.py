@@ -108,6 +108,8 @@ class FederatedConfig:
         for name in ("max_rounds", "local_epochs", "num_clients"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"{source}: '{name}' is {getattr(self, name)}: it must be a positive integer")
+        if self.personal is None:  # YAML and the command line read 'none' as no value
+            self.personal = "none"
         if self.personal not in PERSONAL_PARTS:
             raise UserError(f"{source}: 'personal' is '{self.personal}': choose one of {', '.join(PERSONAL_PARTS)}")
         if self.personalise_epochs < 0:
