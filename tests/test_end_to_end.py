@@ -94,9 +94,12 @@ def test_packaged_efficientnet_lite0_fine_tunes_on_idx_images(tmp_path):
     import gzip
     import struct
 
-    images, labels = make_stripes(96, size=28, seed=2)
+    # 120 training images, 8 epochs run to the end: full fine-tuning of a BatchNorm network on a few dozen tiny
+    # batches swings from epoch to epoch (BatchNorm statistics of 8-image batches), and with 48 images and early
+    # stopping the outcome changed with the seed and the CPU's kernels. Here every seed 0-3 reached >= 0.94.
+    images, labels = make_stripes(240, size=28, seed=2)
     grey = images.mean(-1).astype("uint8")
-    for prefix, sl in (("train", slice(0, 64)), ("t10k", slice(64, 96))):
+    for prefix, sl in (("train", slice(0, 160)), ("t10k", slice(160, 240))):
         with gzip.open(tmp_path / f"{prefix}-images-idx3-ubyte.gz", "wb") as handle:
             handle.write(struct.pack(">BBBBIII", 0, 0, 8, 3, *grey[sl].shape) + grey[sl].tobytes())
         ids = bytes(int(label == "vertical") for label in labels[sl])
@@ -104,8 +107,8 @@ def test_packaged_efficientnet_lite0_fine_tunes_on_idx_images(tmp_path):
             handle.write(struct.pack(">BBBBI", 0, 0, 8, 1, len(ids)) + ids)
     torch.manual_seed(0)
     metrics = transferkit.finetune(model="efficientnet-lite0", train=str(tmp_path / "train-images-idx3-ubyte.gz"),
-                                   test=str(tmp_path / "t10k-images-idx3-ubyte.gz"), image_size=32, epochs=6,
-                                   batch_size=8, val_fraction=0.25, out=str(tmp_path / "run"))
+                                   test=str(tmp_path / "t10k-images-idx3-ubyte.gz"), image_size=32, epochs=8,
+                                   batch_size=16, patience=None, val_fraction=0.25, out=str(tmp_path / "run"))
     assert metrics["test"]["accuracy"] >= 0.9 and metrics["baseline"]["test"]["accuracy"] >= 0.75
     reloaded = transferkit.load_run(tmp_path / "run")
     test = reloaded.read(tmp_path / "t10k-images-idx3-ubyte.gz")
