@@ -125,7 +125,7 @@ def add_client_handlers(app, setup: Callable) -> None:
         config, classes, index, local, split = prepared(message, context)
         global_scores = local_evaluate(local, split["test"], classes, confusion=True)
         scores = {"client": index, "train_examples": len(split["train"]), "test_examples": len(split["test"]),
-                  "global": global_scores["accuracy"], "personal_rounds": personal.kept(context.state)[1],
+                  "global": global_scores["accuracy"], "personal_rounds": personal.kept_rounds(context.state),
                   # Rows: true class; summed over clients, the union test set's accuracy and macro-F1 follow exactly.
                   "global_confusion": [int(v) for row in global_scores["confusion"] for v in row]}
         if int(settings["personalise-epochs"]) > 0:

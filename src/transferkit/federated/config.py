@@ -108,8 +108,6 @@ class FederatedConfig:
         for name in ("max_rounds", "local_epochs", "num_clients"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"{source}: '{name}' is {getattr(self, name)}: it must be a positive integer")
-        if self.personal is None:  # YAML and the command line read 'none' as no value
-            self.personal = "none"
         if self.personal not in PERSONAL_PARTS:
             raise UserError(f"{source}: 'personal' is '{self.personal}': choose one of {', '.join(PERSONAL_PARTS)}")
         if self.personalise_epochs < 0:
@@ -184,8 +182,12 @@ class FederatedConfig:
         for key, value in list(options.items()):
             kind = str(typed[key].type)
             try:
-                if value is None or (isinstance(value, str) and value.lower() == "none"):
-                    options[key] = None
+                if value is None or (isinstance(value, str) and value.lower() == "none" and "None" in kind):
+                    # 'none' means no value only where the field takes none; no value at all means the default.
+                    if "None" in kind:
+                        options[key] = None
+                    else:
+                        del options[key]
                 elif kind.startswith("int"):
                     options[key] = int(value)
                 elif kind.startswith("float"):

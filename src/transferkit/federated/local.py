@@ -171,9 +171,13 @@ def exchanged_keys(model: torch.nn.Module) -> list[str]:
     return [name for name in model.state_dict() if name in keys]
 
 
-def personal_state(local: LocalModel) -> dict[str, torch.Tensor]:
+def _state_of(local: LocalModel, keys: list[str]) -> dict[str, torch.Tensor]:
     state = local.model.state_dict()
-    return {k: state[k].detach().cpu().clone() for k in local.personal}
+    return {k: state[k].detach().cpu().clone() for k in keys}
+
+
+def personal_state(local: LocalModel) -> dict[str, torch.Tensor]:
+    return _state_of(local, local.personal)
 
 
 def load_personal(local: LocalModel, state: dict[str, torch.Tensor] | None) -> None:
@@ -183,8 +187,7 @@ def load_personal(local: LocalModel, state: dict[str, torch.Tensor] | None) -> N
 
 
 def exchanged_state(local: LocalModel) -> dict[str, torch.Tensor]:
-    state = local.model.state_dict()
-    return {k: state[k].detach().cpu().clone() for k in local.exchanged}
+    return _state_of(local, local.exchanged)
 
 
 def load_exchanged(local: LocalModel, state: dict[str, torch.Tensor] | None) -> None:

@@ -62,13 +62,17 @@ def keep(state, weights: dict[str, torch.Tensor]) -> None:
     """Store this client's personal weights in its Flower context state, for its next round."""
     from flwr.app import ArrayRecord, ConfigRecord
 
-    state[STATE_KEY] = ArrayRecord({k: v.detach().cpu().clone() for k, v in weights.items()})
-    rounds = int(state[ROUNDS_KEY]["rounds"]) if ROUNDS_KEY in state else 0
-    state[ROUNDS_KEY] = ConfigRecord({"rounds": rounds + 1})
+    state[STATE_KEY] = ArrayRecord(weights)  # serialised to bytes: a copy, whatever happens to the tensors next
+    state[ROUNDS_KEY] = ConfigRecord({"rounds": kept_rounds(state) + 1})
+
+
+def kept_rounds(state) -> int:
+    """How many rounds trained this client's personal weights (0 before its first round)."""
+    return int(state[ROUNDS_KEY]["rounds"]) if ROUNDS_KEY in state else 0
 
 
 def kept(state) -> tuple[dict[str, torch.Tensor] | None, int]:
     """The personal weights this client kept, and how many rounds trained them (None, 0 before its first round)."""
     if STATE_KEY not in state:
         return None, 0
-    return state[STATE_KEY].to_torch_state_dict(), int(state[ROUNDS_KEY]["rounds"])
+    return state[STATE_KEY].to_torch_state_dict(), kept_rounds(state)
