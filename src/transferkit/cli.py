@@ -83,6 +83,10 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
                                 help="compile the model with torch.compile (pays a compile time up front; see docs/benchmarks.md)")
             continue
+        if f.name == "cache_frozen":
+            parser.add_argument("--no-cache-frozen", dest="cache_frozen", action="store_const", const=False, default=None,
+                                help="freeze-bottom: run the frozen layers every epoch instead of computing them once")
+            continue
         if f.name == "baseline":
             parser.add_argument("--no-baseline", dest="baseline", action="store_const", const=False, default=None,
                                 help="skip the linear-probe baseline")

@@ -98,6 +98,7 @@ class RunConfig:
     monitor: str = "val_accuracy"
     precision: str = "fp32"
     compile: bool = False
+    cache_frozen: bool = True  # freeze-bottom: compute the frozen layers once and replay them every epoch
     seed: int = 0
     checkpoint_every: int | None = None
     on_divergence: str = "stop"

@@ -28,6 +28,7 @@ from .engine import distributed
 from .engine.batches import Batches, feature_collate
 from .engine.checkpoint import CheckpointDir, atomic_write_text, load_weights, save_weights
 from .engine.feature_cache import cached_features
+from .engine.prefix_cache import FrozenPrefix
 from .engine.log import JsonlLog
 from .engine.loop import Engine, EngineSettings, default_device
 from .errors import UserError
@@ -199,6 +200,44 @@ def _concatenate(first, second):
         return ImagePaths(first.paths + second.paths)
     raise UserError("the transfer data and the training data are stored differently (e.g. an image folder and an IDX "
                     "file, or images of other sizes): give the transfer images in the training data's form")
+
+
+def _frozen_prefix_collate(config: RunConfig, strategy, model: Classifier, augmenter: BatchAugmenter, prepared,
+                           device: torch.device):
+    """The training batches' collate: with the frozen layers' output cached when the run allows it
+    (engine/prefix_cache.py), else the backbone's own. Also returns what was decided, for metrics.json."""
+    backbone = model.backbone
+    if not strategy.fixed_frozen_prefix:
+        return backbone.collate, None, None
+    why_not = None
+    if not config.cache_frozen:
+        why_not = "turned off (cache_frozen: false)"
+    elif augmenter.active or (config.mixup and backbone.modality == "image"):
+        why_not = "the inputs are augmented, so the frozen layers see new inputs every epoch"
+    elif config.compile:
+        why_not = "torch.compile traces the whole forward pass; the replay would break its graph"
+    prefix = None
+    if why_not is None:
+        prefix = FrozenPrefix(backbone, len(strategy.frozen_groups(model)))
+        if not prefix.usable:
+            why_not = "no frozen block to skip (only embeddings or a stem are frozen)"
+        else:
+            started = time.time()
+            model.to(device)
+            why_not = prefix.compute(prepared, backbone.collate, config.eval_batch_size, backbone.lengths(prepared), device)
+            if why_not is None and not prefix.replay_matches(model, prepared, backbone.collate):
+                why_not = "replaying the cached layers did not reproduce this architecture's outputs"
+    if why_not is not None:
+        if prefix is not None:
+            prefix.remove()
+        if config.cache_frozen:
+            print(f"frozen layers not cached: {why_not}")
+        return backbone.collate, {"used": False, "reason": why_not}, None
+    seconds = time.time() - started
+    print(f"frozen layers cached: {len(prefix.skipped)} blocks, {prefix.megabytes:.0f} MB for {len(prepared):,} "
+          f"examples, {seconds:.1f} s; later passes run only the trainable layers")
+    return prefix.collate(backbone.collate), {"used": True, "skipped_blocks": len(prefix.skipped),
+                                              "megabytes": round(prefix.megabytes, 1), "seconds": round(seconds, 2)}, prefix
 
 
 def _adaptation_objective(config: RunConfig, model: Classifier, target_prepared, train_labels: np.ndarray,
@@ -414,6 +453,7 @@ def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bo
 
     started = time.time()
     checkpoints = CheckpointDir(run_dir / "checkpoints")
+    metrics_extra: dict[str, Any] = {}
     if strategy.uses_feature_cache:
         probe, engine = _train_head_on_features(
             config, features, labels, len(classes), epochs=config.epochs, lr=config.head_lr or config.lr,
@@ -426,7 +466,10 @@ def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bo
             distributed.barrier()  # process 0 has written the probe's head
             load_weights(model.head, probe_head_path)
         augmenter = batch_augmenter(config, backbone)
-        train = Batches(train_prepared, train_labels, backbone.collate, config.batch_size, shuffle=True,
+        collate, cache_report, prefix = _frozen_prefix_collate(config, strategy, model, augmenter, train_prepared, device)
+        if cache_report is not None:
+            metrics_extra["frozen_prefix_cache"] = cache_report
+        train = Batches(train_prepared, train_labels, collate, config.batch_size, shuffle=True,
                         seed=config.seed, lengths=backbone.lengths(train_prepared),
                         oversample=config.sampler == "oversample", transform=augmenter if augmenter.active else None)
         val = Batches(prepared["val"], labels["val"], backbone.collate, config.eval_batch_size,
@@ -450,6 +493,8 @@ def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bo
             # this process or was read back from baseline.json after an interruption.
             torch.manual_seed(config.seed + 1)
         engine.fit(resume=resuming)
+        if prefix is not None:
+            prefix.remove()  # the hooks and the cached tensors served training only
         test_batches = Batches(prepared["test"], labels["test"], backbone.collate, config.eval_batch_size,
                                lengths=backbone.lengths(prepared["test"]))
     seconds = time.time() - started + (feature_seconds if strategy.uses_feature_cache else 0.0)
@@ -460,7 +505,7 @@ def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bo
         "total_parameters": sum(p.numel() for p in model.parameters()),
         "data": {"train_source": splits.train.source, "train": len(splits.train), "val": len(splits.val),
                  "test": len(splits.test), "classes": classes},
-        "test": test, "history": engine.history, "best_epoch": engine.best_epoch, "seconds": seconds,
+        "test": test, "history": engine.history, "best_epoch": engine.best_epoch, "seconds": seconds, **metrics_extra,
     }
     if baseline is not None:
         metrics["baseline"] = baseline

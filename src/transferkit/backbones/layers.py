@@ -46,12 +46,28 @@ def stack_layer_groups(model: nn.Module) -> list[nn.Module]:
         (above if seen_stack else below).append(child)
     groups: list[nn.Module] = []
     if below:
-        groups.append(ParameterGroup(below))
+        groups.append(ParameterGroup(_whole_modules(model, below)))
     blocks = list(stack)
     if above:
         blocks[-1] = ParameterGroup([blocks[-1], *above])
     groups.extend(blocks)
     return groups
+
+
+def _whole_modules(model: nn.Module, parts: list[nn.Module]) -> list[nn.Module]:
+    """The largest submodules made only of ``parts``' parameters (e.g. BERT's ``embeddings`` for its word,
+    position and type embeddings and LayerNorm), so a frozen group also holds their parameterless dropout and
+    ``group.eval()`` turns it off."""
+    inside = {id(p) for part in parts for p in part.parameters()}
+    whole, taken = [], []
+    for name, child in model.named_modules():  # parents come before their children
+        if child is model or any(name.startswith(t + ".") for t in taken):
+            continue
+        parameters = list(child.parameters())
+        if parameters and all(id(p) in inside for p in parameters):
+            whole.append(child)
+            taken.append(name)
+    return whole
 
 
 LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layers", "num_layers")

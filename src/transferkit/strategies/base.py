@@ -28,6 +28,8 @@ class Strategy:
     name: ClassVar[str]
     summary: ClassVar[str]
     uses_feature_cache: ClassVar[bool] = False
+    # The frozen groups are the same lowest layers for the whole run, so their output can be computed once.
+    fixed_frozen_prefix: ClassVar[bool] = False
     default_lr: ClassVar[float | None] = None  # when set, used instead of the per-modality default
 
     def frozen_groups(self, model: Classifier) -> list[nn.Module]:

@@ -20,6 +20,7 @@ class FreezeBottom(Strategy):
 
     name = "freeze-bottom"
     summary = "freeze the k lowest layer groups (--freeze-layers, default half), train the rest and the head"
+    fixed_frozen_prefix = True
 
     def __init__(self, layers: int | None = None):
         self.layers = layers
