@@ -42,6 +42,8 @@ CASES = {
     "val file and fraction": (["--train", "{train}", "--val", "{train}", "--val-fraction", "0.2", "--model", "minilm-l6"], "not both"),
     "freeze layers without freeze-bottom": (["--train", "{train}", "--model", "minilm-l6", "--freeze-layers", "2"], "--strategy freeze-bottom"),
     "image model on text": (["--train", "{train}", "--model", "efficientnet-lite0"], "takes images"),
+    "frozen BatchNorm without BatchNorm": (["--train", "{train}", "--model", "static-64", "--freeze-batchnorm"],
+                                          "has no BatchNorm layers"),
     "bad number": (["--train", "{train}", "--model", "minilm-l6", "--epochs", "two"], "'epochs'"),
     "resume without a run": (["--out", "{tmp}/never", "--resume"], "nothing to resume"),
     "resume with other options": (["--out", "{tmp}/never", "--resume", "--epochs", "3"], "drop epochs"),

@@ -83,6 +83,11 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
                                 help="compile the model with torch.compile (pays a compile time up front; see docs/benchmarks.md)")
             continue
+        if f.name == "freeze_batchnorm":
+            parser.add_argument("--freeze-batchnorm", dest="freeze_batchnorm", action="store_const", const=True, default=None,
+                                help="keep every BatchNorm layer's pretrained running statistics (eval mode) while "
+                                     "training: for small batches, where batch statistics are noisy")
+            continue
         if f.name == "cache_frozen":
             parser.add_argument("--no-cache-frozen", dest="cache_frozen", action="store_const", const=False, default=None,
                                 help="freeze-bottom: run the frozen layers every epoch instead of computing them once")

@@ -94,6 +94,7 @@ class RunConfig:
     grad_clip: float | None = 1.0
     accumulate: int = 1
     dropout: float = 0.1
+    freeze_batchnorm: bool = False  # BatchNorm layers keep their pretrained statistics (eval mode) while training
     patience: int | None = 2
     monitor: str = "val_accuracy"
     precision: str = "fp32"

@@ -43,7 +43,7 @@ from .objectives.distillation import DistillationObjective
 from .deploy.model_card import write_model_card
 from .saved_model import FineTunedModel, save_classifier
 from .strategies import Strategy, create_strategy
-from .strategies.base import decay_groups
+from .strategies.base import check_freeze_batchnorm, decay_groups
 from .teacher import check_teacher, median_latency_ms, teacher_logits
 from .adaptation import (backbone_features, deep_embedded_validation, load_target, plot_domains, proxy_a_distance,
                          sample_indices)
@@ -339,6 +339,7 @@ def build(config: RunConfig) -> tuple[RunConfig, Splits, Strategy, Classifier]:
     model = Classifier(backbone, len(splits.classes), config.dropout)
     strategy.prepare(model)
     strategy.apply(model)
+    check_freeze_batchnorm(strategy, model, config.model)
     if config.lr is None:
         default = "probe" if strategy.uses_feature_cache else backbone.modality
         config = config.replace(lr=strategy.default_lr or DEFAULT_LR[default])

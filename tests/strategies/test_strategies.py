@@ -76,6 +76,26 @@ def test_frozen_batchnorm_stays_in_eval_mode_on_the_packaged_efficientnet():
     assert model.backbone.feature_dim == 1280
 
 
+def test_freeze_batchnorm_keeps_every_batchnorm_statistic_while_its_scale_and_shift_train(tiny_bert_dir):
+    model = Classifier(create_backbone("efficientnet-lite0", image_size=32), num_classes=2)
+    strategy = _strategy("full", freeze_batchnorm=True)
+    strategy.apply(model)
+    strategy.set_train_mode(model)
+    batchnorms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert batchnorms and not any(m.training for m in batchnorms)
+    assert all(m.weight.requires_grad for m in batchnorms)
+    before = batchnorms[0].running_mean.clone()
+    model(pixel_values=torch.randn(4, 3, 32, 32) * 3 + 1).sum().backward()
+    torch.testing.assert_close(batchnorms[0].running_mean, before)  # statistics untouched by the batch
+    assert batchnorms[0].weight.grad is not None
+    assert any(m.training for m in model.modules() if isinstance(m, torch.nn.Dropout))  # dropout still on
+    # On a model without BatchNorm the option would do nothing: an error says so.
+    from transferkit.strategies.base import check_freeze_batchnorm
+
+    with pytest.raises(UserError, match="has no BatchNorm layers"):
+        check_freeze_batchnorm(strategy, _model(tiny_bert_dir), "tiny-bert")
+
+
 def test_param_groups_exclude_biases_and_norms_from_weight_decay(tiny_bert_dir):
     model = _model(tiny_bert_dir)
     strategy = _strategy("full")

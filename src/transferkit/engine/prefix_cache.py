@@ -114,8 +114,12 @@ class FrozenPrefix:
         prefix = self._armed
         if value is not None and value.ndim == 3 and prefix.shape[1] != value.shape[1]:
             raise RuntimeError(f"cached prefix has {prefix.shape[1]} positions, the batch {value.shape[1]}")
-        return rebuild(prefix.to(device=value.device if value is not None else prefix.device,
-                                 dtype=value.dtype if value is not None else prefix.dtype))
+        if value is None:
+            return rebuild(prefix)
+        prefix = prefix.to(device=value.device, dtype=value.dtype)
+        if value.ndim == 4 and value.is_contiguous(memory_format=torch.channels_last):
+            prefix = prefix.contiguous(memory_format=torch.channels_last)  # as the convolutions were given it
+        return rebuild(prefix)
 
     # -- computing the cache ----------------------------------------------------------------------
     @torch.no_grad()

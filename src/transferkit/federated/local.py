@@ -26,6 +26,7 @@ from ..evaluation.metrics import summary_metrics
 from ..finetune import DEFAULT_LR, batch_augmenter, engine_settings
 from ..model import Classifier
 from ..objectives import CrossEntropyObjective, RegularisedObjective
+from ..strategies.base import check_freeze_batchnorm
 from ..strategies import create_strategy
 from .config import DATA_FIELDS, FederatedConfig
 from .partition import partition
@@ -147,6 +148,7 @@ def local_model(config: FederatedConfig, classes: list[str]) -> LocalModel:
         model = Classifier(backbone, len(classes), base.dropout)
         strategy.prepare(model)
         strategy.apply(model)
+        check_freeze_batchnorm(strategy, model, base.model)
         if base.lr is None:
             base = base.replace(lr=strategy.default_lr or DEFAULT_LR[backbone.modality])
         trained = exchanged_keys(model)

@@ -27,7 +27,7 @@ from ..evaluation.metrics import full_report, summary_metrics
 from ..finetune import DEFAULT_LR, batch_augmenter, check_augmentation, check_run_dir, engine_settings, finetune
 from ..objectives import CrossEntropyObjective, balanced_class_weights
 from ..strategies import create_strategy
-from ..strategies.base import decay_groups
+from ..strategies.base import check_freeze_batchnorm, decay_groups
 from .config import MultiTaskConfig
 from .model import MultiTaskModel, save_multitask, soft_sharing_penalty
 from .plots import plot_task_curves
@@ -143,6 +143,7 @@ def build_multitask(config: MultiTaskConfig) -> tuple[MultiTaskConfig, dict[str,
             prepared.add(id(view.backbone))
     for task in config.names:
         strategy.apply(model.view(task))
+    check_freeze_batchnorm(strategy, model, base.model)
     if base.lr is None:
         config = config.replace(lr=strategy.default_lr or DEFAULT_LR[modality])
     return config, splits, strategy, model

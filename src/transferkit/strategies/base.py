@@ -6,6 +6,7 @@ from typing import ClassVar
 
 from torch import nn
 
+from ..errors import UserError
 from ..model import Classifier
 
 
@@ -16,6 +17,17 @@ def decay_groups(parameters: list[nn.Parameter], lr: float, weight_decay: float)
     no_decay = [p for p in parameters if p.ndim <= 1]
     return ([{"params": decay, "lr": lr, "weight_decay": weight_decay}] if decay else []) + (
         [{"params": no_decay, "lr": lr, "weight_decay": 0.0}] if no_decay else [])
+
+
+def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def check_freeze_batchnorm(strategy: "Strategy", model: nn.Module, model_name: str) -> None:
+    """--freeze-batchnorm on a model without BatchNorm would silently do nothing: say so instead."""
+    if strategy.freeze_batchnorm and not batchnorm_layers(model):
+        raise UserError(f"'freeze_batchnorm' is set but model '{model_name}' has no BatchNorm layers "
+                        f"(transformers use LayerNorm, which keeps no running statistics): drop --freeze-batchnorm")
 
 
 class Strategy:
@@ -31,6 +43,10 @@ class Strategy:
     # The frozen groups are the same lowest layers for the whole run, so their output can be computed once.
     fixed_frozen_prefix: ClassVar[bool] = False
     default_lr: ClassVar[float | None] = None  # when set, used instead of the per-modality default
+    # Every BatchNorm layer in eval mode while training (its affine scale and shift still train): batch
+    # statistics of small batches are noisy and overwrite the pretrained ones (as timm's freeze_batch_norm_2d,
+    # and detection fine-tuning's frozen BatchNorm, avoid).
+    freeze_batchnorm: bool = False
 
     def frozen_groups(self, model: Classifier) -> list[nn.Module]:
         """The backbone layer groups that do not train."""
@@ -49,6 +65,9 @@ class Strategy:
         model.train()
         for group in self.frozen_groups(model):
             group.eval()
+        if self.freeze_batchnorm:
+            for module in batchnorm_layers(model):
+                module.eval()
 
     def prepare(self, model: Classifier) -> None:
         """Change the architecture before training if the strategy needs to (e.g. insert adapters)."""

@@ -17,4 +17,6 @@ def register(cls: type[Strategy]) -> type[Strategy]:
 def create_strategy(config: RunConfig) -> Strategy:
     if config.strategy not in STRATEGIES:
         raise UserError(f"unknown strategy '{config.strategy}': choose one of {', '.join(sorted(STRATEGIES))}")
-    return STRATEGIES[config.strategy].from_config(config)
+    strategy = STRATEGIES[config.strategy].from_config(config)
+    strategy.freeze_batchnorm = config.freeze_batchnorm
+    return strategy
