@@ -292,6 +292,33 @@ def test_fedper_run_trains_each_clients_own_head_over_every_round_and_sends_no_h
     assert not (tmp_path / "run" / "model").exists()  # the shared part alone is no client's model
 
 
+def test_fedbn_run_keeps_each_clients_batchnorm_layers_and_sends_the_rest(tmp_path):
+    """FedBN end to end on the packaged EfficientNet-Lite0: two clients whose images differ in brightness."""
+    import transferkit
+    from PIL import Image
+
+    from tests.conftest import make_stripes
+
+    clients = []
+    for i, shift in enumerate((0, 90)):
+        root = tmp_path / f"site{i}"
+        images, labels = make_stripes(32, size=32, seed=i)
+        for j, (image, label) in enumerate(zip(images, labels)):
+            (root / label).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.clip(image.astype(int) + shift, 0, 255).astype(np.uint8)).save(root / label / f"{j:02d}.png")
+        clients.append({"name": f"site{i}", "train": str(root)})
+    metrics = transferkit.federate(FederatedConfig.from_dict({
+        "model": "efficientnet-lite0", "image_size": 32, "strategy": "freeze-bottom", "freeze_layers": 14,
+        "lr": 1e-3, "batch_size": 8, "out": str(tmp_path / "run"), "clients": clients, "personal": "batchnorm",
+        "max_rounds": 2, "round_patience": None, "personalise_epochs": 0, "local_only": False}, source="test"))
+    # The trainable BatchNorm layers (scale, shift, running statistics) of the top blocks stayed home.
+    assert metrics["personal"]["part"] == "batchnorm" and metrics["personal"]["kept_keys"] > 0
+    assert [r["personal_rounds"] for r in metrics["per_client"].values()] == [2, 2]
+    assert all(0 <= r["personalised"] <= 1 for r in metrics["per_client"].values())
+    assert metrics["bytes"]["exchanged_fraction"] < 1.0 and metrics["test"]["examples"] > 0
+    assert not (tmp_path / "run" / "model").exists()
+
+
 def test_federate_cli_per_client_datasets_with_a_robust_aggregator_and_a_poisoned_client(tiny_bert_dir, tmp_path):
     clients = [write_table(tmp_path / f"c{i}.csv", make_sentences(60, seed=10 + i)) for i in range(3)]
     out = tmp_path / "fed"

@@ -234,7 +234,7 @@ def _frozen_prefix_collate(config: RunConfig, strategy, model: Classifier, augme
             print(f"frozen layers not cached: {why_not}")
         return backbone.collate, {"used": False, "reason": why_not}, None
     seconds = time.time() - started
-    print(f"frozen layers cached: {len(prefix.skipped)} blocks, {prefix.megabytes:.0f} MB for {len(prepared):,} "
+    print(f"frozen layers cached: {len(prefix.skipped)} block(s), {prefix.megabytes:.0f} MB for {len(prepared):,} "
           f"examples, {seconds:.1f} s; later passes run only the trainable layers")
     return prefix.collate(backbone.collate), {"used": True, "skipped_blocks": len(prefix.skipped),
                                               "megabytes": round(prefix.megabytes, 1), "seconds": round(seconds, 2)}, prefix

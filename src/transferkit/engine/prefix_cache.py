@@ -163,7 +163,8 @@ class FrozenPrefix:
 
             iterator = tqdm(iterator, total=len(batches), desc=progress, unit="batch", mininterval=1.0, dynamic_ncols=True)
         rows: list[torch.Tensor | None] = [None] * batches.size
-        size = 0
+        size, done = 0, 0
+        tokens = sum(lengths) if lengths is not None else 0
         was_training = self.backbone.training
         self.backbone.eval()
         try:
@@ -173,9 +174,14 @@ class FrozenPrefix:
                 for index, row in zip(batch["indices"], per_example):
                     rows[int(index)] = row
                 size += sum(row.numel() * row.element_size() for row in per_example)
-                if size / sum(r is not None for r in rows) * batches.size > MEMORY_LIMIT_BYTES:
-                    estimate = size / sum(r is not None for r in rows) * batches.size / 1024**3
-                    return f"it would take about {estimate:.1f} GiB of memory (the limit is {MEMORY_LIMIT_BYTES / 1024**3:.0f} GiB)"
+                # Token sequences are kept unpadded, so their size follows the token count (batches come longest
+                # first: counting examples would overestimate); fixed-size inputs follow the example count.
+                per_token = lengths is not None and per_example[0].ndim == 2
+                done += sum(len(row) for row in per_example) if per_token else len(per_example)
+                estimate = size / done * (tokens if per_token else batches.size)
+                if estimate > MEMORY_LIMIT_BYTES:
+                    return (f"it would take about {estimate / 1024**3:.1f} GiB of memory "
+                            f"(the limit is {MEMORY_LIMIT_BYTES / 1024**3:.0f} GiB)")
         finally:
             self.backbone.train(was_training)
         shapes = {tuple(row.shape) for row in rows}
