@@ -220,7 +220,7 @@ def _frozen_prefix_collate(config: RunConfig, strategy, model: Classifier, augme
     if why_not is None:
         prefix = FrozenPrefix(backbone, len(strategy.frozen_groups(model)))
         if not prefix.usable:
-            why_not = "no frozen block to skip (only embeddings or a stem are frozen)"
+            why_not = "no frozen block to skip (at most the embeddings or the stem are frozen)"
         else:
             started = time.time()
             model.to(device)

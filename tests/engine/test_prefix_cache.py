@@ -13,7 +13,7 @@ from transferkit.engine.prefix_cache import PREFIX_INPUT, FrozenPrefix
 from transferkit.model import Classifier
 from transferkit.strategies.freeze_bottom import FreezeBottom
 
-from ..conftest import make_sentences
+from ..conftest import interrupt_then_resume, make_sentences
 
 
 def _frozen_classifier(backbone, frozen: int) -> tuple[Classifier, FreezeBottom]:
@@ -74,7 +74,7 @@ def test_replayed_image_prefix_gives_the_forward_pass_outputs():
     torch.testing.assert_close(replayed, plain, rtol=1e-4, atol=1e-4)
 
 
-def test_freeze_bottom_run_with_the_cache_trains_like_one_without(tiny_bert_dir, text_data, tmp_path):
+def test_freeze_bottom_run_with_the_cache_trains_like_one_without(tiny_bert_dir, text_data, tmp_path, monkeypatch):
     common = dict(model=str(tiny_bert_dir), train=str(text_data["train"]), val=str(text_data["val"]),
                   test=str(text_data["test"]), strategy="freeze-bottom", freeze_layers=2, epochs=2, batch_size=16,
                   lr=1e-3, patience=None, baseline=False)
@@ -86,6 +86,12 @@ def test_freeze_bottom_run_with_the_cache_trains_like_one_without(tiny_bert_dir,
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
     assert cached["test"]["accuracy"] == plain["test"]["accuracy"]
+    # Interrupted after its first epoch and resumed, the cached run computes its cache again and ends the same.
+    resumed = interrupt_then_resume(monkeypatch, lambda out: transferkit.finetune(**common, out=str(out)),
+                                    tmp_path / "resumed")
+    assert resumed["frozen_prefix_cache"]["used"]
+    assert resumed["history"][-1]["val_loss"] == pytest.approx(cached["history"][-1]["val_loss"], rel=1e-4)
+    assert resumed["test"]["accuracy"] == cached["test"]["accuracy"]
 
 
 def test_augmented_or_embeddings_only_runs_train_uncached_and_say_why(tiny_bert_dir, text_data, tmp_path):
