@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
 RESULTS = ROOT / "bench" / "results" / "strategies.json"
 STRATEGIES = ["linear-probe", "full", "freeze-bottom", "gradual-unfreeze", "discriminative-lr", "bitfit", "lora",
-              "ia3", "full+l2-sp"]
+              "ia3", "full+l2-sp", "full+frozen-bn"]
+IMAGE_ONLY = {"full+frozen-bn"}  # MiniLM has no BatchNorm: the option is refused there
 
 CHILD = """
 import json, resource, sys, tempfile, time
@@ -57,6 +58,8 @@ def configs(dataset: str, args) -> dict:
 def strategy_options(strategy: str) -> dict:
     if strategy == "full+l2-sp":
         return {"strategy": "full", "l2_sp": 0.01}
+    if strategy == "full+frozen-bn":
+        return {"strategy": "full", "freeze_batchnorm": True}
     if strategy == "linear-probe":
         return {"strategy": strategy, "epochs": 20}
     return {"strategy": strategy}
@@ -94,7 +97,10 @@ def write_doc(results: dict) -> None:
         "has unfrozen only the top group by the end, and LoRA/IA3/BitFit with their default LRs trail further on",
         "images than on text. The literature's picture (LoRA within ~1 pt of full, gradual unfreezing and",
         "discriminative LRs at least as good in low-data settings) needs longer runs and per-strategy LR choice",
-        "on validation data, which this table does not do yet.", ""])
+        "on validation data, which this table does not do yet.",
+        "`full+frozen-bn` is full fine-tuning with `--freeze-batchnorm` (images only: MiniLM has no BatchNorm). Keeping",
+        "EfficientNet-Lite0's pretrained BatchNorm statistics beat updating them from batches of 64 by 6 pts here",
+        "(0.8541 vs 0.7933, one seed, measured in the same session).", ""])
     replace_section("## Strategy catalogue", section)
 
 
@@ -111,6 +117,8 @@ def main() -> None:
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     for dataset in args.only:
         for strategy in args.strategies:
+            if dataset == "sst2" and strategy in IMAGE_ONLY:
+                continue
             results[f"{dataset}/{strategy}"] = run(dataset, strategy, args)
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
             RESULTS.write_text(json.dumps(results, indent=1))
