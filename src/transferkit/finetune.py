@@ -202,13 +202,13 @@ def _concatenate(first, second):
                     "file, or images of other sizes): give the transfer images in the training data's form")
 
 
-def _frozen_prefix_collate(config: RunConfig, strategy, model: Classifier, augmenter: BatchAugmenter, prepared,
-                           device: torch.device):
-    """The training batches' collate: with the frozen layers' output cached when the run allows it
-    (engine/prefix_cache.py), else the backbone's own. Also returns what was decided, for metrics.json."""
+def _frozen_prefix_cache(config: RunConfig, strategy, model: Classifier, augmenter: BatchAugmenter, prepared,
+                         device: torch.device) -> tuple[FrozenPrefix | None, dict | None]:
+    """The frozen layers' output, cached when the run allows it (engine/prefix_cache.py), and what was decided
+    (for metrics.json; None for strategies whose frozen layers change)."""
     backbone = model.backbone
     if not strategy.fixed_frozen_prefix:
-        return backbone.collate, None, None
+        return None, None
     why_not = None
     if not config.cache_frozen:
         why_not = "turned off (cache_frozen: false)"
@@ -232,12 +232,12 @@ def _frozen_prefix_collate(config: RunConfig, strategy, model: Classifier, augme
             prefix.remove()
         if config.cache_frozen:
             print(f"frozen layers not cached: {why_not}")
-        return backbone.collate, {"used": False, "reason": why_not}, None
+        return None, {"used": False, "reason": why_not}
     seconds = time.time() - started
     print(f"frozen layers cached: {len(prefix.skipped)} block(s), {prefix.megabytes:.0f} MB for {len(prepared):,} "
           f"examples, {seconds:.1f} s; later passes run only the trainable layers")
-    return prefix.collate(backbone.collate), {"used": True, "skipped_blocks": len(prefix.skipped),
-                                              "megabytes": round(prefix.megabytes, 1), "seconds": round(seconds, 2)}, prefix
+    return prefix, {"used": True, "skipped_blocks": len(prefix.skipped), "megabytes": round(prefix.megabytes, 1),
+                    "seconds": round(seconds, 2)}
 
 
 def _adaptation_objective(config: RunConfig, model: Classifier, target_prepared, train_labels: np.ndarray,
@@ -467,9 +467,10 @@ def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bo
             distributed.barrier()  # process 0 has written the probe's head
             load_weights(model.head, probe_head_path)
         augmenter = batch_augmenter(config, backbone)
-        collate, cache_report, prefix = _frozen_prefix_collate(config, strategy, model, augmenter, train_prepared, device)
+        prefix, cache_report = _frozen_prefix_cache(config, strategy, model, augmenter, train_prepared, device)
         if cache_report is not None:
             metrics_extra["frozen_prefix_cache"] = cache_report
+        collate = prefix.collate(backbone.collate) if prefix is not None else backbone.collate
         train = Batches(train_prepared, train_labels, collate, config.batch_size, shuffle=True,
                         seed=config.seed, lengths=backbone.lengths(train_prepared),
                         oversample=config.sampler == "oversample", transform=augmenter if augmenter.active else None)

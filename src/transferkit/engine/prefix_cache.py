@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from ..backbones.base import Backbone
 from ..backbones.layers import ParameterGroup
@@ -193,12 +194,9 @@ class FrozenPrefix:
         """The cached prefix of the examples at ``indices``, padded like ``inputs``."""
         if isinstance(self.rows, torch.Tensor):
             return self.rows[torch.as_tensor(np.asarray(indices), dtype=torch.long)]
-        rows = [self.rows[int(i)] for i in indices]
-        width = inputs["attention_mask"].shape[1] if "attention_mask" in inputs else max(len(r) for r in rows)
-        out = torch.zeros(len(rows), width, *rows[0].shape[1:])
-        for i, row in enumerate(rows):
-            out[i, : len(row)] = row
-        return out
+        padded = pad_sequence([self.rows[int(i)] for i in indices], batch_first=True)
+        width = inputs["attention_mask"].shape[1] if "attention_mask" in inputs else padded.shape[1]
+        return nn.functional.pad(padded, (0, 0, 0, width - padded.shape[1]))  # to the batch's own width
 
     def collate(self, collate) -> Callable[[Any, Sequence[int]], dict[str, torch.Tensor]]:
         """``collate`` with each batch's cached prefix added to its inputs."""
