@@ -60,6 +60,8 @@ def test_a_partition_that_leaves_a_client_almost_empty_is_a_clear_error():
     ({"model": "m", "data": {"train": "a.csv"}, "poisoned_clients": [7]}, "not client indices"),
     ({"model": "m", "data": {"train": "a.csv"}, "strategy": "linear-probe"}, "linear-probe"),
     ({"model": "m", "data": {"train": "a.csv"}, "teacher": "runs/t"}, "'teacher' is not supported"),
+    ({"model": "m", "data": {"train": "a.csv"}, "l2_sp": 0.01}, "'l2_sp' is not supported.*fedprox"),
+    ({"model": "m", "data": {"train": "a.csv"}, "head_init": "probe"}, "'head_init' is 'probe'"),
     ({"model": "m", "clients": [{"name": "a", "train": "x"}, {"name": "a", "train": "y"}]}, "client names repeat"),
     ({"model": "m", "clients": [{"name": "a", "train": "x"}, {"name": "b"}]}, "client 'b' needs 'train'"),
     ({"model": "m", "clients": [{"name": "a", "train": "x", "epochs": 3}, {"name": "b", "train": "y"}]}, "sets epochs"),
@@ -232,6 +234,44 @@ def test_a_clients_local_training_repeats_itself_whatever_ran_before_in_its_proc
     first, second, other = train(7, 1), train(7, 123), train(8, 1)
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert any(not torch.equal(first[k], other[k]) for k in first)  # a different phase trains differently
+
+
+@pytest.mark.parametrize("class_weights", ["none", "balanced"])
+def test_a_clients_loss_takes_balanced_weights_from_its_own_label_counts(tiny_bert_dir, tmp_path, monkeypatch,
+                                                                           class_weights):
+    from transferkit.data.readers import read_examples
+    from transferkit.federated import local as local_module
+
+    rows = make_sentences(80, seed=5)
+    skewed = [r for r in rows if r[1] == "pos"][:30] + [r for r in rows if r[1] == "neg"][:10]  # 3:1, as under label skew
+    data = write_table(tmp_path / "d.csv", skewed)
+    config = FederatedConfig.from_dict({"model": str(tiny_bert_dir), "strategy": "lora", "batch_size": 8,
+                                        "class_weights": class_weights, "data": {"train": str(data)}}, source="t")
+    split = {"train": read_examples(str(data), text_column="text")}
+    split["val"] = split["train"]
+    seen = []
+
+    class Recording(local_module.CrossEntropyObjective):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            seen.append(self.weight)
+
+    monkeypatch.setattr(local_module, "CrossEntropyObjective", Recording)
+    local_module.local_train(local_module.local_model(config, ["neg", "pos"]), split, ["neg", "pos"], 1, seed=0)
+    if class_weights == "none":
+        assert seen == [None]
+    else:  # n / (k * count): 40 / (2 * 10) for neg, 40 / (2 * 30) for pos
+        assert torch.allclose(seen[0], torch.tensor([2.0, 2 / 3]))
+
+
+def test_a_clients_model_keeps_only_the_layers_the_recipe_keeps(tiny_bert_dir, tmp_path):
+    from transferkit.federated.local import local_model
+
+    config = FederatedConfig.from_dict({"model": str(tiny_bert_dir), "strategy": "full", "keep_layers": 1,
+                                        "data": {"train": "a.csv"}}, source="t")
+    local = local_model(config, ["neg", "pos"])
+    assert local.model.backbone.encoder.config.num_hidden_layers == 1
+    assert not any(".layer.1." in key for key in local.exchanged)  # the dropped layer neither trains nor travels
 
 
 def test_resume_without_an_unfinished_federation_is_a_clear_error(tmp_path):

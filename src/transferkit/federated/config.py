@@ -39,7 +39,9 @@ from .personal import PERSONAL_PARTS
 DATA_FIELDS = ("train", "test", "text_column", "image_column", "label_column", "max_train_examples")
 UNSUPPORTED = {"teacher": "distil the federated model afterwards", "target": "adapt separately",
                "distill_data": "distil the federated model afterwards", "val": "each client holds out val_fraction",
-               "mixup": "drop mixup", "baseline": "the federated report compares local-only, global and personalised"}
+               "mixup": "drop mixup", "baseline": "the federated report compares local-only, global and personalised",
+               "l1": "drop l1", "l2_sp": "use aggregator: fedprox (its proximal_mu pulls each client towards the "
+                                         "global model)"}
 
 
 @dataclass
@@ -97,6 +99,9 @@ class FederatedConfig:
         for key, fix in UNSUPPORTED.items():
             if self.recipe.get(key) not in (None, False):
                 raise UserError(f"{source}: '{key}' is not supported in a federated run: {fix}")
+        if self.recipe.get("head_init", "random") != "random":
+            raise UserError(f"{source}: 'head_init' is '{self.recipe['head_init']}': a federated run's head starts "
+                            f"from the server's seeded weights; drop head_init")
         if self.aggregator not in AGGREGATORS:
             raise UserError(f"{source}: 'aggregator' is '{self.aggregator}': choose one of {', '.join(AGGREGATORS)}")
         if self.server_lr is not None and not self.server_lr > 0:

@@ -25,7 +25,7 @@ from ..errors import UserError
 from ..evaluation.metrics import summary_metrics
 from ..finetune import DEFAULT_LR, batch_augmenter, engine_settings
 from ..model import Classifier
-from ..objectives import CrossEntropyObjective, RegularisedObjective
+from ..objectives import CrossEntropyObjective, RegularisedObjective, balanced_class_weights
 from ..strategies.base import check_freeze_batchnorm
 from ..strategies import create_strategy
 from .config import DATA_FIELDS, FederatedConfig
@@ -144,6 +144,8 @@ def local_model(config: FederatedConfig, classes: list[str]) -> LocalModel:
         strategy = create_strategy(base)
         backbone = create_backbone(base.model, image_size=base.image_size, max_length=base.max_length,
                                    pooling=base.pooling, allow_pickle=base.allow_pickle)
+        if base.keep_layers is not None:
+            backbone.keep_bottom_layers(base.keep_layers)
         torch.manual_seed(base.seed)
         model = Classifier(backbone, len(classes), base.dropout)
         strategy.prepare(model)
@@ -247,7 +249,11 @@ def local_train(local: LocalModel, split: dict[str, Examples], classes: list[str
     unknown = sorted(set(split["train"].labels) - set(classes))
     if unknown:
         raise UserError(f"client labels {unknown[:5]} are not classes of the global model")
-    objective = CrossEntropyObjective(label_smoothing=config.label_smoothing)
+    # Balanced weights come from this client's own label counts: under label skew they keep its majority
+    # classes from pulling the shared head towards them every round.
+    weight = (balanced_class_weights(encode_labels(split["train"].labels, classes), len(classes))
+              if config.class_weights == "balanced" else None)
+    objective = CrossEntropyObjective(label_smoothing=config.label_smoothing, weight=weight)
     if proximal_mu > 0:
         objective = RegularisedObjective(objective, [ProximalPenalty(local.model, proximal_mu)])
     groups = local.strategy.param_groups(local.model, config.lr, config.head_lr, config.weight_decay)
