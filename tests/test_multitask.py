@@ -268,6 +268,8 @@ def test_interrupted_multitask_run_resumes(tiny_bert_dir, two_tasks, tmp_path, m
     (lambda v: v["tasks"][0].update(epochs=3), "which a task cannot set"),
     (lambda v: v.update(strategy="linear-probe"), "linear-probe freezes the shared backbone"),
     (lambda v: v.update(teacher="runs/x"), "'teacher' is not supported"),
+    (lambda v: v.update(l2_sp=0.01), "'l2_sp' is not supported"),
+    (lambda v: v.update(head_init="probe"), "'head_init' is 'probe'"),
 ])
 def test_bad_multitask_configs_are_clear_errors(tiny_bert_dir, two_tasks, tmp_path, change, message):
     values = {"model": str(tiny_bert_dir), "out": str(tmp_path / "bad"),

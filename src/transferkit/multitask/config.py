@@ -35,7 +35,8 @@ TASK_FIELDS = ("train", "val", "test", "text_column", "image_column", "label_col
                "test_fraction", "max_train_examples", "class_weights", "sampler", "label_smoothing")
 UNSUPPORTED = {"teacher": "distil each task's run separately", "target": "adapt each task separately",
                "distill_data": "distil each task's run separately", "mixup": "drop --mixup",
-               "baseline": "the comparison of a multi-task run is single-task fine-tuning (single_task_baseline)"}
+               "baseline": "the comparison of a multi-task run is single-task fine-tuning (single_task_baseline)",
+               "l1": "drop l1", "l2_sp": "drop l2_sp (weight_decay still applies)"}
 
 
 @dataclass
@@ -86,6 +87,9 @@ class MultiTaskConfig:
         for key, fix in UNSUPPORTED.items():
             if self.recipe.get(key) not in (None, False):
                 raise UserError(f"{source}: '{key}' is not supported in a multi-task run: {fix}")
+        if self.recipe.get("head_init", "random") != "random":
+            raise UserError(f"{source}: 'head_init' is '{self.recipe['head_init']}': a multi-task run's heads start "
+                            f"from seeded random weights; drop head_init")
         for task in self.tasks:
             if not task.name or not str(task.name).replace("-", "").replace("_", "").isalnum():
                 raise UserError(f"{source}: task name '{task.name}' must be letters, digits, '-' or '_'")
