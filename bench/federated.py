@@ -10,7 +10,7 @@ UCI imdb, 1,000 SST-2 phrases): local-only vs global vs personalised per client,
 client's head kept on the client (FedPer). Flower's Simulation
 Engine (Ray), 1 CPU per client.
 
-    python bench/federated.py                       # about 30 min on 2 CPU cores
+    python bench/federated.py                       # about 55 min on 2 CPU cores
     python bench/federated.py --only domains        # three clients, three sentiment domains
     python bench/federated.py --tiny --model DIR    # a smoke run on a tiny local model (tests)
 """
@@ -53,7 +53,7 @@ def run_setting(name: str, recipe: dict, folder: Path, args, **options) -> dict:
     import transferkit
     from transferkit.federated import FederatedConfig
 
-    settings = {"num_clients": args.clients, "max_rounds": args.rounds, "local_epochs": 1, "round_patience": None,
+    settings = {"num_clients": args.clients, "max_rounds": args.rounds, "local_epochs": args.local_epochs, "round_patience": None,
                 "val_fraction": 0.15, "test_fraction": 0.15, **options}
     started = time.time()
     metrics = transferkit.federate(FederatedConfig.from_dict({**recipe, **settings, "out": str(folder / name)}, source=name))
@@ -82,16 +82,49 @@ def centralised(name: str, recipe: dict, folder: Path, args) -> dict:
     extra = {"test": data["test"]} if "test" in data else {}
     metrics = transferkit.finetune(**fields, train=data["train"], text_column=data.get("text_column"),
                                    max_train_examples=data.get("max_train_examples"), val_fraction=0.15, **extra,
-                                   epochs=args.rounds, patience=None, baseline=False, out=str(folder / name))
+                                   epochs=_total_epochs(args), patience=None, baseline=False, out=str(folder / name))
     print(f"{name}: test {metrics['test']['accuracy']:.4f}", flush=True)
-    return {"setting": name, "test_accuracy": metrics["test"]["accuracy"], "seconds": time.time() - started}
+    return {"setting": name, "test_accuracy": metrics["test"]["accuracy"], "seconds": time.time() - started,
+            "batch_size": recipe["batch_size"], "best_val_accuracy": max(h["val_accuracy"] for h in metrics["history"])}
+
+
+def _total_epochs(args) -> int:
+    """The centralised run's epochs: as many passes over the data as the federation's rounds x local epochs."""
+    total = args.rounds * args.local_epochs
+    if abs(total - round(total)) > 1e-9:
+        raise SystemExit(f"--rounds {args.rounds} x --local-epochs {args.local_epochs} is not a whole number of epochs")
+    return round(total)
+
+
+def _epochs_text(local_epochs: float) -> str:
+    return "1 local epoch" if local_epochs == 1 else (f"{local_epochs:g} local epochs" if local_epochs > 1 else
+                                                     f"1/{round(1 / local_epochs)} local epoch")
+
+
+def _batch_sweep(candidates: list[int], run) -> tuple[dict, dict[str, float]]:
+    """Run once per batch size; keep the run with the best validation accuracy (ties: the first candidate)."""
+    runs = {bs: run(bs) for bs in candidates}
+    chosen = max(runs, key=lambda bs: runs[bs]["best_val_accuracy"])
+    return runs[chosen], {str(bs): r["best_val_accuracy"] for bs, r in runs.items()}
 
 
 def run_pair(args, folder: Path, name: str, recipe: dict) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
-    rows = {"centralised": centralised("centralised", recipe, folder, args)}
+    # One round is one local epoch over a client's share: with k clients it takes about 1/k of the steps of a
+    # centralised epoch. The batch size is a recipe choice like the learning rate, so each side picks its own
+    # from the same candidates on its own validation data (centralised: pooled; federated: the clients' IID
+    # splits, then used for every federated row).
+    candidates = sorted({max(1, recipe["batch_size"] // d) for d in args.batch_divisors}, reverse=True)
+    central, central_sweep = _batch_sweep(candidates, lambda bs: centralised(
+        f"centralised-b{bs}", {**recipe, "batch_size": bs}, folder, args))
+    rows = {"centralised": {**central, "batch_sweep": central_sweep}}
+    chosen = recipe["batch_size"]
     if "iid" in args.partitions:
-        rows["iid"] = run_setting("iid", recipe, folder, args)
+        iid, iid_sweep = _batch_sweep(candidates, lambda bs: {**run_setting(f"iid-b{bs}", {**recipe, "batch_size": bs},
+                                                                           folder, args), "batch_size": bs})
+        rows["iid"] = {**iid, "batch_sweep": iid_sweep}
+        chosen = iid["batch_size"]
+    recipe = {**recipe, "batch_size": chosen}
     if "dirichlet" in args.partitions:
         rows["dirichlet"] = run_setting("dirichlet", recipe, folder, args, partitioner="dirichlet", alpha=0.5)
     if args.server_lrs and "iid" in args.partitions:
@@ -111,7 +144,8 @@ def run_pair(args, folder: Path, name: str, recipe: dict) -> dict:
                                                          aggregator=aggregator, poisoned_clients=[0],
                                                          personalise_epochs=0, local_only=False)
     return {"model": recipe["model"], "strategy": recipe["strategy"], "clients": args.clients, "rounds": args.rounds,
-            "examples": args.examples, "rows": rows}
+            "local_epochs": args.local_epochs,
+            "examples": args.examples, "federated_batch_size": recipe["batch_size"], "rows": rows}
 
 
 def run_domains(args, folder: Path, personal: str = "none") -> dict:
@@ -147,12 +181,13 @@ def table(results: dict) -> str:
         rows = pair["rows"]
         central = rows["centralised"]
         lines += [f"### {name}: {pair['model']} + {pair['strategy']}, {pair['examples']} training examples, "
-                  f"{pair['clients']} clients, {pair['rounds']} rounds x 1 local epoch ({results['machine']}, "
+                  f"{pair['clients']} clients, {pair['rounds']} rounds x {_epochs_text(pair.get('local_epochs', 1))} "
+                  f"({results['machine']}, "
                   f"{pair.get('date', results['date'])})", "",
                   "| setting | global test acc | vs centralised | client mean: local-only / global / personalised | "
                   "clients gaining >= 1 pt from personalisation | sent per round (% of model) | time (s) |",
                   "|---|---|---|---|---|---|---|",
-                  f"| centralised, pooled data, {pair['rounds']} epochs | {central['test_accuracy']:.4f} | - | - | - | - | "
+                  f"| centralised, pooled data, {round(pair['rounds'] * pair.get('local_epochs', 1))} epochs{_batch_note(central)} | {central['test_accuracy']:.4f} | - | - | - | - | "
                   f"{central['seconds']:.0f} |"]
         for key, row in rows.items():
             if key == "centralised":
@@ -168,6 +203,12 @@ def table(results: dict) -> str:
             lines.append(f"| {label} | {row['test_accuracy']:.4f} | {100 * (row['test_accuracy'] - central['test_accuracy']):+.2f} pts | "
                          f"{clients} | {gaining} | {row['bytes_per_round'] / 1e6:.2f} MB ({100 * row['exchanged_fraction']:.2f}%) | "
                          f"{row['seconds']:.0f} |")
+        if central.get("batch_sweep") and rows.get("iid", {}).get("batch_sweep"):
+            lines += ["", f"Batch size, chosen by validation accuracy (centralised: pooled validation split; federated: the "
+                      f"best round's mean client validation accuracy on the IID split, then used by every federated row, "
+                      f"{pair['federated_batch_size']}): centralised "
+                      + ", ".join(f"{bs}: {acc:.4f}" for bs, acc in central["batch_sweep"].items()) + "; federated "
+                      + ", ".join(f"{bs}: {acc:.4f}" for bs, acc in rows["iid"]["batch_sweep"].items()) + "."]
         sweeps = [row["server_lr_sweep"] for row in rows.values() if row.get("server_lr_sweep")]
         if sweeps:
             lines += ["", "FedAvgM's server learning rate, chosen by the best round's mean client validation accuracy "
@@ -199,6 +240,10 @@ def table(results: dict) -> str:
     return "\n".join(lines).rstrip()
 
 
+def _batch_note(row: dict) -> str:
+    return f", batch {row['batch_size']}" if row.get("batch_size") else ""
+
+
 def write_doc(results: dict) -> None:
     intro = ("## Federated fine-tuning (bench/federated.py)\n\nFlower Simulation Engine (Ray), one CPU per client. "
              "Global test: the dataset's own test split, predicted once by the best round's global model (chosen on "
@@ -218,10 +263,15 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--local-epochs", type=float, default=1.0,
+                        help="epochs per round, or 1/k: each round trains on a k-th of a client's data (text, image)")
     parser.add_argument("--partitions", nargs="+", choices=["iid", "dirichlet"], default=["iid", "dirichlet"])
     parser.add_argument("--no-attack", action="store_true", help="skip the poisoned-client runs")
     parser.add_argument("--server-lrs", nargs="*", type=float, default=[1.0, 3.0],
                         help="FedAvgM server learning rates to try (chosen on validation); none: skip FedAvgM")
+    parser.add_argument("--batch-divisors", nargs="+", type=int, default=[1, 4],
+                        help="batch sizes to try, as the recipe's batch size divided by each (chosen on validation, "
+                             "centralised and federated separately)")
     parser.add_argument("--personal", nargs="+", choices=["none", "head"], default=["none", "head"],
                         help="domains: personal parts to run (none: FedAvg; head: FedPer)")
     parser.add_argument("--tiny", action="store_true")

@@ -61,6 +61,9 @@ def test_a_partition_that_leaves_a_client_almost_empty_is_a_clear_error():
     ({"model": "m", "data": {"train": "a.csv"}, "strategy": "linear-probe"}, "linear-probe"),
     ({"model": "m", "data": {"train": "a.csv"}, "teacher": "runs/t"}, "'teacher' is not supported"),
     ({"model": "m", "data": {"train": "a.csv"}, "l2_sp": 0.01}, "'l2_sp' is not supported.*fedprox"),
+    ({"model": "m", "data": {"train": "a.csv"}, "local_epochs": 0.3}, "'local_epochs' is 0.3: .* or 1/k"),
+    ({"model": "m", "data": {"train": "a.csv"}, "local_epochs": 1.5}, "'local_epochs' is 1.5"),
+    ({"model": "m", "data": {"train": "a.csv"}, "local_epochs": 0}, "'local_epochs' is 0.0"),
     ({"model": "m", "data": {"train": "a.csv"}, "head_init": "probe"}, "'head_init' is 'probe'"),
     ({"model": "m", "clients": [{"name": "a", "train": "x"}, {"name": "a", "train": "y"}]}, "client names repeat"),
     ({"model": "m", "clients": [{"name": "a", "train": "x"}, {"name": "b"}]}, "client 'b' needs 'train'"),
@@ -274,6 +277,20 @@ def test_a_clients_model_keeps_only_the_layers_the_recipe_keeps(tiny_bert_dir, t
     assert not any(".layer.1." in key for key in local.exchanged)  # the dropped layer neither trains nor travels
 
 
+def test_a_fractional_local_epoch_trains_each_round_on_the_next_share_of_the_clients_data():
+    from transferkit.data.dataset import Examples
+    from transferkit.federated.local import round_share
+
+    config = FederatedConfig.from_dict({"model": "m", "data": {"train": "a.csv"}, "local_epochs": 0.25}, source="t")
+    assert (config.round_parts, config.epochs_per_round) == (4, 1)
+    split = {"train": Examples([f"t{i}" for i in range(10)], ["a", "b"] * 5, "t.csv", "text"), "val": None}
+    first_pass = [round_share(split, 4, r, seed=3)["train"].inputs for r in (1, 2, 3, 4)]
+    assert sorted(sum(first_pass, [])) == sorted(split["train"].inputs)  # four rounds cover the data once
+    assert [len(s) for s in first_pass] == [3, 3, 2, 2]
+    assert round_share(split, 4, 5, seed=3)["train"].inputs == first_pass[0]  # the same seed: the same cut
+    assert round_share(split, 1, 7, seed=3) is split  # whole epochs: every round sees everything
+
+
 def test_resume_without_an_unfinished_federation_is_a_clear_error(tmp_path):
     from transferkit.federated import federate
 
@@ -364,7 +381,7 @@ def test_federate_cli_per_client_datasets_with_a_robust_aggregator_and_a_poisone
     out = tmp_path / "fed"
     command = [sys.executable, "-m", "transferkit", "federate", "--model", str(tiny_bert_dir), "--lr", "1e-3",
                "--batch-size", "16", "--out", str(out), "--aggregator", "fedmedian", "--max-rounds", "1",
-               "--personalise-epochs", "0", "--local-only", "false", "--poisoned-clients", "0"]
+               "--personalise-epochs", "0", "--local-only", "false", "--poisoned-clients", "0", "--local-epochs", "0.5"]
     for i, path in enumerate(clients):
         command += ["--client", f"name=site{i},train={path}"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
@@ -374,6 +391,8 @@ def test_federate_cli_per_client_datasets_with_a_robust_aggregator_and_a_poisone
     assert set(metrics["per_client"]) == {"site0", "site1", "site2"}
     assert all(set(r) >= {"global"} and "local_only" not in r for r in metrics["per_client"].values())
     assert "global model test accuracy" in result.stdout
+    # 60 rows less 10% validation and 10% test: 48 to train on, half of them per round: 2 steps of 16.
+    assert "site0: 48 train (2 optimiser steps per round at batch 16), 6 val, 6 test" in result.stdout
 
 
 # -- client-side differential privacy (Flower's LocalDpMod behind our mod) ---------------------------------------

@@ -359,7 +359,7 @@ FEDERATED_HELP = {
     "server_lr": "fedadam, fedavgm: server learning rate (default 0.01 for fedadam, 1.0 for fedavgm)",
     "server_momentum": "fedavgm: server momentum (default 0.9)",
     "max_rounds": "stop after this many rounds (default 10)",
-    "local_epochs": "epochs each client trains per round (default 1)",
+    "local_epochs": "epochs each client trains per round (default 1; 1/k, e.g. 0.25: each round trains on the next k-th of its data)",
     "min_delta": "a round improves when mean client validation accuracy gains this much (default 0.001)",
     "round_patience": "stop after this many rounds without improvement ('none': run max_rounds; default 3)",
     "fraction_train": "share of clients sampled each round (default 1.0)",

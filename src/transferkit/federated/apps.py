@@ -11,6 +11,7 @@ data alone (local-only), all on its held-out test split.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -23,10 +24,11 @@ from .aggregators import SERVER_OPTIMISERS, average_statistics, create_aggregato
 from .config import FederatedConfig
 from . import personal
 from .local import (client_examples, exchanged_state, load_exchanged, load_personal, local_evaluate, local_model,
-                    local_train, personal_state, training_seed)
+                    local_train, personal_state, round_share, training_seed)
 
 NODE_WAIT_S = 300.0  # how long round 1 waits for every client to connect
 PERSONALISE_PHASE, LOCAL_ONLY_PHASE = 100_000, 100_001  # training_seed phases past any round number
+SHARE_PHASE = 200_000  # + the pass: the order in which local_epochs 1/k cuts a client's data into shares
 
 
 def _client_index(context) -> int:
@@ -92,7 +94,11 @@ def add_client_handlers(app, setup: Callable) -> None:
         received = exchanged_state(local)
         round_number = int(message.content["config"].get("server-round", 0))
         mu = float(message.content["config"].get("proximal-mu", 0.0))
-        result = local_train(local, split, classes, config.local_epochs, mu, description=f"client {index} round {round_number}",
+        # local_epochs 1/k: this round trains on one k-th of the client's data, the next k-1 rounds on the rest
+        # (a pass's shares are drawn from a permutation seeded by the pass).
+        passes = (max(round_number, 1) - 1) // config.round_parts
+        split = round_share(split, config.round_parts, round_number, training_seed(local.run_config.seed, index, SHARE_PHASE + passes))
+        result = local_train(local, split, classes, config.epochs_per_round, mu, description=f"client {index} round {round_number}",
                              seed=training_seed(local.run_config.seed, index, round_number))
         update = exchanged_state(local)
         if local.personal:
@@ -266,7 +272,7 @@ def server_loop(grid, config: FederatedConfig, classes: list[str], initial: dict
     best_arrays = ArrayRecord(best)
     rounds_done = len(state["history"])
     settings = ConfigRecord({"personalise-epochs": config.personalise_epochs, **classes_record(classes),
-                             "local-only-epochs": config.local_epochs * rounds_done if config.local_only else 0})
+                             "local-only-epochs": math.ceil(config.local_epochs * rounds_done) if config.local_only else 0})
     queries = [Message(RecordDict({"arrays": best_arrays, "config": settings}), dst_node_id=node,
                        message_type=MessageType.QUERY) for node in grid.get_node_ids()]
     reports = {}

@@ -60,7 +60,7 @@ class FederatedConfig:
     server_lr: float | None = None  # fedadam: 0.01, fedavgm: 1.0
     server_momentum: float = 0.9  # fedavgm
     max_rounds: int = 10
-    local_epochs: int = 1
+    local_epochs: float = 1  # whole epochs per round, or 1/k: each round trains on the next k-th of a client's data
     min_delta: float = 0.001
     round_patience: int | None = 3
     fraction_train: float = 1.0
@@ -91,6 +91,16 @@ class FederatedConfig:
         self.recipe.setdefault("warmup_ratio", 0.0)
         self.validate()
 
+    @property
+    def round_parts(self) -> int:
+        """Into how many shares a client's training data is cut, one share per round (1: all of it every round)."""
+        return 1 if self.local_epochs >= 1 else round(1 / self.local_epochs)
+
+    @property
+    def epochs_per_round(self) -> int:
+        """Epochs each round runs over its share."""
+        return max(1, int(self.local_epochs))
+
     def validate(self) -> None:
         source = self.source
         if (self.data is None) == (self.clients is None):
@@ -110,9 +120,13 @@ class FederatedConfig:
             raise UserError(f"{source}: 'server_momentum' is {self.server_momentum}: it must be in [0, 1)")
         if self.partitioner not in PARTITIONERS:
             raise UserError(f"{source}: 'partitioner' is '{self.partitioner}': choose one of {', '.join(PARTITIONERS)}")
-        for name in ("max_rounds", "local_epochs", "num_clients"):
+        for name in ("max_rounds", "num_clients"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"{source}: '{name}' is {getattr(self, name)}: it must be a positive integer")
+        epochs = self.local_epochs
+        if not epochs > 0 or (epochs >= 1 and epochs != int(epochs)) or (epochs < 1 and abs(1 / epochs - round(1 / epochs)) > 1e-6):
+            raise UserError(f"{source}: 'local_epochs' is {epochs}: give a whole number of epochs per round, or 1/k "
+                            f"(0.5, 0.25, ...) to train each round on the next k-th of a client's data")
         if self.personal not in PERSONAL_PARTS:
             raise UserError(f"{source}: 'personal' is '{self.personal}': choose one of {', '.join(PERSONAL_PARTS)}")
         if self.personalise_epochs < 0:

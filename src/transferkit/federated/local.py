@@ -217,6 +217,16 @@ class ProximalPenalty:
         return 0.5 * self.mu * torch.stack(terms).sum() if terms else torch.zeros(())
 
 
+def round_share(split: dict[str, Examples], parts: int, round_number: int, seed: int) -> dict[str, Examples]:
+    """The client's split with only this round's share of its training data: ``parts`` consecutive rounds cover
+    it once, in an order ``seed`` shuffles anew for every pass (``local_epochs`` 1/parts)."""
+    if parts <= 1:
+        return split
+    order = np.random.default_rng(seed).permutation(len(split["train"]))
+    share = np.array_split(order, parts)[(max(round_number, 1) - 1) % parts]
+    return {**split, "train": split["train"].subset(np.sort(share))}
+
+
 def training_seed(base_seed: int, client: int, phase: int) -> int:
     """The seed of one client's local training in one phase (round r is phase r; the final personalisation and
     local-only runs have their own): a Ray worker runs many clients and rounds in one process, so what its

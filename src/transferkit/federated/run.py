@@ -5,6 +5,7 @@ apps in Flower's Simulation Engine (Ray), then test the global model and write t
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -96,9 +97,14 @@ def federate(config: FederatedConfig | str | Path, *, resume: bool = False, over
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         config.save(run_dir / "config.yaml")
+    recipe = config.run_config
     for name, client in zip(config.client_names, clients):
-        print(f"{name}: {len(client['train'])} train, {len(client['val'])} val, {len(client['test'])} test, "
-              f"classes {sorted(set(client['train'].labels))[:10]}")
+        # Steps, not epochs, decide how far a round moves the model: a client with few of them barely moves
+        # the average (a smaller batch_size gives it more; docs/federated.md).
+        per_round = math.ceil(len(client["train"]) / config.round_parts)
+        steps = math.ceil(per_round / recipe.batch_size / recipe.accumulate) * config.epochs_per_round
+        print(f"{name}: {len(client['train'])} train ({steps} optimiser steps per round at batch {recipe.batch_size}), "
+              f"{len(client['val'])} val, {len(client['test'])} test, classes {sorted(set(client['train'].labels))[:10]}")
     started = time.time()
     results = _simulate(config, classes, initial, run_dir, resume)
     seconds = time.time() - started
