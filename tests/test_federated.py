@@ -284,11 +284,13 @@ def test_a_fractional_local_epoch_trains_each_round_on_the_next_share_of_the_cli
     config = FederatedConfig.from_dict({"model": "m", "data": {"train": "a.csv"}, "local_epochs": 0.25}, source="t")
     assert (config.round_parts, config.epochs_per_round) == (4, 1)
     split = {"train": Examples([f"t{i}" for i in range(10)], ["a", "b"] * 5, "t.csv", "text"), "val": None}
-    first_pass = [round_share(split, 4, r, seed=3)["train"].inputs for r in (1, 2, 3, 4)]
-    assert sorted(sum(first_pass, [])) == sorted(split["train"].inputs)  # four rounds cover the data once
-    assert [len(s) for s in first_pass] == [3, 3, 2, 2]
-    assert round_share(split, 4, 5, seed=3)["train"].inputs == first_pass[0]  # the same seed: the same cut
-    assert round_share(split, 1, 7, seed=3) is split  # whole epochs: every round sees everything
+    passes = [[round_share(split, 4, r, base_seed=0, client=1)["train"].inputs for r in rounds]
+              for rounds in ((1, 2, 3, 4), (5, 6, 7, 8))]
+    for shares in passes:  # four rounds cover the data once
+        assert sorted(sum(shares, [])) == sorted(split["train"].inputs) and [len(s) for s in shares] == [3, 3, 2, 2]
+    assert passes[0] != passes[1]  # each pass cuts anew
+    assert round_share(split, 4, 2, base_seed=0, client=1)["train"].inputs == passes[0][1]  # and repeatably
+    assert round_share(split, 1, 7, base_seed=0, client=1) is split  # whole epochs: every round sees everything
 
 
 def test_resume_without_an_unfinished_federation_is_a_clear_error(tmp_path):

@@ -28,7 +28,6 @@ from .local import (client_examples, exchanged_state, load_exchanged, load_perso
 
 NODE_WAIT_S = 300.0  # how long round 1 waits for every client to connect
 PERSONALISE_PHASE, LOCAL_ONLY_PHASE = 100_000, 100_001  # training_seed phases past any round number
-SHARE_PHASE = 200_000  # + the pass: the order in which local_epochs 1/k cuts a client's data into shares
 
 
 def _client_index(context) -> int:
@@ -94,10 +93,8 @@ def add_client_handlers(app, setup: Callable) -> None:
         received = exchanged_state(local)
         round_number = int(message.content["config"].get("server-round", 0))
         mu = float(message.content["config"].get("proximal-mu", 0.0))
-        # local_epochs 1/k: this round trains on one k-th of the client's data, the next k-1 rounds on the rest
-        # (a pass's shares are drawn from a permutation seeded by the pass).
-        passes = (max(round_number, 1) - 1) // config.round_parts
-        split = round_share(split, config.round_parts, round_number, training_seed(local.run_config.seed, index, SHARE_PHASE + passes))
+        # local_epochs 1/k: this round trains on one k-th of the client's data, the next k-1 rounds on the rest.
+        split = round_share(split, config.round_parts, round_number, local.run_config.seed, index)
         result = local_train(local, split, classes, config.epochs_per_round, mu, description=f"client {index} round {round_number}",
                              seed=training_seed(local.run_config.seed, index, round_number))
         update = exchanged_state(local)

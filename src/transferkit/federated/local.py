@@ -217,14 +217,17 @@ class ProximalPenalty:
         return 0.5 * self.mu * torch.stack(terms).sum() if terms else torch.zeros(())
 
 
-def round_share(split: dict[str, Examples], parts: int, round_number: int, seed: int) -> dict[str, Examples]:
-    """The client's split with only this round's share of its training data: ``parts`` consecutive rounds cover
-    it once, in an order ``seed`` shuffles anew for every pass (``local_epochs`` 1/parts)."""
+SHARE_PHASE = 200_000  # training_seed phase of the order in which local_epochs 1/k cuts a client's data (+ the pass)
+
+
+def round_share(split: dict[str, Examples], parts: int, round_number: int, base_seed: int, client: int) -> dict[str, Examples]:
+    """The client's split with only this round's share of its training data (``local_epochs`` 1/parts):
+    ``parts`` consecutive rounds cover it once, cut from a permutation drawn anew for every pass."""
     if parts <= 1:
         return split
-    order = np.random.default_rng(seed).permutation(len(split["train"]))
-    share = np.array_split(order, parts)[(max(round_number, 1) - 1) % parts]
-    return {**split, "train": split["train"].subset(np.sort(share))}
+    passes, share = divmod(max(round_number, 1) - 1, parts)
+    order = np.random.default_rng(training_seed(base_seed, client, SHARE_PHASE + passes)).permutation(len(split["train"]))
+    return {**split, "train": split["train"].subset(np.sort(np.array_split(order, parts)[share]))}
 
 
 def training_seed(base_seed: int, client: int, phase: int) -> int:
