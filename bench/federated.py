@@ -160,7 +160,7 @@ def run_domains(args, folder: Path, personal: str = "none") -> dict:
     clients = [{"name": "amazon", "train": _with_header(DOMAINS / "amazon.tsv", folder / "amazon.tsv")},
                {"name": "imdb", "train": _with_header(DOMAINS / "imdb.tsv", folder / "imdb.tsv")},
                {"name": "sst2", "train": str(SST2 / "train.tsv"), "max_train_examples": 1000}]
-    recipe = dict(model=args.model, strategy="lora", lr=5e-4, batch_size=32)
+    recipe = dict(model=args.model, strategy="lora", lr=5e-4, batch_size=args.domain_batch_size)
     started = time.time()
     metrics = transferkit.federate(FederatedConfig.from_dict(
         {**recipe, "text_column": "sentence", "clients": clients, "max_rounds": args.rounds, "local_epochs": 1,
@@ -168,7 +168,8 @@ def run_domains(args, folder: Path, personal: str = "none") -> dict:
          "out": str(folder / f"run-{personal}")},
         source="domains"))
     print(f"domains (personal {personal}): {metrics['per_client']}", flush=True)
-    return {"model": recipe["model"], "rounds": args.rounds, "personal": personal, "per_client": metrics["per_client"],
+    return {"model": recipe["model"], "rounds": args.rounds, "personal": personal, "batch_size": recipe["batch_size"],
+            "per_client": metrics["per_client"],
             "test_accuracy": metrics["test"]["accuracy"], "seconds": time.time() - started}
 
 
@@ -217,7 +218,8 @@ def table(results: dict) -> str:
     domains = results.get("domains")
     if domains:
         lines += [f"### domains: three clients, each its own domain (UCI amazon, UCI imdb, 1,000 SST-2 phrases), "
-                  f"{domains['model']} + lora, FedAvg, {domains['rounds']} rounds x 1 local epoch ({results['machine']}, "
+                  f"{domains['model']} + lora, FedAvg, {domains['rounds']} rounds x 1 local epoch, batch "
+                  f"{domains.get('batch_size', 32)} ({results['machine']}, "
                   f"{domains.get('date', results['date'])})", "",
                   "| client | local-only | global | personalised | personalised - global |", "|---|---|---|---|---|"]
         for name, r in domains["per_client"].items():
@@ -272,6 +274,8 @@ def main() -> None:
     parser.add_argument("--batch-divisors", nargs="+", type=int, default=[1, 4],
                         help="batch sizes to try, as the recipe's batch size divided by each (chosen on validation, "
                              "centralised and federated separately)")
+    parser.add_argument("--domain-batch-size", type=int, default=8,
+                        help="domains: the clients' batch size (default 8, the one the IID text sweep chose)")
     parser.add_argument("--personal", nargs="+", choices=["none", "head"], default=["none", "head"],
                         help="domains: personal parts to run (none: FedAvg; head: FedPer)")
     parser.add_argument("--tiny", action="store_true")
