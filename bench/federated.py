@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
@@ -66,7 +67,7 @@ def run_setting(name: str, recipe: dict, folder: Path, args, **options) -> dict:
                                                for c, r in metrics["per_client"].items() if "personalised" in r},
            "bytes_per_round": metrics["bytes"]["per_round"][0], "exchanged_fraction": metrics["bytes"]["exchanged_fraction"],
            "full_model_bytes": metrics["bytes"]["full_model"], "seconds": time.time() - started,
-           "server_lr": options.get("server_lr"),
+           "server_lr": options.get("server_lr"), "batch_size": recipe["batch_size"],
            "best_val_accuracy": max(h["val_accuracy"] for h in metrics["history"])}
     print(f"{name}: test {row['test_accuracy']:.4f}", flush=True)
     return row
@@ -101,11 +102,12 @@ def _epochs_text(local_epochs: float) -> str:
                                                      f"1/{round(1 / local_epochs)} local epoch")
 
 
-def _batch_sweep(candidates: list[int], run) -> tuple[dict, dict[str, float]]:
-    """Run once per batch size; keep the run with the best validation accuracy (ties: the first candidate)."""
-    runs = {bs: run(bs) for bs in candidates}
-    chosen = max(runs, key=lambda bs: runs[bs]["best_val_accuracy"])
-    return runs[chosen], {str(bs): r["best_val_accuracy"] for bs, r in runs.items()}
+def _choose_on_validation(values: list, run) -> tuple[Any, dict, dict[str, float]]:
+    """Run once per value; keep the run with the best validation accuracy (ties: the first value). Returns the
+    chosen value, its run, and every value's validation accuracy."""
+    runs = {value: run(value) for value in values}
+    chosen = max(runs, key=lambda value: runs[value]["best_val_accuracy"])
+    return chosen, runs[chosen], {f"{value:g}": r["best_val_accuracy"] for value, r in runs.items()}
 
 
 def run_pair(args, folder: Path, name: str, recipe: dict) -> dict:
@@ -115,29 +117,25 @@ def run_pair(args, folder: Path, name: str, recipe: dict) -> dict:
     # from the same candidates on its own validation data (centralised: pooled; federated: the clients' IID
     # splits, then used for every federated row).
     candidates = sorted({max(1, recipe["batch_size"] // d) for d in args.batch_divisors}, reverse=True)
-    central, central_sweep = _batch_sweep(candidates, lambda bs: centralised(
+    _, central, central_sweep = _choose_on_validation(candidates, lambda bs: centralised(
         f"centralised-b{bs}", {**recipe, "batch_size": bs}, folder, args))
     rows = {"centralised": {**central, "batch_sweep": central_sweep}}
-    chosen = recipe["batch_size"]
     if "iid" in args.partitions:
-        iid, iid_sweep = _batch_sweep(candidates, lambda bs: {**run_setting(f"iid-b{bs}", {**recipe, "batch_size": bs},
-                                                                           folder, args), "batch_size": bs})
+        batch_size, iid, iid_sweep = _choose_on_validation(candidates, lambda bs: run_setting(
+            f"iid-b{bs}", {**recipe, "batch_size": bs}, folder, args))
         rows["iid"] = {**iid, "batch_sweep": iid_sweep}
-        chosen = iid["batch_size"]
-    recipe = {**recipe, "batch_size": chosen}
+        recipe = {**recipe, "batch_size": batch_size}
     if "dirichlet" in args.partitions:
         rows["dirichlet"] = run_setting("dirichlet", recipe, folder, args, partitioner="dirichlet", alpha=0.5)
     if args.server_lrs and "iid" in args.partitions:
         # FedAvgM: the server's learning rate chosen on the clients' validation splits (best round's mean
         # client validation accuracy), on the IID split; the Dirichlet split takes the chosen one.
-        sweep = {lr: run_setting(f"iid-fedavgm-{lr:g}", recipe, folder, args, aggregator="fedavgm", server_lr=lr)
-                 for lr in args.server_lrs}
-        chosen = max(sweep, key=lambda lr: sweep[lr]["best_val_accuracy"])
-        rows["iid-fedavgm"] = {**sweep[chosen], "server_lr_sweep": {f"{lr:g}": r["best_val_accuracy"]
-                                                                    for lr, r in sweep.items()}}
+        server_lr, fedavgm, lr_sweep = _choose_on_validation(args.server_lrs, lambda lr: run_setting(
+            f"iid-fedavgm-{lr:g}", recipe, folder, args, aggregator="fedavgm", server_lr=lr))
+        rows["iid-fedavgm"] = {**fedavgm, "server_lr_sweep": lr_sweep}
         if "dirichlet" in args.partitions:
             rows["dirichlet-fedavgm"] = run_setting("dirichlet-fedavgm", recipe, folder, args, partitioner="dirichlet",
-                                                    alpha=0.5, aggregator="fedavgm", server_lr=chosen)
+                                                    alpha=0.5, aggregator="fedavgm", server_lr=server_lr)
     if name == "text" and not args.no_attack:
         for aggregator in ("fedavg", "fedmedian"):
             rows[f"poisoned-{aggregator}"] = run_setting(f"poisoned-{aggregator}", recipe, folder, args,
