@@ -83,10 +83,12 @@ def federation(tmp_path):
                 os.killpg(process.pid, signal.SIGKILL)
 
 
-def test_deployed_federation_on_real_supernodes_survives_a_killed_client(tiny_bert_dir, tmp_path, federation):
+def test_deployed_federation_survives_a_killed_client_and_resumes_after_a_stop(tiny_bert_dir, tmp_path, federation):
     """Three SuperNodes: two read files "on their own machines" (data-config; the server's config names other
-    paths), the third reads the path the config names and is killed while it trains in round 1. The run
-    goes on with the other two, names the dropped client, and writes a usable global model. Local DP is on."""
+    paths), the third reads the path the config names and is killed while it trains in round 1. Round 1 goes
+    on with the other two and names the dropped client. Then `flwr stop` ends the run on the SuperLink: the
+    submitting command exits 2 saying the rounds are kept, and `--resume` continues after round 1 with the two
+    clients still there, and writes a usable global model. Local DP is on."""
     nodes, entries = [], []
     for i in range(3):
         data = write_table(tmp_path / f"site{i}.csv", make_sentences(80, seed=20 + i))
@@ -110,19 +112,40 @@ def test_deployed_federation_on_real_supernodes_survives_a_killed_client(tiny_be
         assert time.time() < deadline and submit.poll() is None, victim_log.read_text()[-2000:]
         time.sleep(0.5)
     os.killpg(victim.pid, signal.SIGKILL)
-    output, _ = submit.communicate(timeout=900)
+    state = tmp_path / "run" / "rounds" / "state.json"
+    while not state.is_file():  # round 1 is checkpointed
+        assert time.time() < deadline and submit.poll() is None
+        time.sleep(0.2)
+    home = tmp_path / "flwr-cli"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
+                                      f'address = "{federation["control"]}"\ninsecure = true\n')
+    flwr = {"env": {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0"}, "capture_output": True,
+            "text": True, "timeout": 60, "check": True}
+    runs = json.loads(subprocess.run([str(BIN / "flwr"), "ls", "--format", "json"], **flwr).stdout)["runs"]
+    (run_id,) = [r["run-id"] for r in runs if r["status"].startswith("running")]
+    subprocess.run([str(BIN / "flwr"), "stop", str(run_id)], **flwr)
+    output, _ = submit.communicate(timeout=300)
+    assert submit.returncode == 2 and f"continue with --resume --out {tmp_path / 'run'}" in output, output[-3000:]
+    assert "dropped: site2" in output and not (tmp_path / "run" / "metrics.json").exists()
+    rounds_done = len(json.loads(state.read_text())["history"])  # 1, or 2 if the stop came after round 2's save
+
+    resumed = subprocess.run([sys.executable, "-m", "transferkit", "federate", "--resume", "--out", str(tmp_path / "run"),
+                              "--superlink", federation["control"], "--insecure"], capture_output=True, text=True,
+                             timeout=900)
     logs = "\n".join(p.read_text()[-1500:] for p in sorted(federation["logs"].glob("*.log")))
-    assert submit.returncode == 0, output[-4000:] + logs
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-2000:] + logs
+    output = resumed.stdout + resumed.stderr
+    assert f"resuming after round {rounds_done}" in output
 
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["engine"] == "deployment" and metrics["rounds"] == 2
     first, second = metrics["history"]
     assert first["clients_sent"] == 3 and first["clients_trained"] == 2 and set(first["failures"]) == {"site2"}
-    # Whether Flower still lists the dead node in round 2 depends on when its heartbeat expires; either way
-    # round 2 trains on the two live clients and names nobody else.
+    # Round 2 trains on the two live clients and names nobody else (the resumed run did not wait for site2).
     assert second["clients_trained"] == 2 and set(second["failures"]) <= {"site2"}
     assert metrics["dropped_clients"] == ["site2"] and set(metrics["per_client"]) == {"site0", "site1"}
-    assert "dropped: site2" in output and "global model test accuracy" in output
+    assert "global model test accuracy" in output
     test_examples = sum(r["test_examples"] for r in metrics["per_client"].values())
     assert metrics["test"]["examples"] == test_examples == 16  # 10% of each reporting client's 80
     mean = sum(r["global"] * r["test_examples"] for r in metrics["per_client"].values()) / test_examples

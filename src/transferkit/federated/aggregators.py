@@ -29,14 +29,18 @@ AGGREGATORS: dict[str, tuple[str, str, Callable[[Any], dict]]] = {
 }
 
 
+def minimum_clients(config, num_clients: int) -> int:
+    """How many connected clients a round needs. Flower samples fraction_train of the clients connected now, at
+    least this many, and waits (without a time limit) until this many are connected: a default of every client
+    would stall the whole run for good once one client drops out, so the default is Flower's own, 2."""
+    return min(config.min_clients or 2, num_clients)
+
+
 def create_aggregator(config, num_clients: int):
     from flwr.serverapp import strategy
 
     _, class_name, options = AGGREGATORS[config.aggregator]
-    # Flower samples fraction_train of the clients connected now, at least this many, and waits (without a
-    # time limit) until this many are connected: a default of every client would stall the whole run for
-    # good once one client drops out, so the default is Flower's own, 2.
-    minimum = min(config.min_clients or 2, num_clients)
+    minimum = minimum_clients(config, num_clients)
     return getattr(strategy, class_name)(fraction_train=config.fraction_train, fraction_evaluate=1.0,
                                          min_train_nodes=minimum, min_evaluate_nodes=minimum,
                                          min_available_nodes=minimum, **options(config))
@@ -63,3 +67,34 @@ def average_statistics(aggregated, replies: list):
         arrays[name] = Array(np.asarray(sum(w * r.content["arrays"][name].numpy() for w, r in zip(weights, replies)),
                                         dtype=aggregated[name].numpy().dtype))
     return ArrayRecord(arrays)
+
+
+# A server optimiser's state between rounds: Flower keeps it on the strategy object (FedAvgM's momentum, a list
+# in the arrays' order; FedAdam's first and second moments, dicts by array name). It is saved with each round's
+# checkpoint, so a resumed federation continues with the momentum it had instead of starting a fresh one.
+SERVER_STATE = ("momentum_vector", "m_t", "v_t")
+
+
+def server_state(strategy, names: list[str]) -> dict[str, Any]:
+    """The strategy's optimiser state as flat ``attribute/array name -> numpy array`` entries (empty for FedAvg
+    and the robust aggregators, which keep none)."""
+    import numpy as np
+
+    state = {}
+    for attribute in SERVER_STATE:
+        value = getattr(strategy, attribute, None)
+        if value:
+            pairs = zip(names, value, strict=True) if isinstance(value, list) else value.items()
+            state.update({f"{attribute}/{name}": np.ascontiguousarray(array) for name, array in pairs})
+    return state
+
+
+def restore_server_state(strategy, state: dict[str, Any], names: list[str]) -> None:
+    """Put back what ``server_state`` saved, on a strategy built from the same config."""
+    for attribute in SERVER_STATE:
+        entries = {key.split("/", 1)[1]: value for key, value in state.items() if key.startswith(attribute + "/")}
+        if not entries:
+            continue
+        if not hasattr(strategy, attribute):
+            raise ValueError(f"the saved server state has {attribute}, which {type(strategy).__name__} does not keep")
+        setattr(strategy, attribute, [entries[name] for name in names] if attribute == "momentum_vector" else entries)

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from ..engine.checkpoint import atomic_write_text, save_weights
 from ..errors import UserError
-from .aggregators import SERVER_OPTIMISERS, average_statistics, create_aggregator
+from .aggregators import (SERVER_OPTIMISERS, average_statistics, create_aggregator, minimum_clients,
+                          restore_server_state, server_state)
 from .config import FederatedConfig
 from . import personal
 from .local import (client_examples, exchanged_state, load_exchanged, load_personal, local_evaluate, local_model,
@@ -157,14 +160,29 @@ class RoundCheckpoint:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.state_path = self.folder / "state.json"
 
-    def save(self, weights: dict[str, torch.Tensor], state: dict, best: bool) -> None:
+    def save(self, weights: dict[str, torch.Tensor], state: dict, best: bool,
+             server: dict[str, np.ndarray] | None = None) -> None:
         holder = torch.nn.Module()
         for name, tensor in weights.items():  # a module whose state dict is exactly the global weights
             holder.register_buffer(name.replace(".", "__"), tensor.contiguous())
         save_weights(holder, self.folder / "latest.safetensors")
         if best:
             save_weights(holder, self.folder / "best.safetensors")
+        if server:
+            from safetensors.numpy import save_file
+
+            temporary = self.folder / "server.safetensors.tmp"
+            save_file(server, str(temporary))
+            os.replace(temporary, self.folder / "server.safetensors")
+        # Written last: the round counts as done only once its weights and server state are on disk.
         atomic_write_text(self.state_path, json.dumps(state))
+
+    def load_server_state(self) -> dict[str, np.ndarray]:
+        """The server optimiser's state saved with the latest round (empty when the aggregator keeps none)."""
+        from safetensors.numpy import load_file
+
+        path = self.folder / "server.safetensors"
+        return load_file(str(path)) if path.is_file() else {}
 
     def load(self, which: str) -> tuple[dict[str, torch.Tensor], dict] | None:
         from safetensors.torch import load_file
@@ -216,14 +234,23 @@ def server_loop(grid, config: FederatedConfig, classes: list[str], initial: dict
     ``round_patience`` rounds) or ``max_rounds``; then the clients' reports."""
     from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
-    wait_for_nodes(grid, config.num_clients, NODE_WAIT_S)
     strategy = create_aggregator(config, config.num_clients)
     checkpoint = RoundCheckpoint(run_dir)
-    state = {"history": [], "best_round": None, "best_accuracy": None, "bad_rounds": 0}
+    # The classes are saved with the rounds: a resumed run must not depend on every client being back.
+    state = {"history": [], "best_round": None, "best_accuracy": None, "bad_rounds": 0, "classes": classes}
     weights = initial
     saved = checkpoint.load("latest") if resume else None
+    # Round 1 waits for every client; a resumed run, like any later round, goes on with those connected.
+    wait_for_nodes(grid, config.num_clients if saved is None else minimum_clients(config, config.num_clients),
+                   NODE_WAIT_S)
     if saved is not None:
-        weights, state = saved
+        # In the initial weights' order (the state dict's), not the file's: Flower's server optimisers pair the
+        # global arrays with the clients' replies by position.
+        if set(saved[0]) != set(initial):
+            raise UserError(f"{checkpoint.folder / 'latest.safetensors'} holds other weights than this config's model "
+                            f"exchanges: resume with the config the run started with ({run_dir / 'config.yaml'})")
+        weights, state = {name: saved[0][name] for name in initial}, saved[1]
+        restore_server_state(strategy, checkpoint.load_server_state(), list(weights))
         progress.write(f"resuming after round {len(state['history'])}")
     arrays = ArrayRecord(weights)
     start = len(state["history"]) + 1
@@ -258,7 +285,7 @@ def server_loop(grid, config: FederatedConfig, classes: list[str], initial: dict
                   "clients_trained": len(answered), "failures": failures, "bytes_down": bytes_down, "bytes_up": bytes_up,
                   "client_val_accuracy": {str(c): a for c, a in sorted(per_client.items())}, "seconds": time.time() - started}
         state["history"].append(record)
-        checkpoint.save(arrays.to_torch_state_dict(), state, improved)
+        checkpoint.save(arrays.to_torch_state_dict(), state, improved, server_state(strategy, list(arrays.keys())))
         progress.update(1)
         progress.set_postfix(val_accuracy=f"{accuracy:.4f}", clients=f"{len(answered)}/{len(messages)}")
         progress.write(f"round {round_number}/{config.max_rounds}: {len(answered)}/{len(messages)} clients trained, "

@@ -39,6 +39,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict  # noqa: E40
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import ServerApp  # noqa: E402
 
+from .aggregators import minimum_clients  # noqa: E402
 from .apps import NODE_WAIT_S, add_client_handlers, local_privacy_mod, server_loop, wait_for_nodes  # noqa: E402
 from .local import load_exchanged, local_model, one_client_examples  # noqa: E402
 
@@ -73,9 +74,11 @@ client_app = ClientApp(mods=[local_privacy_mod(federation_config)])
 add_client_handlers(client_app, _client_setup)
 
 
-def describe_clients(grid, nodes: list[int], config: FederatedConfig) -> tuple[list[str], dict[int, str]]:
+def describe_clients(grid, nodes: list[int], config: FederatedConfig,
+                     known_classes: list[str] | None = None) -> tuple[list[str], dict[int, str]]:
     """Ask every client which labels it holds; the global classes are their union. Also which node is which
-    client, so the rounds can name a client that drops."""
+    client, so the rounds can name a client that drops. A resumed run passes the classes it started with: then
+    a client may be missing (it dropped out), but none may bring a label the global head lacks."""
     queries = [Message(RecordDict({"config": ConfigRecord({"kind": "describe"})}), dst_node_id=node,
                        message_type=MessageType.QUERY) for node in nodes]
     labels, seen = set(), {}
@@ -87,6 +90,12 @@ def describe_clients(grid, nodes: list[int], config: FederatedConfig) -> tuple[l
             raise UserError(f"two SuperNodes say they are client {index}: give each its own partition-id")
         seen[index] = reply.metadata.src_node_id
         labels |= set(json.loads(reply.content["labels"]["labels"]))
+    if known_classes is not None:
+        unknown = sorted(labels - set(known_classes))
+        if unknown:
+            raise UserError(f"the clients now hold labels the resumed run started without: {unknown[:10]}; "
+                            f"start a new run (without --resume) to train a head for them")
+        return list(known_classes), {node: config.client_names[index] for index, node in seen.items()}
     missing = sorted(set(range(config.num_clients)) - set(seen))
     if missing:
         raise UserError(f"no SuperNode is client {missing} (partition-id): every client of the config needs one")
@@ -106,8 +115,12 @@ def main(grid, context) -> None:
         config = federation_config(context)
         run_dir = Path(config.out)
         resume = bool(context.run_config.get("resume", False))
-        nodes = wait_for_nodes(grid, config.num_clients, float(context.run_config.get("wait-s", NODE_WAIT_S)))
-        classes, node_names = describe_clients(grid, nodes, config)
+        state_path = run_dir / "rounds" / "state.json"
+        known = json.loads(state_path.read_text()).get("classes") if resume and state_path.is_file() else None
+        # Round 1 needs every client (their labels make the head); a resumed run goes on with those connected.
+        nodes = wait_for_nodes(grid, config.num_clients if known is None else minimum_clients(config, config.num_clients),
+                               float(context.run_config.get("wait-s", NODE_WAIT_S)))
+        classes, node_names = describe_clients(grid, nodes, config, known)
         local = local_model(config, classes)
         load_exchanged(local, None)
         initial = {k: v.detach().clone() for k, v in local.model.state_dict().items() if k in local.exchanged}
@@ -230,8 +243,11 @@ def submit(config: FederatedConfig, run_dir: Path, superlink: str, *, insecure: 
         if reason:
             raise UserError(reason[-1].split("transferkit: error:", 1)[1].strip())
         unreachable = "unavailable" in output or "Connection" in output and process.returncode != 0
+        resumable = (run_dir / "rounds" / "state.json").is_file()
         raise UserError(f"the federated run on SuperLink {superlink} did not finish"
                         + (": the SuperLink is not reachable there (start flower-superlink, check the Control API "
                            "address, default port 9093)" if unreachable else
-                           f"; its log is above (run_dir {run_dir}; the ServerApp writes there, on the SuperLink's machine)"))
+                           f"; its log is above (run_dir {run_dir}; the ServerApp writes there, on the SuperLink's machine)"
+                           + (f"; the finished rounds are kept: continue with --resume --out {run_dir} and the same --superlink"
+                              if resumable else "")))
 

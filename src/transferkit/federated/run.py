@@ -62,8 +62,11 @@ def _simulate(config: FederatedConfig, classes: list[str], initial: dict, run_di
                        make_client_app(config, classes), num_supernodes=config.num_clients, backend_name="ray",
                        backend_config=backend)
     if "history" not in results:
-        raise UserError(f"the federated run stopped before its first round finished (see the Flower log above); "
-                        f"rounds completed so far are in {run_dir / 'rounds'}, continue with --resume")
+        if (run_dir / "rounds" / "state.json").is_file():
+            raise UserError(f"the federated run stopped before it finished (see the Flower log above); the rounds "
+                            f"completed so far are in {run_dir / 'rounds'}: continue with --resume --out {run_dir}")
+        raise UserError("the federated run stopped before its first round finished (see the Flower log above): "
+                        "fix the cause and run it again")
     return results
 
 
