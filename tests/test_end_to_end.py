@@ -142,3 +142,32 @@ def test_predict_on_a_flat_folder_of_unlabelled_images(tiny_vit_dir, image_folde
     assert main(["predict", str(run), "--input", str(flat), "--output", str(tmp_path / "p.csv")]) == 0
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))
     assert len(rows) == 5 and rows[0]["input"].endswith(".png")
+
+
+def test_evaluate_and_predict_read_the_columns_the_run_trained_on(tiny_bert_dir, tmp_path):
+    """A run trained on `review`/`target` reads those columns of a later file by default, even when the file also
+    has a `text` column (the first guess without the run's columns, which would be silently wrong here)."""
+    import pandas as pd
+
+    from transferkit.data.readers import table_columns
+
+    rows = make_sentences(120, seed=4)
+    frame = pd.DataFrame({"id": range(len(rows)), "review": [r[0] for r in rows], "target": [r[1] for r in rows]})
+    frame[:80].to_csv(tmp_path / "train.csv", index=False)
+    later = frame[80:].assign(text="good good good")  # a decoy column
+    later.to_parquet(tmp_path / "later.parquet")
+    later.drop(columns="target").to_json(tmp_path / "unlabelled.jsonl", orient="records", lines=True)
+    assert table_columns(tmp_path / "later.parquet") == ["id", "review", "target", "text"]
+    assert table_columns(tmp_path / "unlabelled.jsonl") == ["id", "review", "text"]
+    run = tmp_path / "run"
+    _fit(["--train", str(tmp_path / "train.csv"), "--text-column", "review", "--label-column", "target",
+          "--model", str(tiny_bert_dir), "--epochs", "1", "--no-baseline", "--out", str(run)])
+
+    model = transferkit.load_run(run)
+    examples = model.read(tmp_path / "later.parquet")
+    assert examples.inputs == list(later["review"]) and examples.labels == list(later["target"])
+    assert main(["evaluate", str(run), "--test", str(tmp_path / "later.parquet")]) == 0
+    assert main(["predict", str(run), "--input", str(tmp_path / "unlabelled.jsonl"), "--output", str(tmp_path / "p.csv")]) == 0
+    assert [r["input"] for r in csv.DictReader(open(tmp_path / "p.csv"))] == list(later["review"])
+    # An explicit column still wins.
+    assert model.read(tmp_path / "later.parquet", text_column="text").inputs == ["good good good"] * len(later)

@@ -445,9 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=helptext)
         sub.add_argument("run", help="a finished run directory")
         sub.add_argument(file_flag, required=True, help="a table, image folder or IDX file")
-        sub.add_argument("--text-column")
-        sub.add_argument("--image-column")
-        sub.add_argument("--label-column", default="label")
+        sub.add_argument("--text-column", help="default: the run's training text column, when the file has it")
+        sub.add_argument("--image-column", help="default: the run's training image column, when the file has it")
+        sub.add_argument("--label-column", help="default: the run's training label column, else 'label'")
         sub.add_argument("--task", help=TASK_HELP)
         sub.add_argument("--output", required=name == "predict",
                          help="CSV of predictions" if name == "predict" else "write the full report as JSON")
@@ -480,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     ensembler.add_argument("--out", required=True, help="run directory to write")
     ensembler.add_argument("--text-column")
     ensembler.add_argument("--image-column")
-    ensembler.add_argument("--label-column", default="label")
+    ensembler.add_argument("--label-column", help="default: the first member's training label column, else 'label'")
     ensembler.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     ensembler.set_defaults(func=_cmd_ensemble)
 

@@ -275,7 +275,7 @@ def _cast_like(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor
 
 
 def build_ensemble(runs: list[str], *, method: str, test: str, out: str, val: str | None = None,
-                   text_column: str | None = None, image_column: str | None = None, label_column: str = "label",
+                   text_column: str | None = None, image_column: str | None = None, label_column: str | None = None,
                    overwrite: bool = False) -> dict:
     """Combine finished runs; write ``out`` as a run directory; return its metrics (also ``metrics.json``)."""
     if method not in METHODS:
@@ -315,7 +315,7 @@ def build_ensemble(runs: list[str], *, method: str, test: str, out: str, val: st
     if method == "soup":
         soup, details = _soup(members, runs, val_examples, val_labels)
         report = soup.evaluate(test_examples)
-        save_classifier(soup.model.cpu(), classes, out_dir / "model")
+        save_classifier(soup.model.cpu(), classes, out_dir / "model", columns=members[0].columns)
     else:
         combiner = COMBINERS[method]()
         if val_examples is not None:

@@ -172,7 +172,8 @@ def _test_report(engine: Engine, features_or_batches: Batches, labels: np.ndarra
 def _write_run(run_dir: Path, config: RunConfig, strategy_name: str, model: Classifier, classes: list[str],
                metrics: dict[str, Any]) -> None:
     """model/, plots/, report.html/.md, then metrics.json (last: its presence marks the run finished)."""
-    save_classifier(model.cpu(), classes, run_dir / "model")
+    save_classifier(model.cpu(), classes, run_dir / "model",
+                    columns={k: getattr(config, k) for k in ("text_column", "image_column", "label_column")})
     plots_dir = run_dir / "plots"
     plots_dir.mkdir(exist_ok=True)
     baseline = metrics.get("baseline") or {}

@@ -17,7 +17,7 @@ import torch
 
 from .backbones.registry import rebuild_backbone
 from .data.dataset import Examples, encode_labels
-from .data.readers import read_examples
+from .data.readers import read_examples, table_columns
 from .engine.batches import Batches, map_in_order
 from .engine.checkpoint import atomic_write_text, load_weights, save_weights
 from .engine.loop import default_device
@@ -29,13 +29,21 @@ from .run_directory import model_directory
 FORMAT_VERSION = 1
 
 
-def save_classifier(model: Classifier, classes: Sequence[str], directory: Path) -> None:
+COLUMN_KEYS = ("text_column", "image_column", "label_column")
+
+
+def save_classifier(model: Classifier, classes: Sequence[str], directory: Path, columns: dict | None = None) -> None:
+    """``columns``: the training data's text/image/label column names, which ``read`` then takes by default
+    (a file scored later usually has the training file's layout)."""
     directory.mkdir(parents=True, exist_ok=True)
     model.backbone.save_preprocessing(directory / "backbone")
     model.backbone.save_adapters(directory / "adapter")
     save_weights(model, directory / "model.safetensors")
     meta = {"format": FORMAT_VERSION, "classes": list(classes), "backbone": model.backbone.spec,
             "dropout": model.head.dropout.p}
+    columns = {k: v for k, v in (columns or {}).items() if k in COLUMN_KEYS and v}
+    if columns:
+        meta["columns"] = columns
     atomic_write_text(directory / "transferkit.json", json.dumps(meta, indent=1))
 
 
@@ -43,8 +51,9 @@ class FineTunedModel:
     """A loaded run: ``predict`` texts or images, ``evaluate`` a labelled file."""
 
     def __init__(self, model: Classifier, classes: list[str], source: Path, eval_batch_size: int = 128,
-                 task: str | None = None):
+                 task: str | None = None, columns: dict | None = None):
         self.model = model.eval()
+        self.columns = dict(columns or {})  # the training data's column names: the defaults of ``read``
         self.task = task  # the task of a multi-task run this model predicts, else None
         self.classes = classes
         self.source = source
@@ -79,7 +88,7 @@ class FineTunedModel:
         backbone = rebuild_backbone(meta["backbone"], directory / "backbone")
         model = Classifier(backbone, len(meta["classes"]), meta.get("dropout", 0.0))
         load_weights(model, directory / "model.safetensors")
-        return cls(model, meta["classes"], run)
+        return cls(model, meta["classes"], run, columns=meta.get("columns"))
 
     def merge_adapters(self) -> None:
         """Fold LoRA/IA3 adapters into the backbone's weights: same predictions, plain architecture."""
@@ -116,7 +125,16 @@ class FineTunedModel:
         return [self.classes[i] for i in self.predict_proba(inputs).argmax(1)]
 
     def read(self, path: str | Path, *, text_column: str | None = None, image_column: str | None = None,
-             label_column: str | None = "label", require_labels: bool = True) -> Examples:
+             label_column: str | None = None, require_labels: bool = True) -> Examples:
+        """A file to evaluate or predict on. Columns not given default to the training data's (a run trained
+        with ``text_column=review`` reads ``review``, not a guess), then to 'label' and the usual guesses."""
+        trained = self.columns
+        if text_column is None and image_column is None and not Path(path).is_dir():
+            input_column = trained.get("text_column") or trained.get("image_column")
+            if input_column is not None and input_column in table_columns(path):
+                text_column, image_column = trained.get("text_column"), trained.get("image_column")
+        if label_column is None:
+            label_column = trained.get("label_column") or "label"
         examples = read_examples(path, label_column=label_column, text_column=text_column, image_column=image_column,
                                  require_labels=require_labels)
         if examples.modality != self.modality:

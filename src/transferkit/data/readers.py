@@ -92,6 +92,32 @@ def _load_frame(path: Path):
     return frame
 
 
+def table_columns(path: str | Path) -> list[str]:
+    """The column names of a table file, from its header or schema (nothing else is read); [] for anything that is
+    not a readable table (the full read then reports what is wrong)."""
+    import csv
+    import json
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return [str(name).strip() for name in pq.read_schema(path).names]
+        if suffix == ".jsonl":
+            with open(path, encoding="utf-8") as handle:
+                first = next((line for line in handle if line.strip()), "{}")
+            record = json.loads(first)
+            return [str(k).strip() for k in record] if isinstance(record, dict) else []
+        if suffix in TABLE_SUFFIXES and suffix != ".json":
+            with open(path, encoding="utf-8-sig", newline="") as handle:
+                return [c.strip() for c in next(csv.reader(handle, delimiter=TABLE_SUFFIXES[suffix]), [])]
+    except (OSError, ValueError, UnicodeDecodeError, ImportError):
+        return []
+    return []
+
+
 def _duplicated_header(path: Path, delimiter: str) -> list[str]:
     """pandas renames a repeated column to 'name.1'; read the raw header to catch it."""
     import csv

@@ -195,7 +195,11 @@ def write_federated_run(config: FederatedConfig, local, classes: list[str], resu
         if values:
             metrics[f"mean_client_{key}"] = float(np.mean(values))
     if config.personal == "none":
-        save_classifier(local.model.cpu(), classes, run_dir / "model")
+        # The clients' column names, where they all agree: what evaluate/predict then read by default.
+        per_client = [config.client_run_config(i) for i in range(config.num_clients)]
+        columns = {key: values.pop() for key in ("text_column", "image_column", "label_column")
+                   if len(values := {getattr(c, key) for c in per_client}) == 1}
+        save_classifier(local.model.cpu(), classes, run_dir / "model", columns=columns)
     else:
         metrics["personal"] = {"part": config.personal, "kept_keys": len(local.personal),
                                "saved_model": "none: each client's model is the shared part plus its own personal part, "
