@@ -80,6 +80,20 @@ def test_a_user_mistake_in_a_real_process_prints_no_traceback(tmp_path):
     assert result.returncode == 2 and "no finished model" in result.stderr
 
 
+
+def test_a_hub_model_on_an_offline_machine_is_one_line_about_the_connection(files, tmp_path):
+    """Not a vision-processor error from the fallback, nor a second round of download retries: the hub is out of
+    reach, and the line says what to do instead."""
+    import os
+
+    result = subprocess.run([sys.executable, "-m", "transferkit", "fit", "--train", str(files["train"]), "--model",
+                             "no-such-org/no-such-model", "--out", str(tmp_path / "run")], capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    error = [line for line in result.stderr.splitlines() if line.startswith("transferkit: error:")]
+    assert len(error) == 1 and "the hub is not reachable" in error[0] and "image processor" not in error[0]
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
 def test_help_loads_no_torch():
     # `transferkit --help` and the argument errors answer at once: the heavy libraries load when a command runs.
     code = ("import sys; from transferkit.cli import main\n"

