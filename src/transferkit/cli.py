@@ -465,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training examples for those fine-tunes (default: --sample)")
     ranker.add_argument("--by", default="nleep",
                         help="estimator that orders the table (default nleep: the best rank correlation in docs/benchmarks.md)")
-    ranker.add_argument("--estimators", help="comma-separated estimators (default: all of nleep, logme, hscore, leep, nce)")
+    ranker.add_argument("--estimators", help="comma-separated estimators (default: all of nleep, logme, hscore, knn, leep, nce)")
     ranker.set_defaults(func=_cmd_rank)
 
     ensembler = commands.add_parser("ensemble", help="combine finished runs by voting, averaging, stacking or a weight soup")

@@ -98,3 +98,31 @@ def test_nleep_scores_clustered_features_above_noise_and_is_deterministic():
     assert score == ESTIMATORS["nleep"](clustered, labels, None)
     assert score > ESTIMATORS["nleep"](noise, labels, None)
     assert score <= 0.0  # a mean log-probability
+
+
+def test_knn_accuracy_matches_a_loop_reference_and_ranks_clustered_features_higher():
+    from transferkit.ranking.knn import knn_leave_one_out_accuracy
+
+    rng = np.random.default_rng(7)
+    labels = np.repeat([0, 1, 2], 30)
+    clustered = rng.normal(size=(90, 5)) * 0.5 + np.eye(3, 5)[labels] * 2
+    noise = rng.normal(size=(90, 5))
+
+    def reference(f, y, k=5, t=0.07):
+        f = f / np.linalg.norm(f, axis=1, keepdims=True)
+        right = 0
+        for i in range(len(f)):
+            others = [j for j in range(len(f)) if j != i]
+            nearest = sorted(others, key=lambda j: -f[i] @ f[j])[:k]
+            votes = {}
+            for j in nearest:
+                votes[y[j]] = votes.get(y[j], 0.0) + np.exp(f[i] @ f[j] / t)
+            right += max(votes, key=votes.get) == y[i]
+        return right / len(f)
+
+    for f in (clustered, noise):
+        assert knn_leave_one_out_accuracy(f, labels, k=5) == pytest.approx(reference(f, labels))
+    assert ESTIMATORS["knn"](clustered, labels, None) > 0.9 > 0.6 > ESTIMATORS["knn"](noise, labels, None)
+    # Two points per class, each the other's nearest: leave-one-out gets every one right with k = 1.
+    pairs = np.array([[1, 0.01], [1, -0.01], [0.01, 1], [-0.01, 1]])
+    assert knn_leave_one_out_accuracy(pairs, np.array([0, 0, 1, 1]), k=1) == 1.0

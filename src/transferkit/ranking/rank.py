@@ -30,12 +30,12 @@ from ..engine.loop import default_device
 from ..errors import UserError
 from ..model import Classifier
 from ..strategies import create_strategy
-from . import hscore, leep, logme, nce  # noqa: F401  (registers the estimators)
+from . import hscore, knn, leep, logme, nce  # noqa: F401  (registers the estimators)
 from .cost import profile_cost
 from .registry import ESTIMATORS, NotApplicable
 
 
-PREFERRED_ORDER = ["nleep", "logme", "hscore", "leep", "nce"]
+PREFERRED_ORDER = ["nleep", "logme", "hscore", "knn", "leep", "nce"]
 
 
 def _folder_name(name: str) -> str:
