@@ -129,3 +129,18 @@ def test_one_class_is_refused(tmp_path, capsys):
     data = write_table(tmp_path / "one.csv", [(f"text {i}", "same") for i in range(20)])
     assert main(["rank", "--data", str(data), "--models", "minilm-l6", "--out", str(tmp_path / "r")]) == 2
     assert "at least two classes" in capsys.readouterr().err
+
+
+def test_an_estimator_that_scores_every_candidate_alike_is_called_out_as_tied():
+    from transferkit.ranking.rank import rank_table, tied_estimators
+
+    cost = {"total_parameters": 1e6, "trainable_parameters": 1e6, "flops_per_example": 1e9, "latency_ms_batch_1": 1.0,
+            "latency_ms_batch_32": 2.0, "peak_memory_mib": 10}
+    result = {"estimators": ["nleep", "knn"], "candidates": [
+        {"model": "a", "scores": {"nleep": 1.4e-17, "knn": 0.91}, "cost": cost},
+        {"model": "b", "scores": {"nleep": -1.4e-18, "knn": 0.55}, "cost": cost},
+        {"model": "c", "error": "could not load"}]}
+    assert tied_estimators(result) == ["nleep"]
+    assert "tied: nleep gives every candidate the same score" in rank_table(result)
+    result["candidates"][1]["scores"]["nleep"] = -0.2
+    assert tied_estimators(result) == [] and "tied:" not in rank_table(result)

@@ -151,6 +151,18 @@ def _format(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
+def tied_estimators(result: dict[str, Any]) -> list[str]:
+    """Estimators whose scores of two or more candidates all agree to 1e-6 (relative): they saturate, as N-LEEP
+    does on data so easy that every candidate's features separate the classes perfectly."""
+    tied = []
+    for estimator in result["estimators"]:
+        scores = [row["scores"][estimator] for row in result["candidates"]
+                  if "error" not in row and row["scores"].get(estimator) is not None]
+        if len(scores) >= 2 and max(scores) - min(scores) <= 1e-6 * max(1.0, abs(max(scores))):
+            tied.append(estimator)
+    return tied
+
+
 def rank_table(result: dict[str, Any]) -> str:
     estimators = result["estimators"]
     head = ["rank", "model", *estimators, "params", "trainable", "GFLOPs/ex", "ms @1", "ms @32", "peak MiB"]
@@ -172,6 +184,12 @@ def rank_table(result: dict[str, Any]) -> str:
     notes = sorted({f"{e}: {reason}" for row in result["candidates"] for e, reason in row.get("not_applicable", {}).items()})
     if notes:
         lines += ["", "n/a: " + "; ".join(notes)]
+    tied = tied_estimators(result)
+    if tied:
+        lines += ["", f"tied: {', '.join(tied)} give{'s' if len(tied) == 1 else ''} every candidate the same score (to "
+                  f"rounding): on this sample {'it tells' if len(tied) == 1 else 'they tell'} them apart no better than "
+                  f"chance, so an order by {'it' if len(tied) == 1 else 'them'} means nothing; order by another "
+                  f"estimator (--by), or rank on a larger or harder sample"]
     validation = result.get("validation")
     if validation:
         lines += ["", f"Ranking checked by fine-tuning {', '.join(validation['fine_tuned'])}:", "",
