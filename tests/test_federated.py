@@ -297,15 +297,31 @@ def test_resume_without_an_unfinished_federation_is_a_clear_error(tmp_path):
         federate(config, resume=True)
 
 
-def test_round_checkpoint_round_trips(tmp_path):
-    from transferkit.federated.apps import RoundCheckpoint
+def test_round_checkpoint_round_trips_and_a_crash_between_its_writes_leaves_the_previous_round(tmp_path, monkeypatch):
+    from transferkit.federated import apps
 
-    checkpoint = RoundCheckpoint(tmp_path)
+    checkpoint = apps.RoundCheckpoint(tmp_path)
     weights = {"head.linear.weight": torch.randn(2, 3), "backbone.x.lora_A.default.weight": torch.randn(4, 3)}
-    checkpoint.save(weights, {"history": [{"round": 1}], "best_round": 1}, best=True)
+    checkpoint.save(weights, {"history": [{"round": 1}], "best_round": 1}, server={"m_t/head": np.ones(2)})
     loaded, state = checkpoint.load("best")
     assert state["best_round"] == 1 and set(loaded) == set(weights)
     assert all(torch.equal(loaded[k], weights[k]) for k in weights)
+    assert checkpoint.load_server_state()["m_t/head"].tolist() == [1.0, 1.0]
+
+    # Round 2 dies after its weights are written, before state.json: round 1 is still what is on record.
+    second = {k: v + 1 for k, v in weights.items()}
+    monkeypatch.setattr(apps, "atomic_write_text", lambda path, text: (_ for _ in ()).throw(OSError("killed")))
+    with pytest.raises(OSError):
+        checkpoint.save(second, {"history": [{"round": 1}, {"round": 2}], "best_round": 1}, server={"m_t/head": np.zeros(2)})
+    monkeypatch.undo()
+    latest, state = checkpoint.load("latest")
+    assert len(state["history"]) == 1 and all(torch.equal(latest[k], weights[k]) for k in weights)
+    assert checkpoint.load_server_state()["m_t/head"].tolist() == [1.0, 1.0]
+
+    # Later rounds keep only the latest and the best round's files.
+    checkpoint.save(second, {"history": [{"round": 1}, {"round": 2}], "best_round": 1})
+    checkpoint.save(second, {"history": [{"round": 1}, {"round": 2}, {"round": 3}], "best_round": 3})
+    assert sorted(p.name for p in tmp_path.glob("rounds/*.safetensors")) == ["round-3.safetensors"]
 
 
 
@@ -340,7 +356,7 @@ def test_a_server_optimisers_state_survives_the_round_checkpoint(tmp_path, aggre
     running = create_aggregator(config, 2)
     first = one_round(running, 1, initial, 0.5)
     checkpoint = RoundCheckpoint(tmp_path)
-    checkpoint.save(first, {"history": [{"round": 1}]}, best=True, server=server_state(running, list(first)))
+    checkpoint.save(first, {"history": [{"round": 1}], "best_round": 1}, server=server_state(running, list(first)))
     assert checkpoint.load_server_state()  # both optimisers keep state after round 1
     expected = one_round(running, 2, first, -0.25)
 

@@ -152,46 +152,62 @@ def add_client_handlers(app, setup: Callable) -> None:
 
 
 class RoundCheckpoint:
-    """``RUN/rounds/``: the global weights of the latest and the best round (safetensors, atomic) and the
-    round history, so an interrupted federation resumes at the next round."""
+    """``RUN/rounds/``: each round's global weights (``round-N.safetensors``) and server optimiser state
+    (``server-N.safetensors``), then ``state.json`` (history, best round, classes), so an interrupted federation
+    resumes at the next round. The files are named by round and ``state.json`` is written last, so a crash
+    between the writes leaves ``state.json`` naming the previous round's files, which are still there: only the
+    latest and the best round are kept, and older ones are removed once the new round is on record."""
 
     def __init__(self, run_dir: Path):
         self.folder = run_dir / "rounds"
         self.folder.mkdir(parents=True, exist_ok=True)
         self.state_path = self.folder / "state.json"
 
-    def save(self, weights: dict[str, torch.Tensor], state: dict, best: bool,
-             server: dict[str, np.ndarray] | None = None) -> None:
+    def save(self, weights: dict[str, torch.Tensor], state: dict, server: dict[str, np.ndarray] | None = None) -> None:
+        from safetensors.numpy import save_file
+
+        number = len(state["history"])
         holder = torch.nn.Module()
         for name, tensor in weights.items():  # a module whose state dict is exactly the global weights
             holder.register_buffer(name.replace(".", "__"), tensor.contiguous())
-        save_weights(holder, self.folder / "latest.safetensors")
-        if best:
-            save_weights(holder, self.folder / "best.safetensors")
+        save_weights(holder, self.folder / f"round-{number}.safetensors")
         if server:
-            from safetensors.numpy import save_file
-
-            temporary = self.folder / "server.safetensors.tmp"
+            temporary = self.folder / f"server-{number}.safetensors.tmp"
             save_file(server, str(temporary))
-            os.replace(temporary, self.folder / "server.safetensors")
-        # Written last: the round counts as done only once its weights and server state are on disk.
-        atomic_write_text(self.state_path, json.dumps(state))
+            with open(temporary, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(temporary, self.folder / f"server-{number}.safetensors")
+        atomic_write_text(self.state_path, json.dumps(state))  # the round is on record from here
+        keep = {f"round-{number}.safetensors", f"server-{number}.safetensors", f"round-{state['best_round']}.safetensors"}
+        for path in self.folder.glob("*-*.safetensors"):
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
+
+    def state(self) -> dict | None:
+        return json.loads(self.state_path.read_text()) if self.state_path.is_file() else None
 
     def load_server_state(self) -> dict[str, np.ndarray]:
         """The server optimiser's state saved with the latest round (empty when the aggregator keeps none)."""
         from safetensors.numpy import load_file
 
-        path = self.folder / "server.safetensors"
+        state = self.state()
+        path = self.folder / f"server-{len(state['history']) if state else 0}.safetensors"
         return load_file(str(path)) if path.is_file() else {}
 
     def load(self, which: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """The global weights of the ``latest`` or the ``best`` round on record, and the state."""
         from safetensors.torch import load_file
 
-        path = self.folder / f"{which}.safetensors"
-        if not (path.is_file() and self.state_path.is_file()):
+        state = self.state()
+        if state is None or not state["history"]:
             return None
+        number = len(state["history"]) if which == "latest" else state["best_round"]
+        path = self.folder / f"round-{number}.safetensors"
+        if not path.is_file():
+            raise UserError(f"{path} is missing although {self.state_path} records round {number}: the round files "
+                            f"were moved or deleted; restore them, or start the run again")
         weights = {name.replace("__", "."): tensor for name, tensor in load_file(str(path)).items()}
-        return weights, json.loads(self.state_path.read_text())
+        return weights, state
 
 
 def _bytes(record) -> int:
@@ -285,7 +301,7 @@ def server_loop(grid, config: FederatedConfig, classes: list[str], initial: dict
                   "clients_trained": len(answered), "failures": failures, "bytes_down": bytes_down, "bytes_up": bytes_up,
                   "client_val_accuracy": {str(c): a for c, a in sorted(per_client.items())}, "seconds": time.time() - started}
         state["history"].append(record)
-        checkpoint.save(arrays.to_torch_state_dict(), state, improved, server_state(strategy, list(arrays.keys())))
+        checkpoint.save(arrays.to_torch_state_dict(), state, server_state(strategy, list(arrays.keys())))
         progress.update(1)
         progress.set_postfix(val_accuracy=f"{accuracy:.4f}", clients=f"{len(answered)}/{len(messages)}")
         progress.write(f"round {round_number}/{config.max_rounds}: {len(answered)}/{len(messages)} clients trained, "
