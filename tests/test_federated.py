@@ -392,6 +392,7 @@ def test_federated_lora_run_reports_clients_and_saves_a_usable_global_model(tiny
     assert not (run / "rounds").exists()  # round checkpoints go once the run finished
     model = transferkit.load_run(run)
     assert model.predict(["good movie"])[0] in ("neg", "pos")
+    assert model.columns == {"label_column": "label"}  # the clients' columns, for evaluate/predict (text was guessed)
 
 
 

@@ -196,9 +196,9 @@ def write_federated_run(config: FederatedConfig, local, classes: list[str], resu
             metrics[f"mean_client_{key}"] = float(np.mean(values))
     if config.personal == "none":
         # The clients' column names, where they all agree: what evaluate/predict then read by default.
-        per_client = [config.client_run_config(i) for i in range(config.num_clients)]
+        recipes = [config.client_run_config(i) for i in range(config.num_clients)]
         columns = {key: values.pop() for key in ("text_column", "image_column", "label_column")
-                   if len(values := {getattr(c, key) for c in per_client}) == 1}
+                   if len(values := {getattr(r, key) for r in recipes}) == 1}
         save_classifier(local.model.cpu(), classes, run_dir / "model", columns=columns)
     else:
         metrics["personal"] = {"part": config.personal, "kept_keys": len(local.personal),
