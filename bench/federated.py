@@ -45,8 +45,11 @@ def setups(args, folder: Path) -> dict:
     text = dict(model=args.model, strategy="lora", lr=5e-4, batch_size=32,
                 data={"train": str(SST2 / "train.tsv"), "test": str(SST2 / "test.tsv"), "text_column": "sentence",
                       "max_train_examples": args.examples})
-    image = dict(model=args.image_model, strategy="full", lr=1e-3, batch_size=64, image_size=32, schedule="cosine",
-                 data={"train": "fashion-mnist", "max_train_examples": args.examples})
+    # The centralised run decays its LR over all its epochs (cosine); the clients keep the federated default, a
+    # constant LR: a decay inside each round's local epoch restarts every round (docs/federated.md), and on the
+    # clients' IID validation splits it scored 0.730 against constant's 0.787 (2026-12-03, batch 16).
+    image = dict(model=args.image_model, strategy="full", lr=1e-3, batch_size=64, image_size=32,
+                 centralised={"schedule": "cosine"}, data={"train": "fashion-mnist", "max_train_examples": args.examples})
     return {"text": text, "image": image}
 
 
@@ -57,7 +60,9 @@ def run_setting(name: str, recipe: dict, folder: Path, args, **options) -> dict:
     settings = {"num_clients": args.clients, "max_rounds": args.rounds, "local_epochs": args.local_epochs, "round_patience": None,
                 "val_fraction": 0.15, "test_fraction": 0.15, **options}
     started = time.time()
-    metrics = transferkit.federate(FederatedConfig.from_dict({**recipe, **settings, "out": str(folder / name)}, source=name))
+    federated = {k: v for k, v in recipe.items() if k != "centralised"}
+    metrics = transferkit.federate(FederatedConfig.from_dict({**federated, **settings, "out": str(folder / name)},
+                                                             source=name))
     row = {"setting": name, "aggregator": metrics["aggregator"], "partitioner": metrics["partitioner"],
            "test_accuracy": metrics["test"]["accuracy"], "rounds": metrics["rounds"],
            "mean_client_local_only": metrics.get("mean_client_local_only"),
@@ -77,7 +82,7 @@ def centralised(name: str, recipe: dict, folder: Path, args) -> dict:
     import transferkit
 
     data = recipe["data"]
-    fields = {k: v for k, v in recipe.items() if k != "data"}
+    fields = {k: v for k, v in recipe.items() if k not in ("data", "centralised")} | recipe.get("centralised", {})
     started = time.time()
     # The pooled training data, the same global test, as many epochs as the federation ran.
     extra = {"test": data["test"]} if "test" in data else {}
