@@ -41,7 +41,7 @@ from .objectives import (CrossEntropyObjective, L1Penalty, L2SPPenalty, MixupObj
                          balanced_class_weights)
 from .objectives.distillation import DistillationObjective
 from .deploy.model_card import write_model_card
-from .saved_model import FineTunedModel, save_classifier
+from .saved_model import COLUMN_KEYS, FineTunedModel, save_classifier
 from .strategies import Strategy, create_strategy
 from .strategies.base import check_freeze_batchnorm, decay_groups
 from .teacher import check_teacher, median_latency_ms, teacher_logits
@@ -173,7 +173,7 @@ def _write_run(run_dir: Path, config: RunConfig, strategy_name: str, model: Clas
                metrics: dict[str, Any]) -> None:
     """model/, plots/, report.html/.md, then metrics.json (last: its presence marks the run finished)."""
     save_classifier(model.cpu(), classes, run_dir / "model",
-                    columns={k: getattr(config, k) for k in ("text_column", "image_column", "label_column")})
+                    columns={k: getattr(config, k) for k in COLUMN_KEYS})
     plots_dir = run_dir / "plots"
     plots_dir.mkdir(exist_ok=True)
     baseline = metrics.get("baseline") or {}

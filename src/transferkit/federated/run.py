@@ -19,7 +19,7 @@ from ..data.dataset import sort_classes
 from ..engine.checkpoint import atomic_write_text
 from ..errors import UserError
 from ..finetune import check_run_dir
-from ..saved_model import save_classifier
+from ..saved_model import COLUMN_KEYS, save_classifier
 from .config import FederatedConfig
 from .local import client_examples, load_exchanged, local_evaluate, local_model, read_dataset
 from .plots import plot_clients, plot_rounds
@@ -197,7 +197,7 @@ def write_federated_run(config: FederatedConfig, local, classes: list[str], resu
     if config.personal == "none":
         # The clients' column names, where they all agree: what evaluate/predict then read by default.
         recipes = [config.client_run_config(i) for i in range(config.num_clients)]
-        columns = {key: values.pop() for key in ("text_column", "image_column", "label_column")
+        columns = {key: values.pop() for key in COLUMN_KEYS
                    if len(values := {getattr(r, key) for r in recipes}) == 1}
         save_classifier(local.model.cpu(), classes, run_dir / "model", columns=columns)
     else:
