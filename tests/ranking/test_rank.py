@@ -144,3 +144,24 @@ def test_an_estimator_that_scores_every_candidate_alike_is_called_out_as_tied():
     assert "tied: nleep gives every candidate the same score" in rank_table(result)
     result["candidates"][1]["scores"]["nleep"] = -0.2
     assert tied_estimators(result) == [] and "tied:" not in rank_table(result)
+
+
+def test_a_random_efficientnet_control_needs_no_weights_package_and_is_the_same_network(monkeypatch):
+    """random:efficientnet-liteN is built from the architecture alone (its weights package may be absent) and
+    equals what loading the weights and re-initialising them gave."""
+    from transferkit.backbones import efficientnet_lite, registry
+    from transferkit.errors import UserError
+
+    loaded = efficientnet_lite.EfficientNetLiteBackbone.from_pretrained(0, image_size=32, name="efficientnet-lite0")
+    registry.randomise(loaded)
+
+    def absent(variant):
+        raise UserError(f"model 'efficientnet-lite{variant}' needs its weights package")
+
+    monkeypatch.setattr(efficientnet_lite, "_weights_file", absent)
+    with pytest.raises(UserError, match="weights package"):
+        registry.create_backbone("efficientnet-lite0", image_size=32)
+    control = registry.create_backbone("random:efficientnet-lite0", image_size=32)
+    assert control.spec["name"] == "random:efficientnet-lite0" and control.imagenet_head is None
+    ours, theirs = control.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

