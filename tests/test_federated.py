@@ -306,7 +306,7 @@ def test_round_checkpoint_round_trips_and_a_crash_between_its_writes_leaves_the_
     loaded, state = checkpoint.load("best")
     assert state["best_round"] == 1 and set(loaded) == set(weights)
     assert all(torch.equal(loaded[k], weights[k]) for k in weights)
-    assert checkpoint.load_server_state()["m_t/head"].tolist() == [1.0, 1.0]
+    assert checkpoint.load_server_state(1)["m_t/head"].tolist() == [1.0, 1.0]
 
     # Round 2 dies after its weights are written, before state.json: round 1 is still what is on record.
     second = {k: v + 1 for k, v in weights.items()}
@@ -316,7 +316,7 @@ def test_round_checkpoint_round_trips_and_a_crash_between_its_writes_leaves_the_
     monkeypatch.undo()
     latest, state = checkpoint.load("latest")
     assert len(state["history"]) == 1 and all(torch.equal(latest[k], weights[k]) for k in weights)
-    assert checkpoint.load_server_state()["m_t/head"].tolist() == [1.0, 1.0]
+    assert checkpoint.load_server_state(len(state["history"]))["m_t/head"].tolist() == [1.0, 1.0]
 
     # Later rounds keep only the latest and the best round's files.
     checkpoint.save(second, {"history": [{"round": 1}, {"round": 2}], "best_round": 1})
@@ -357,13 +357,13 @@ def test_a_server_optimisers_state_survives_the_round_checkpoint(tmp_path, aggre
     first = one_round(running, 1, initial, 0.5)
     checkpoint = RoundCheckpoint(tmp_path)
     checkpoint.save(first, {"history": [{"round": 1}], "best_round": 1}, server=server_state(running, list(first)))
-    assert checkpoint.load_server_state()  # both optimisers keep state after round 1
+    assert checkpoint.load_server_state(1)  # both optimisers keep state after round 1
     expected = one_round(running, 2, first, -0.25)
 
     saved, _ = checkpoint.load("latest")
     weights = {name: saved[name] for name in initial}  # what server_loop does on --resume
     resumed = create_aggregator(config, 2)
-    restore_server_state(resumed, checkpoint.load_server_state(), list(weights))
+    restore_server_state(resumed, checkpoint.load_server_state(1), list(weights))
     again = one_round(resumed, 2, weights, -0.25)
     assert all(torch.allclose(again[k], expected[k], atol=1e-6) for k in initial)
     # Without the saved state, round 2 goes elsewhere: the check above could fail.

@@ -40,13 +40,18 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
+def replace_with(temporary: Path, path: Path) -> None:
+    """Make the finished file ``temporary`` durable, then rename it over ``path`` (atomic on one filesystem)."""
+    with open(temporary, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
 def save_weights(model: nn.Module, path: Path) -> None:
     """safetensors, written beside the target then renamed over it."""
     temporary = path.with_name(path.name + ".tmp")
     save_model(model, str(temporary))
-    with open(temporary, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    replace_with(temporary, path)
 
 
 def load_weights(model: nn.Module, path: Path) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..engine.checkpoint import atomic_write_text, save_weights
+from ..engine.checkpoint import atomic_write_text, replace_with, save_weights
 from ..errors import UserError
 from .aggregators import (SERVER_OPTIMISERS, average_statistics, create_aggregator, minimum_clients,
                           restore_server_state, server_state)
@@ -151,6 +150,11 @@ def add_client_handlers(app, setup: Callable) -> None:
         return Message(RecordDict({"metrics": MetricRecord(scores)}), reply_to=message)
 
 
+def state_path(run_dir: Path) -> Path:
+    """``RUN/rounds/state.json``: its presence means a federation has rounds on record (resumable until it ends)."""
+    return run_dir / "rounds" / "state.json"
+
+
 class RoundCheckpoint:
     """``RUN/rounds/``: each round's global weights (``round-N.safetensors``) and server optimiser state
     (``server-N.safetensors``), then ``state.json`` (history, best round, classes), so an interrupted federation
@@ -161,7 +165,7 @@ class RoundCheckpoint:
     def __init__(self, run_dir: Path):
         self.folder = run_dir / "rounds"
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.state_path = self.folder / "state.json"
+        self.state_path = state_path(run_dir)
 
     def save(self, weights: dict[str, torch.Tensor], state: dict, server: dict[str, np.ndarray] | None = None) -> None:
         from safetensors.numpy import save_file
@@ -174,9 +178,7 @@ class RoundCheckpoint:
         if server:
             temporary = self.folder / f"server-{number}.safetensors.tmp"
             save_file(server, str(temporary))
-            with open(temporary, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(temporary, self.folder / f"server-{number}.safetensors")
+            replace_with(temporary, self.folder / f"server-{number}.safetensors")
         atomic_write_text(self.state_path, json.dumps(state))  # the round is on record from here
         keep = {f"round-{number}.safetensors", f"server-{number}.safetensors", f"round-{state['best_round']}.safetensors"}
         for path in self.folder.glob("*-*.safetensors"):
@@ -186,12 +188,11 @@ class RoundCheckpoint:
     def state(self) -> dict | None:
         return json.loads(self.state_path.read_text()) if self.state_path.is_file() else None
 
-    def load_server_state(self) -> dict[str, np.ndarray]:
-        """The server optimiser's state saved with the latest round (empty when the aggregator keeps none)."""
+    def load_server_state(self, number: int) -> dict[str, np.ndarray]:
+        """The server optimiser's state saved with round ``number`` (empty when the aggregator keeps none)."""
         from safetensors.numpy import load_file
 
-        state = self.state()
-        path = self.folder / f"server-{len(state['history']) if state else 0}.safetensors"
+        path = self.folder / f"server-{number}.safetensors"
         return load_file(str(path)) if path.is_file() else {}
 
     def load(self, which: str) -> tuple[dict[str, torch.Tensor], dict] | None:
@@ -263,10 +264,10 @@ def server_loop(grid, config: FederatedConfig, classes: list[str], initial: dict
         # In the initial weights' order (the state dict's), not the file's: Flower's server optimisers pair the
         # global arrays with the clients' replies by position.
         if set(saved[0]) != set(initial):
-            raise UserError(f"{checkpoint.folder / 'latest.safetensors'} holds other weights than this config's model "
-                            f"exchanges: resume with the config the run started with ({run_dir / 'config.yaml'})")
+            raise UserError(f"{checkpoint.folder} holds other weights than this config's model exchanges: resume with "
+                            f"the config the run started with ({run_dir / 'config.yaml'})")
         weights, state = {name: saved[0][name] for name in initial}, saved[1]
-        restore_server_state(strategy, checkpoint.load_server_state(), list(weights))
+        restore_server_state(strategy, checkpoint.load_server_state(len(state["history"])), list(weights))
         progress.write(f"resuming after round {len(state['history'])}")
     arrays = ArrayRecord(weights)
     start = len(state["history"]) + 1

@@ -40,7 +40,8 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import ServerApp  # noqa: E402
 
 from .aggregators import minimum_clients  # noqa: E402
-from .apps import NODE_WAIT_S, add_client_handlers, local_privacy_mod, server_loop, wait_for_nodes  # noqa: E402
+from .apps import (NODE_WAIT_S, RoundCheckpoint, add_client_handlers, local_privacy_mod, server_loop,  # noqa: E402
+                   state_path, wait_for_nodes)
 from .local import load_exchanged, local_model, one_client_examples  # noqa: E402
 
 DESCRIBE_TIMEOUT_S = 600.0
@@ -115,8 +116,8 @@ def main(grid, context) -> None:
         config = federation_config(context)
         run_dir = Path(config.out)
         resume = bool(context.run_config.get("resume", False))
-        state_path = run_dir / "rounds" / "state.json"
-        known = json.loads(state_path.read_text()).get("classes") if resume and state_path.is_file() else None
+        saved = RoundCheckpoint(run_dir).state() if resume else None
+        known = saved.get("classes") if saved else None
         # Round 1 needs every client (their labels make the head); a resumed run goes on with those connected.
         nodes = wait_for_nodes(grid, config.num_clients if known is None else minimum_clients(config, config.num_clients),
                                float(context.run_config.get("wait-s", NODE_WAIT_S)))
@@ -243,7 +244,7 @@ def submit(config: FederatedConfig, run_dir: Path, superlink: str, *, insecure: 
         if reason:
             raise UserError(reason[-1].split("transferkit: error:", 1)[1].strip())
         unreachable = "unavailable" in output or "Connection" in output and process.returncode != 0
-        resumable = (run_dir / "rounds" / "state.json").is_file()
+        resumable = state_path(run_dir).is_file()
         raise UserError(f"the federated run on SuperLink {superlink} did not finish"
                         + (": the SuperLink is not reachable there (start flower-superlink, check the Control API "
                            "address, default port 9093)" if unreachable else

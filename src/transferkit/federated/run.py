@@ -20,6 +20,7 @@ from ..engine.checkpoint import atomic_write_text
 from ..errors import UserError
 from ..finetune import check_run_dir
 from ..saved_model import COLUMN_KEYS, save_classifier
+from .apps import state_path
 from .config import FederatedConfig
 from .local import client_examples, load_exchanged, local_evaluate, local_model, read_dataset
 from .plots import plot_clients, plot_rounds
@@ -62,7 +63,7 @@ def _simulate(config: FederatedConfig, classes: list[str], initial: dict, run_di
                        make_client_app(config, classes), num_supernodes=config.num_clients, backend_name="ray",
                        backend_config=backend)
     if "history" not in results:
-        if (run_dir / "rounds" / "state.json").is_file():
+        if state_path(run_dir).is_file():
             raise UserError(f"the federated run stopped before it finished (see the Flower log above); the rounds "
                             f"completed so far are in {run_dir / 'rounds'}: continue with --resume --out {run_dir}")
         raise UserError("the federated run stopped before its first round finished (see the Flower log above): "
@@ -87,7 +88,7 @@ def federate(config: FederatedConfig | str | Path, *, resume: bool = False, over
     run_dir = Path(config.out)
     if not resume:
         check_run_dir(run_dir, False, overwrite)
-    elif not (run_dir / "rounds" / "state.json").is_file() or (run_dir / "metrics.json").is_file():
+    elif not state_path(run_dir).is_file() or (run_dir / "metrics.json").is_file():
         raise UserError(f"{run_dir} has no unfinished federated run to resume (no rounds/state.json, or it finished)")
     if superlink is not None:
         return _deploy(config, run_dir, superlink, insecure, root_certificates, resume, overwrite)
