@@ -283,8 +283,15 @@ def _cmd_rank(args: argparse.Namespace) -> int:
         raise UserError("rank needs the data: --data FILE (a table, image folder, IDX file or 'fashion-mnist')")
     out = given.pop("out", "runs/rank")
     estimators = [e.strip() for e in args.estimators.split(",") if e.strip()] if args.estimators else None
+    lrs = None
+    if args.validate_lr is not None:
+        try:
+            lrs = [float(v) for v in args.validate_lr.split(",") if v.strip()]
+        except ValueError:
+            raise UserError(f"--validate-lr is '{args.validate_lr}': give comma-separated learning rates, "
+                            f"e.g. 1e-4,3e-4,1e-3") from None
     result = rank([m.strip() for m in args.models.split(",")], sample=args.sample, validate=args.validate,
-                  validate_examples=args.validate_examples, by=args.by,
+                  validate_examples=args.validate_examples, validate_lrs=lrs, by=args.by,
                   estimators=estimators, out=out, overwrite=args.overwrite, **given)
     print(rank_table(result))
     print(f"\nwritten to {out}: rank.json, rank.png (score vs cost, Pareto front marked)")
@@ -463,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fine-tune the top K (and the bottom one) with --epochs and report rank correlations")
     ranker.add_argument("--validate-examples", type=int, default=None,
                         help="training examples for those fine-tunes (default: --sample)")
+    ranker.add_argument("--validate-lr", default=None,
+                        help="comma-separated learning rates: each validated candidate is fine-tuned at each and keeps "
+                             "the one its validation accuracy chooses (default: --lr alone)")
     ranker.add_argument("--by", default="nleep",
                         help="estimator that orders the table (default nleep: the best rank correlation in docs/benchmarks.md)")
     ranker.add_argument("--estimators", help="comma-separated estimators (default: all of nleep, logme, hscore, knn, leep, nce)")

@@ -83,6 +83,22 @@ def test_validation_fine_tunes_top_and_bottom_and_reports_rank_correlations(tiny
     assert [row["model"] for row in failed] == ["random:efficientnet-lite0"] and "images" in failed[0]["error"]
 
 
+def test_a_learning_rate_grid_keeps_per_candidate_the_rate_validation_chooses(tiny_bert_dir, text_data, tmp_path):
+    lrs = [1e-9, 3e-3]  # the first barely moves the random head: validation must tell them apart
+    result = transferkit.rank([str(tiny_bert_dir), f"random:{tiny_bert_dir}"], train=str(text_data["train"]),
+                              val=str(text_data["val"]), test=str(text_data["test"]), sample=40, validate=2,
+                              validate_lrs=lrs, epochs=1, out=str(tmp_path / "rank"))
+    assert result["validation"]["lrs"] == lrs
+    for row in result["candidates"]:
+        runs = row["fine_tune_runs"]
+        assert [run["lr"] for run in runs] == lrs
+        best = max(runs, key=lambda run: run["val_accuracy"])
+        assert row["fine_tune_lr"] == best["lr"] and row["fine_tuned_accuracy"] == best["test_accuracy"]
+        assert row["fine_tune_seconds"] == pytest.approx(sum(run["seconds"] for run in runs))
+    assert len(list((tmp_path / "rank" / "validate").iterdir())) == 4  # two candidates x two rates
+    assert "chosen lr" in transferkit.ranking.rank_table(result)
+
+
 def test_a_candidate_cut_to_its_lowest_layers_is_scored_priced_and_fine_tuned_that_deep(tiny_bert_dir, text_data, tmp_path):
     from transformers import BertConfig
 
@@ -111,6 +127,8 @@ def test_pareto_front_keeps_what_nothing_cheaper_beats():
     (["--models", "minilm-l6", "--estimators", "logm"], "unknown estimator 'logm'"),
     (["--models", "minilm-l6", "--model", "minilm-l6"], "--models a,b,c"),
     (["--models", "minilm-l6,minilm-l6@3"], "write NAME@layers=K"),
+    (["--models", "minilm-l6", "--validate", "1", "--validate-lr", "1e-4,fast"], "--validate-lr is '1e-4,fast'"),
+    (["--models", "minilm-l6", "--validate", "1", "--validate-lr", "0,1e-4"], "give positive learning rates"),
 ])
 def test_bad_rank_requests_get_one_line_and_exit_2(argv, message, sentiment_csv, tmp_path, capsys):
     assert main(["rank", "--data", str(sentiment_csv), "--out", str(tmp_path / "r"), *argv]) == 2

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import numpy as np
+import scipy.linalg
 
 from .registry import register
 
@@ -19,10 +20,15 @@ def regularised_hscore(features: np.ndarray, labels: np.ndarray, source_probs: n
 
     f = np.asarray(features, dtype=np.float64)
     f = f - f.mean(0, keepdims=True)
-    estimator = LedoitWolf(assume_centered=True).fit(f)
-    class_means = np.zeros_like(f)
-    for c in np.unique(labels):
-        rows = labels == c
-        class_means[rows] = f[rows].mean(0)
-    between = np.cov(class_means, rowvar=False, bias=True)
-    return float(np.trace(np.linalg.pinv(estimator.covariance_, hermitian=True) @ ((1 - estimator.shrinkage_) * between)))
+    estimator = LedoitWolf(assume_centered=True, store_precision=False).fit(f)
+    classes, counts = np.unique(labels, return_counts=True)
+    means = np.stack([f[labels == c].mean(0) for c in classes])  # C x d
+    # The between-class covariance is sum_c (n_c / n) m_c m_c^T (the features are centred), so the trace
+    # needs C solves against the covariance, not its d x d inverse: and the estimator need not store its inverse either (most of the time at d = 1280).
+    weights = counts / len(f)
+    try:
+        factor = scipy.linalg.cho_factor(estimator.covariance_, lower=True, check_finite=False)
+        solved = scipy.linalg.cho_solve(factor, means.T, check_finite=False)  # d x C
+    except np.linalg.LinAlgError:  # no shrinkage and singular features: fall back to the pseudo-inverse
+        solved = np.linalg.pinv(estimator.covariance_, hermitian=True) @ means.T
+    return float((1 - estimator.shrinkage_) * np.sum(weights * np.einsum("dc,cd->c", solved, means)))

@@ -95,7 +95,9 @@ def _score_candidate(name: str, config: RunConfig, sample, classes: list[str], e
     strategy.prepare(model)
     strategy.apply(model)
     first_32 = list(range(min(32, len(sample))))
+    started = time.time()
     row["cost"] = profile_cost(model, strategy, backbone.collate(prepared, [0]), backbone.collate(prepared, first_32), device)
+    row["cost_seconds"] = time.time() - started
     row["feature_dim"] = int(f.shape[1])
     return row
 
@@ -124,26 +126,44 @@ def rank_correlations(scores: list[float], accuracies: list[float]) -> dict[str,
 
 
 def _validate(rows: list[dict], config: RunConfig, by: str, k: int, sample_size: int, out: Path,
-              estimators: list[str]) -> dict[str, Any]:
-    """Fine-tune the top k (and the bottom one) with a short budget; correlate every estimator with it."""
+              estimators: list[str], lrs: list[float] | None = None) -> dict[str, Any]:
+    """Fine-tune the top k (and the bottom one) with a short budget; correlate every estimator with it.
+
+    With ``lrs``, each candidate is fine-tuned once per learning rate and keeps the one its validation
+    accuracy chooses, as in the protocol of You et al. (LogME, ICML 2021): one LR for every candidate
+    measures the recipe as much as the model (a static embedding table and a transformer want LRs an
+    order of magnitude apart)."""
     from ..finetune import finetune
 
     ranked = [r for r in rows if r["scores"].get(by) is not None]
     chosen = ranked[:k] + ([ranked[-1]] if len(ranked) > k else [])
+    grid = list(lrs) if lrs else [config.lr]
     for row in chosen:
-        print(f"validating the ranking: fine-tuning {row['model']}", flush=True)
         model_name, layers = parse_candidate(row["model"])
-        metrics = finetune(config.replace(model=model_name, keep_layers=layers, baseline=False,
-                                          out=str(out / "validate" / _folder_name(row["model"])),
-                                          max_train_examples=sample_size), overwrite=True)
-        row["fine_tuned_accuracy"] = metrics["test"]["accuracy"]
-        row["fine_tune_seconds"] = metrics["seconds"]
+        runs = []
+        for lr in grid:
+            print(f"validating the ranking: fine-tuning {row['model']}" + (f" at lr {lr:g}" if len(grid) > 1 else ""),
+                  flush=True)
+            folder = _folder_name(row["model"]) + (f"-lr{lr:g}" if len(grid) > 1 else "")
+            metrics = finetune(config.replace(model=model_name, keep_layers=layers, baseline=False, lr=lr,
+                                              out=str(out / "validate" / folder), max_train_examples=sample_size),
+                               overwrite=True)
+            best = metrics["history"][metrics["best_epoch"] - 1] if metrics["history"] else {}
+            runs.append({"lr": lr, "val_accuracy": best.get("val_accuracy"), "test_accuracy": metrics["test"]["accuracy"],
+                         "seconds": metrics["seconds"]})
+        # max keeps the first of equal values; a run without a validation score loses to one with it
+        pick = max(runs, key=lambda r: -1.0 if r["val_accuracy"] is None else r["val_accuracy"])
+        row["fine_tuned_accuracy"] = pick["test_accuracy"]
+        row["fine_tune_seconds"] = sum(r["seconds"] for r in runs)
+        if len(grid) > 1:
+            row["fine_tune_lr"], row["fine_tune_runs"] = pick["lr"], runs
     correlations = {}
     for estimator in estimators:
         pairs = [(r["scores"][estimator], r["fine_tuned_accuracy"]) for r in chosen if r["scores"].get(estimator) is not None]
         correlations[estimator] = {**rank_correlations([p[0] for p in pairs], [p[1] for p in pairs]), "candidates": len(pairs)}
-    return {"fine_tuned": [r["model"] for r in chosen], "correlations": correlations,
+    return {"fine_tuned": [r["model"] for r in chosen], "correlations": correlations, "lrs": grid,
             "rank_seconds": sum(r["rank_seconds"] for r in chosen),
+            "cost_seconds": sum(r["cost_seconds"] for r in chosen),
             "fine_tune_seconds": sum(r["fine_tune_seconds"] for r in chosen)}
 
 
@@ -166,8 +186,9 @@ def tied_estimators(result: dict[str, Any]) -> list[str]:
 def rank_table(result: dict[str, Any]) -> str:
     estimators = result["estimators"]
     head = ["rank", "model", *estimators, "params", "trainable", "GFLOPs/ex", "ms @1", "ms @32", "peak MiB"]
+    grid = len((result.get("validation") or {}).get("lrs", [])) > 1
     if result.get("validation"):
-        head.append("fine-tuned acc")
+        head += ["fine-tuned acc"] + (["chosen lr"] if grid else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for position, row in enumerate(result["candidates"], start=1):
         if "error" in row:
@@ -180,6 +201,8 @@ def rank_table(result: dict[str, Any]) -> str:
                  f"{cost['latency_ms_batch_32']:.1f}", f"{cost['peak_memory_mib']:.0f}"]
         if result.get("validation"):
             cells.append(_format(row.get("fine_tuned_accuracy")))
+            if grid:
+                cells.append(f"{row['fine_tune_lr']:g}" if "fine_tune_lr" in row else "")
         lines.append("| " + " | ".join(cells) + " |")
     notes = sorted({f"{e}: {reason}" for row in result["candidates"] for e, reason in row.get("not_applicable", {}).items()})
     if notes:
@@ -192,7 +215,9 @@ def rank_table(result: dict[str, Any]) -> str:
                   f"estimator (--by), or rank on a larger or harder sample"]
     validation = result.get("validation")
     if validation:
-        lines += ["", f"Ranking checked by fine-tuning {', '.join(validation['fine_tuned'])}:", "",
+        how = (f" (each at lr {', '.join(f'{lr:g}' for lr in validation['lrs'])}, keeping the one validation chose)"
+               if grid else "")
+        lines += ["", f"Ranking checked by fine-tuning {', '.join(validation['fine_tuned'])}{how}:", "",
                   "| estimator | Kendall tau | weighted tau | candidates |", "|---|---|---|---|"]
         for estimator, c in validation["correlations"].items():
             lines.append(f"| {estimator} | {_format(c['kendall_tau'])} | {_format(c['weighted_tau'])} | {c['candidates']} |")
@@ -200,17 +225,19 @@ def rank_table(result: dict[str, Any]) -> str:
 
 
 def rank(models: list[str], *, sample: int = 1000, validate: int = 0, validate_examples: int | None = None,
-         by: str = "nleep", estimators: list[str] | None = None, out: str = "runs/rank", overwrite: bool = False,
+         validate_lrs: list[float] | None = None, by: str = "nleep", estimators: list[str] | None = None, out: str = "runs/rank", overwrite: bool = False,
          **fields: Any) -> dict[str, Any]:
     """Score ``models`` on the data of ``fields`` (``train=``, ``text_column=``, ... as in ``finetune``).
 
     ``validate=K`` fine-tunes the top K and the bottom candidate on ``validate_examples`` training
-    examples (default: ``sample``) with the fine-tuning fields given (``strategy``, ``epochs``, ``lr``...).
+    examples (default: ``sample``) with the fine-tuning fields given (``strategy``, ``epochs``, ``lr``...);
+    ``validate_lrs`` fine-tunes each of them once per learning rate and keeps the one validation chooses.
 
     Example::
 
         transferkit.rank(["efficientnet-lite0", "efficientnet-lite1"], train="photos/", sample=500)
     """
+    started = time.time()
     estimators = list(estimators or sorted(ESTIMATORS, key=lambda e: (PREFERRED_ORDER + [e]).index(e)))
     unknown = [e for e in estimators + [by] if e not in ESTIMATORS]
     if unknown:
@@ -225,6 +252,8 @@ def rank(models: list[str], *, sample: int = 1000, validate: int = 0, validate_e
         raise UserError(f"--sample is {sample}: it must be at least the number of classes (and at least 2)")
     if validate < 0:
         raise UserError(f"--validate is {validate}: give how many top candidates to fine-tune (0 for none)")
+    if validate_lrs is not None and (not validate_lrs or any(not (lr > 0) for lr in validate_lrs)):
+        raise UserError(f"--validate-lr is {validate_lrs}: give positive learning rates, e.g. 1e-4,3e-4,1e-3")
     out_dir = Path(out)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise UserError(f"output directory {out_dir} already exists: choose another --out or pass --overwrite")
@@ -252,9 +281,12 @@ def rank(models: list[str], *, sample: int = 1000, validate: int = 0, validate_e
     ok.sort(key=lambda r: (r["scores"][by] is None, -(r["scores"][by] or 0.0)))
     result: dict[str, Any] = {"data": chosen.source, "sample": len(chosen), "classes": splits.classes,
                               "by": by, "estimators": estimators, "strategy": config.strategy,
-                              "candidates": ok + [r for r in rows if "error" in r]}
+                              "candidates": ok + [r for r in rows if "error" in r],
+                              # the whole command before any fine-tuning: data loading, scoring, cost profiles
+                              "ranking_wall_seconds": time.time() - started}
     if validate:
-        result["validation"] = _validate(ok, config, by, validate, validate_examples or sample, out_dir, estimators)
+        result["validation"] = _validate(ok, config, by, validate, validate_examples or sample, out_dir, estimators,
+                                         validate_lrs)
     from ..evaluation.plots import plot_score_vs_cost
 
     scored = [r for r in ok if r["scores"][by] is not None]
