@@ -72,7 +72,7 @@ def run_setting(name: str, recipe: dict, folder: Path, args, **options) -> dict:
                                                for c, r in metrics["per_client"].items() if "personalised" in r},
            "bytes_per_round": metrics["bytes"]["per_round"][0], "exchanged_fraction": metrics["bytes"]["exchanged_fraction"],
            "full_model_bytes": metrics["bytes"]["full_model"], "seconds": time.time() - started,
-           "server_lr": options.get("server_lr"), "batch_size": recipe["batch_size"],
+           "server_lr": options.get("server_lr"), "batch_size": recipe["batch_size"], "lr": recipe["lr"],
            "best_val_accuracy": max(h["val_accuracy"] for h in metrics["history"])}
     print(f"{name}: test {row['test_accuracy']:.4f}", flush=True)
     return row
@@ -91,7 +91,8 @@ def centralised(name: str, recipe: dict, folder: Path, args) -> dict:
                                    epochs=_total_epochs(args), patience=None, baseline=False, out=str(folder / name))
     print(f"{name}: test {metrics['test']['accuracy']:.4f}", flush=True)
     return {"setting": name, "test_accuracy": metrics["test"]["accuracy"], "seconds": time.time() - started,
-            "batch_size": recipe["batch_size"], "best_val_accuracy": max(h["val_accuracy"] for h in metrics["history"])}
+            "batch_size": recipe["batch_size"], "lr": recipe["lr"],
+            "best_val_accuracy": max(h["val_accuracy"] for h in metrics["history"])}
 
 
 def _total_epochs(args) -> int:
@@ -107,12 +108,12 @@ def _epochs_text(local_epochs: float) -> str:
                                                      f"1/{round(1 / local_epochs)} local epoch")
 
 
-def _choose_on_validation(values: list, run) -> tuple[Any, dict, dict[str, float]]:
+def _choose_on_validation(values: list, run, name=lambda value: f"{value:g}") -> tuple[Any, dict, dict[str, float]]:
     """Run once per value; keep the run with the best validation accuracy (ties: the first value). Returns the
     chosen value, its run, and every value's validation accuracy."""
     runs = {value: run(value) for value in values}
     chosen = max(runs, key=lambda value: runs[value]["best_val_accuracy"])
-    return chosen, runs[chosen], {f"{value:g}": r["best_val_accuracy"] for value, r in runs.items()}
+    return chosen, runs[chosen], {name(value): r["best_val_accuracy"] for value, r in runs.items()}
 
 
 def run_pair(args, folder: Path, name: str, recipe: dict) -> dict:
@@ -121,15 +122,21 @@ def run_pair(args, folder: Path, name: str, recipe: dict) -> dict:
     # centralised epoch. The batch size is a recipe choice like the learning rate, so each side picks its own
     # from the same candidates on its own validation data (centralised: pooled; federated: the clients' IID
     # splits, then used for every federated row).
-    candidates = sorted({max(1, recipe["batch_size"] // d) for d in args.batch_divisors}, reverse=True)
-    _, central, central_sweep = _choose_on_validation(candidates, lambda bs: centralised(
-        f"centralised-b{bs}", {**recipe, "batch_size": bs}, folder, args))
+    # The LR is swept the same way (--lr-multipliers): averaging k clients' updates takes about 1/k of the
+    # sequential steps of a centralised run, which a larger client LR may make up for.
+    sizes = sorted({max(1, recipe["batch_size"] // d) for d in args.batch_divisors}, reverse=True)
+    lrs = [recipe["lr"] * m for m in args.lr_multipliers]
+    candidates = [(bs, lr) for bs in sizes for lr in lrs]
+    name_of = (lambda c: f"{c[0]}") if len(lrs) == 1 else (lambda c: f"{c[0]} @ lr {c[1]:g}")
+    tag = (lambda c: f"b{c[0]}") if len(lrs) == 1 else (lambda c: f"b{c[0]}-lr{c[1]:g}")
+    _, central, central_sweep = _choose_on_validation(candidates, lambda c: centralised(
+        f"centralised-{tag(c)}", {**recipe, "batch_size": c[0], "lr": c[1]}, folder, args), name_of)
     rows = {"centralised": {**central, "batch_sweep": central_sweep}}
     if "iid" in args.partitions:
-        batch_size, iid, iid_sweep = _choose_on_validation(candidates, lambda bs: run_setting(
-            f"iid-b{bs}", {**recipe, "batch_size": bs}, folder, args))
+        (batch_size, lr), iid, iid_sweep = _choose_on_validation(candidates, lambda c: run_setting(
+            f"iid-{tag(c)}", {**recipe, "batch_size": c[0], "lr": c[1]}, folder, args), name_of)
         rows["iid"] = {**iid, "batch_sweep": iid_sweep}
-        recipe = {**recipe, "batch_size": batch_size}
+        recipe = {**recipe, "batch_size": batch_size, "lr": lr}
     if "dirichlet" in args.partitions:
         rows["dirichlet"] = run_setting("dirichlet", recipe, folder, args, partitioner="dirichlet", alpha=0.5)
     if args.server_lrs and "iid" in args.partitions:
@@ -148,7 +155,8 @@ def run_pair(args, folder: Path, name: str, recipe: dict) -> dict:
                                                          personalise_epochs=0, local_only=False)
     return {"model": recipe["model"], "strategy": recipe["strategy"], "clients": args.clients, "rounds": args.rounds,
             "local_epochs": args.local_epochs,
-            "examples": args.examples, "federated_batch_size": recipe["batch_size"], "rows": rows}
+            "examples": args.examples, "federated_batch_size": recipe["batch_size"], "federated_lr": recipe["lr"],
+            "rows": rows}
 
 
 def run_domains(args, folder: Path, personal: str = "none") -> dict:
@@ -208,9 +216,13 @@ def table(results: dict) -> str:
                          f"{clients} | {gaining} | {row['bytes_per_round'] / 1e6:.2f} MB ({100 * row['exchanged_fraction']:.2f}%) | "
                          f"{row['seconds']:.0f} |")
         if central.get("batch_sweep") and rows.get("iid", {}).get("batch_sweep"):
-            lines += ["", f"Batch size, chosen by validation accuracy (centralised: pooled validation split; federated: the "
+            with_lr = any("@" in key for key in central["batch_sweep"])
+            chosen = (f"{pair['federated_batch_size']} @ lr {pair['federated_lr']:g}" if with_lr
+                      else f"{pair['federated_batch_size']}")
+            lines += ["", f"{'Batch size and client LR' if with_lr else 'Batch size'}, chosen by validation accuracy "
+                      f"(centralised: pooled validation split; federated: the "
                       f"best round's mean client validation accuracy on the IID split, then used by every federated row, "
-                      f"{pair['federated_batch_size']}): centralised "
+                      f"{chosen}): centralised "
                       + ", ".join(f"{bs}: {acc:.4f}" for bs, acc in central["batch_sweep"].items()) + "; federated "
                       + ", ".join(f"{bs}: {acc:.4f}" for bs, acc in rows["iid"]["batch_sweep"].items()) + "."]
         sweeps = [row["server_lr_sweep"] for row in rows.values() if row.get("server_lr_sweep")]
@@ -246,7 +258,8 @@ def table(results: dict) -> str:
 
 
 def _batch_note(row: dict) -> str:
-    return f", batch {row['batch_size']}" if row.get("batch_size") else ""
+    note = f", batch {row['batch_size']}" if row.get("batch_size") else ""
+    return note + (f", lr {row['lr']:g}" if row.get("lr") else "")
 
 
 def write_doc(results: dict) -> None:
@@ -277,6 +290,9 @@ def main() -> None:
     parser.add_argument("--batch-divisors", nargs="+", type=int, default=[1, 4],
                         help="batch sizes to try, as the recipe's batch size divided by each (chosen on validation, "
                              "centralised and federated separately)")
+    parser.add_argument("--lr-multipliers", nargs="+", type=float, default=[1.0],
+                        help="learning rates to try, as the recipe's LR times each (chosen on validation with the batch "
+                             "size, centralised and federated separately)")
     parser.add_argument("--domain-batch-size", type=int, default=8,
                         help="domains: the clients' batch size (default 8, the one the IID text sweep chose)")
     parser.add_argument("--personal", nargs="+", choices=["none", "head"], default=["none", "head"],
