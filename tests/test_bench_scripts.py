@@ -121,16 +121,20 @@ def test_federated_benchmark_runs_on_a_tiny_model(tiny_bert_dir, tmp_path):
     process = subprocess.run(
         [sys.executable, str(BENCH / "federated.py"), "--tiny", "--model", str(tiny_bert_dir), "--only", "text",
          "--clients", "2", "--rounds", "1", "--partitions", "iid", "--server-lrs", "2", "--no-attack",
-         "--batch-divisors", "1", "2", "--results", str(results),
+         "--batch-divisors", "1", "2", "--lr-multipliers", "1", "2", "--results", str(results),
          "--no-doc"],
         capture_output=True, text=True, timeout=900)
     assert process.returncode == 0, process.stderr[-3000:] + process.stdout[-3000:]
     saved = json.loads(results.read_text())["text"]
-    chosen = saved["rows"]["centralised"]["batch_size"]
-    assert "| FedAvg, IID |" in process.stdout and f"| centralised, pooled data, 1 epochs, batch {chosen} |" in process.stdout
-    # Both sides tried the same two batch sizes; the federated rows all use the one chosen on the IID split.
-    assert set(saved["rows"]["centralised"]["batch_sweep"]) == set(saved["rows"]["iid"]["batch_sweep"]) == {"16", "8"}
+    central = saved["rows"]["centralised"]
+    assert "| FedAvg, IID |" in process.stdout
+    assert f"| centralised, pooled data, 1 epochs, batch {central['batch_size']}, lr {central['lr']:g} |" in process.stdout
+    # Both sides tried the same batch sizes and LRs; the federated rows all use the pair chosen on the IID split.
+    grid = {f"{bs} @ lr {lr:g}" for bs in (16, 8) for lr in (5e-3, 1e-2)}
+    assert set(central["batch_sweep"]) == set(saved["rows"]["iid"]["batch_sweep"]) == grid
     assert saved["federated_batch_size"] == saved["rows"]["iid"]["batch_size"] in (16, 8)
+    assert saved["federated_lr"] == saved["rows"]["iid"]["lr"] == saved["rows"]["iid-fedavgm"]["lr"]
+    assert "Batch size and client LR, chosen by validation" in process.stdout
     assert "| FedAvgM (server LR 2, momentum 0.9), IID |" in process.stdout
     rows = json.loads(results.read_text())["text"]["rows"]
     assert set(rows) == {"centralised", "iid", "iid-fedavgm"} and rows["iid-fedavgm"]["aggregator"] == "fedavgm"
