@@ -128,7 +128,9 @@ def test_federated_benchmark_runs_on_a_tiny_model(tiny_bert_dir, tmp_path):
     saved = json.loads(results.read_text())["text"]
     central = saved["rows"]["centralised"]
     assert "| FedAvg, IID |" in process.stdout
-    assert f"| centralised, pooled data, 1 epochs, batch {central['batch_size']}, lr {central['lr']:g} |" in process.stdout
+    assert f"| centralised, pooled data (84 examples), 1 epochs, batch {central['batch_size']}, lr {central['lr']:g} |" in process.stdout
+    # ... as many as the two clients train on together: each holds out 15% for validation and 15% for its test
+    assert central["train_examples"] == 84
     # Both sides tried the same batch sizes and LRs; the federated rows all use the pair chosen on the IID split.
     grid = {f"{bs} @ lr {lr:g}" for bs in (16, 8) for lr in (5e-3, 1e-2)}
     assert set(central["batch_sweep"]) == set(saved["rows"]["iid"]["batch_sweep"]) == grid

@@ -129,6 +129,7 @@ def test_pareto_front_keeps_what_nothing_cheaper_beats():
     (["--models", "minilm-l6,minilm-l6@3"], "write NAME@layers=K"),
     (["--models", "minilm-l6", "--validate", "1", "--validate-lr", "1e-4,fast"], "--validate-lr is '1e-4,fast'"),
     (["--models", "minilm-l6", "--validate", "1", "--validate-lr", "0,1e-4"], "give positive learning rates"),
+    (["--models", "minilm-l6", "--validate-lr", "1e-4,1e-3"], "add --validate K"),
 ])
 def test_bad_rank_requests_get_one_line_and_exit_2(argv, message, sentiment_csv, tmp_path, capsys):
     assert main(["rank", "--data", str(sentiment_csv), "--out", str(tmp_path / "r"), *argv]) == 2

@@ -225,8 +225,8 @@ def rank_table(result: dict[str, Any]) -> str:
 
 
 def rank(models: list[str], *, sample: int = 1000, validate: int = 0, validate_examples: int | None = None,
-         validate_lrs: list[float] | None = None, by: str = "nleep", estimators: list[str] | None = None, out: str = "runs/rank", overwrite: bool = False,
-         **fields: Any) -> dict[str, Any]:
+         validate_lrs: list[float] | None = None, by: str = "nleep", estimators: list[str] | None = None,
+         out: str = "runs/rank", overwrite: bool = False, **fields: Any) -> dict[str, Any]:
     """Score ``models`` on the data of ``fields`` (``train=``, ``text_column=``, ... as in ``finetune``).
 
     ``validate=K`` fine-tunes the top K and the bottom candidate on ``validate_examples`` training
@@ -254,6 +254,8 @@ def rank(models: list[str], *, sample: int = 1000, validate: int = 0, validate_e
         raise UserError(f"--validate is {validate}: give how many top candidates to fine-tune (0 for none)")
     if validate_lrs is not None and (not validate_lrs or any(not (lr > 0) for lr in validate_lrs)):
         raise UserError(f"--validate-lr is {validate_lrs}: give positive learning rates, e.g. 1e-4,3e-4,1e-3")
+    if validate_lrs and not validate:
+        raise UserError("--validate-lr sets the rates of the validation fine-tunes: add --validate K (how many to fine-tune)")
     out_dir = Path(out)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise UserError(f"output directory {out_dir} already exists: choose another --out or pass --overwrite")
