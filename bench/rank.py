@@ -92,7 +92,29 @@ def section(results: dict) -> str:
                           f"before fine-tuning, data loading included, took {wall_s:.0f} s "
                           f"(1/{tune_s / max(wall_s, 1e-9):.0f}).")
         lines.append("")
+    if len(results) > 1:
+        lines += _mean_over_zoos(results)
     return "\n".join(lines)
+
+
+def _mean_over_zoos(results: dict) -> list[str]:
+    """Each estimator's weighted tau per zoo and its mean, the summary TLlib's table gives (over 8 datasets)."""
+    names = list(results)
+    estimators = list(dict.fromkeys(e for r in results.values() for e in r["validation"]["correlations"]))
+    lines = ["### Mean over the zoos (TLlib reports the mean over its 8 datasets)", "",
+             "| estimator | " + " | ".join(f"weighted tau, {n}" for n in names) + " | mean |",
+             "|---|" + "---|" * (len(names) + 1)]
+    for estimator in estimators:
+        taus = [results[n]["validation"]["correlations"].get(estimator, {}).get("weighted_tau") for n in names]
+        scored = [t for t in taus if t is not None]
+        mean = (f"{sum(scored) / len(scored):.3f}" + ("" if len(scored) == len(names) else f" ({len(scored)} of "
+                                                       f"{len(names)} zoos)")) if scored else "-"
+        lines.append(f"| {estimator} | " + " | ".join("-" if t is None else f"{t:.3f}" for t in taus) + f" | {mean} |")
+    rank_s = sum(r["validation"]["rank_seconds"] for r in results.values())
+    tune_s = sum(r["validation"]["fine_tune_seconds"] for r in results.values())
+    lines += ["", f"Over both zoos scoring took {rank_s:.0f} s and fine-tuning {tune_s:.0f} s: 1/{tune_s / max(rank_s, 1e-9):.0f}.",
+              ""]
+    return lines
 
 
 def main() -> None:

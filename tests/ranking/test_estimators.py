@@ -126,3 +126,32 @@ def test_knn_accuracy_matches_a_loop_reference_and_ranks_clustered_features_high
     # Two points per class, each the other's nearest: leave-one-out gets every one right with k = 1.
     pairs = np.array([[1, 0.01], [1, -0.01], [0.01, 1], [-0.01, 1]])
     assert knn_leave_one_out_accuracy(pairs, np.array([0, 0, 1, 1]), k=1) == 1.0
+
+
+def test_logme_from_the_examples_gram_equals_the_features_gram():
+    """With fewer examples than features LogME decomposes F F^T instead of F^T F; both give one evidence."""
+    from transferkit.ranking.logme import _class_evidence, _spectrum
+
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 3, 40)
+    f = rng.normal(size=(40, 64)) + labels[:, None] * 0.3
+    for c in range(3):
+        y = (labels == c).astype(float)
+        evidences = []
+        for side in ("examples", "features"):
+            sigma, squared_projections = _spectrum(f, side)
+            projected = squared_projections(y)
+            evidences.append(_class_evidence(sigma, projected, max(float(y @ y - projected.sum()), 0.0), 40, 64)[0])
+        assert evidences[0] == pytest.approx(evidences[1], rel=1e-7)
+
+
+def test_nleep_principal_components_equal_sklearns_pca_when_examples_are_fewer_than_features():
+    from sklearn.decomposition import PCA
+
+    from transferkit.ranking.leep import principal_components
+
+    rng = np.random.default_rng(8)
+    f = rng.normal(size=(30, 90)) @ rng.normal(size=(90, 90))
+    for variance in (0.5, 0.8):
+        expected = PCA(n_components=variance, svd_solver="full").fit_transform(f)
+        assert principal_components(f, variance) == pytest.approx(expected, abs=1e-8)

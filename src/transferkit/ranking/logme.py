@@ -38,14 +38,36 @@ def logme(features: np.ndarray, labels: np.ndarray, source_probs: np.ndarray | N
     prior precision alpha and noise precision beta set to maximise it."""
     f = np.asarray(features, dtype=np.float64)
     n, d = f.shape
-    eigenvalues, vectors = np.linalg.eigh(f.T @ f)  # d x d: cheap for the feature sizes of backbones
-    sigma = np.clip(eigenvalues, 0.0, None)
+    sigma, squared_projections = _spectrum(f)
     scores = []
     for c in np.unique(labels):
         y = (labels == c).astype(np.float64)
-        # Squared projections of y on F's left singular vectors: (v^T F^T y)^2 / sigma.
-        fy = vectors.T @ (f.T @ y)
-        projected = np.where(sigma > 1e-10 * sigma.max(), fy**2 / np.maximum(sigma, 1e-300), 0.0)
+        projected = squared_projections(y)
         residual = max(float(y @ y - projected.sum()), 0.0)
         scores.append(_class_evidence(sigma, projected, residual, n, d)[0])
     return float(np.mean(scores))
+
+
+def _spectrum(f: np.ndarray, gram: str | None = None):
+    """(the d eigenvalues of F^T F, y -> squared projections of y on F's left singular vectors).
+
+    Both come from the smaller of the two Gram matrices: with fewer examples than features (1,000 examples of
+    a 1,280-wide backbone) F F^T is n x n, half the cost of F^T F; its eigenvectors are the left singular
+    vectors themselves and the missing d - n eigenvalues are zeros. ``gram`` forces a side where both apply (for tests)."""
+    n, d = f.shape
+    if (gram or ("examples" if n < d else "features")) == "examples" and n <= d:
+        eigenvalues, left = np.linalg.eigh(f @ f.T)
+        sigma = np.concatenate([np.clip(eigenvalues, 0.0, None), np.zeros(d - n)])
+        kept = sigma[:n] > 1e-10 * sigma.max()
+
+        def squared_projections(y: np.ndarray) -> np.ndarray:
+            return np.concatenate([np.where(kept, (left.T @ y) ** 2, 0.0), np.zeros(d - n)])
+        return sigma, squared_projections
+    eigenvalues, vectors = np.linalg.eigh(f.T @ f)
+    sigma = np.clip(eigenvalues, 0.0, None)
+    kept = sigma > 1e-10 * sigma.max()
+
+    def squared_projections(y: np.ndarray) -> np.ndarray:
+        fy = vectors.T @ (f.T @ y)  # (v^T F^T y)^2 / sigma = (u^T y)^2
+        return np.where(kept, fy**2 / np.maximum(sigma, 1e-300), 0.0)
+    return sigma, squared_projections
