@@ -289,7 +289,9 @@ def _batch_note(row: dict) -> str:
 def write_doc(results: dict) -> None:
     intro = ("## Federated fine-tuning (bench/federated.py)\n\nFlower Simulation Engine (Ray), one CPU per client. "
              "Global test: the dataset's own test split, predicted once by the best round's global model (chosen on "
-             "the clients' validation splits). Client means: each client's own held-out test split; personalised = "
+             "the clients' validation splits). Centralised: the examples the clients train on, pooled (each client "
+             "holds out 15% of its share for validation and 15% for its own test, so 70% of the examples train on "
+             "either side). Client means: each client's own held-out test split; personalised = "
              "the global model fine-tuned 1 epoch on the client's data, kept only if its validation accuracy does not "
              "drop. Sent per round: parameters down and up for all clients. Reference points (other data, from "
              "scratch): Flower niid_bench FedAvg CIFAR-10 IID 71.3 vs Dirichlet(0.5) 62.5; FedPEFT sends ~0.2% of the "
