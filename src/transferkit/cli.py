@@ -291,7 +291,8 @@ def _cmd_rank(args: argparse.Namespace) -> int:
             raise UserError(f"--validate-lr is '{args.validate_lr}': give comma-separated learning rates, "
                             f"e.g. 1e-4,3e-4,1e-3") from None
     result = rank([m.strip() for m in args.models.split(",")], sample=args.sample, validate=args.validate,
-                  validate_examples=args.validate_examples, validate_lrs=lrs, by=args.by,
+                  validate_examples=args.validate_examples, validate_lrs=lrs,
+                  validate_seeds=args.validate_seeds, by=args.by,
                   estimators=estimators, out=out, overwrite=args.overwrite, **given)
     print(rank_table(result))
     print(f"\nwritten to {out}: rank.json, rank.png (score vs cost, Pareto front marked)")
@@ -473,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     ranker.add_argument("--validate-lr", default=None,
                         help="comma-separated learning rates: each validated candidate is fine-tuned at each and keeps "
                              "the one its validation accuracy chooses (default: --lr alone)")
+    ranker.add_argument("--validate-seeds", type=int, default=1,
+                        help="run the chosen rate with N seeds and correlate with the mean accuracy (default 1): "
+                             "candidates within a seed's spread of each other are otherwise ordered by chance")
     ranker.add_argument("--by", default="nleep",
                         help="estimator that orders the table (default nleep: the best rank correlation in docs/benchmarks.md)")
     ranker.add_argument("--estimators", help="comma-separated estimators (default: all of nleep, logme, hscore, knn, leep, nce)")

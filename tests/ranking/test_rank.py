@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -94,9 +95,26 @@ def test_a_learning_rate_grid_keeps_per_candidate_the_rate_validation_chooses(ti
         assert [run["lr"] for run in runs] == lrs
         best = max(runs, key=lambda run: run["val_accuracy"])
         assert row["fine_tune_lr"] == best["lr"] and row["fine_tuned_accuracy"] == best["test_accuracy"]
-        assert row["fine_tune_seconds"] == pytest.approx(sum(run["seconds"] for run in runs))
+        assert row["fine_tune_seconds"] == pytest.approx(sum(run["seconds"] for run in runs)) == row["fine_tune_grid_seconds"]
     assert len(list((tmp_path / "rank" / "validate").iterdir())) == 4  # two candidates x two rates
     assert "chosen lr" in transferkit.ranking.rank_table(result)
+
+
+def test_validation_seeds_average_the_chosen_rate_over_seeds(tiny_bert_dir, text_data, tmp_path):
+    result = transferkit.rank([str(tiny_bert_dir), f"random:{tiny_bert_dir}"], train=str(text_data["train"]),
+                              val=str(text_data["val"]), test=str(text_data["test"]), sample=40, validate=2,
+                              validate_lrs=[1e-9, 3e-3], validate_seeds=3, epochs=1, seed=5, out=str(tmp_path / "rank"))
+    assert result["validation"]["seeds"] == 3
+    for row in result["candidates"]:
+        grid, repeats = row["fine_tune_runs"][:2], row["fine_tune_runs"][2:]
+        best = max(grid, key=lambda run: run["val_accuracy"])
+        assert [(run["lr"], run["seed"]) for run in repeats] == [(best["lr"], 6), (best["lr"], 7)]
+        accuracies = [best["test_accuracy"]] + [run["test_accuracy"] for run in repeats]
+        assert row["fine_tuned_accuracies"] == accuracies
+        assert row["fine_tuned_accuracy"] == pytest.approx(np.mean(accuracies))
+        assert row["fine_tuned_accuracy_std"] == pytest.approx(np.std(accuracies))
+        assert row["fine_tune_grid_seconds"] == pytest.approx(sum(run["seconds"] for run in grid))
+    assert "mean over 3 seeds" in transferkit.ranking.rank_table(result)
 
 
 def test_a_candidate_cut_to_its_lowest_layers_is_scored_priced_and_fine_tuned_that_deep(tiny_bert_dir, text_data, tmp_path):
@@ -130,6 +148,8 @@ def test_pareto_front_keeps_what_nothing_cheaper_beats():
     (["--models", "minilm-l6", "--validate", "1", "--validate-lr", "1e-4,fast"], "--validate-lr is '1e-4,fast'"),
     (["--models", "minilm-l6", "--validate", "1", "--validate-lr", "0,1e-4"], "give positive learning rates"),
     (["--models", "minilm-l6", "--validate-lr", "1e-4,1e-3"], "add --validate K"),
+    (["--models", "minilm-l6", "--validate", "1", "--validate-seeds", "0"], "--validate-seeds is 0"),
+    (["--models", "minilm-l6", "--validate-seeds", "3"], "add --validate K"),
 ])
 def test_bad_rank_requests_get_one_line_and_exit_2(argv, message, sentiment_csv, tmp_path, capsys):
     assert main(["rank", "--data", str(sentiment_csv), "--out", str(tmp_path / "r"), *argv]) == 2
