@@ -126,6 +126,40 @@ def _choose_on_validation(values: list, run, name=lambda value: f"{value:g}") ->
     return chosen, runs[chosen], {name(value): r["best_val_accuracy"] for value, r in runs.items()}
 
 
+def run_optimizer_state_ablation(args, folder: Path, name: str, recipe: dict, pair: dict) -> dict:
+    """FedAvg on the IID split with the batch size and LR the recorded pair chose, each client's AdamW reset every
+    round (the default) vs kept between rounds, once per seed (the seed also draws the partition)."""
+    chosen = {**recipe, "batch_size": pair["federated_batch_size"], "lr": pair["federated_lr"]}
+    runs: dict[str, list[dict]] = {"reset": [], "keep": []}
+    for seed in args.optimizer_state_seeds:
+        for mode in runs:
+            row = run_setting(f"iid-optimizer-{mode}-seed{seed}", {**chosen, "seed": seed}, folder, args,
+                              partitioner="iid", client_optimizer_state=mode)
+            runs[mode].append({"seed": seed, "test_accuracy": row["test_accuracy"],
+                               "best_val_accuracy": row["best_val_accuracy"], "seconds": row["seconds"]})
+    return {"batch_size": chosen["batch_size"], "lr": chosen["lr"], "runs": runs, "date": time.strftime("%Y-%m-%d")}
+
+
+def optimizer_state_table(results: dict) -> list[str]:
+    lines = []
+    for name in ("text", "image"):
+        ablation = results.get(f"{name}-optimizer-state")
+        if not ablation:
+            continue
+        runs = ablation["runs"]
+        seeds = [r["seed"] for r in runs["reset"]]
+        lines += [f"### {name}: the clients' AdamW reset every round vs kept between rounds (FedAvg, IID, batch "
+                  f"{ablation['batch_size']}, lr {ablation['lr']:g}; {results['machine']}, {ablation['date']})", "",
+                  "| client optimiser | " + " | ".join(f"seed {s}: test / best val" for s in seeds) + " | mean test |",
+                  "|---|" + "---|" * (len(seeds) + 1)]
+        for mode, label in (("reset", "reset each round (default)"), ("keep", "kept (`client_optimizer_state: keep`)")):
+            cells = [f"{r['test_accuracy']:.4f} / {r['best_val_accuracy']:.4f}" for r in runs[mode]]
+            mean = sum(r["test_accuracy"] for r in runs[mode]) / len(runs[mode])
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {mean:.4f} |")
+        lines.append("")
+    return lines
+
+
 def run_pair(args, folder: Path, name: str, recipe: dict, previous: dict | None = None) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     # One round is one local epoch over a client's share: with k clients it takes about 1/k of the steps of a
@@ -270,6 +304,7 @@ def table(results: dict) -> str:
                          f"{r['personalised']:.4f} | {r.get('personal_rounds', '-')} |")
         lines += ["", f"Union of the clients' test splits, each scored with its own head: {fedper['test_accuracy']:.4f} "
                   f"(FedAvg's global model: {domains['test_accuracy']:.4f}); {fedper['seconds']:.0f} s.", ""]
+    lines += optimizer_state_table(results)
     return "\n".join(lines).rstrip()
 
 
@@ -325,6 +360,9 @@ def main() -> None:
                         help="domains: personal parts to run (none: FedAvg; head: FedPer)")
     parser.add_argument("--centralised-only", action="store_true",
                         help="re-run only the centralised reference of --only's pairs; the recorded federated rows stay")
+    parser.add_argument("--optimizer-state-seeds", nargs="+", type=int, default=None,
+                        help="instead of the pairs: FedAvg IID at the recorded pair's batch and LR with the clients' "
+                             "AdamW reset vs kept between rounds, once per seed (text, image)")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--no-doc", action="store_true")
@@ -343,6 +381,13 @@ def main() -> None:
                         results[key]["date"] = results["date"]
                         save_results(args.results, results)
                 if name not in available:
+                    continue
+                if args.optimizer_state_seeds:
+                    if name not in results:
+                        raise SystemExit(f"--optimizer-state-seeds: no recorded {name} pair in {args.results}")
+                    results[f"{name}-optimizer-state"] = run_optimizer_state_ablation(
+                        args, Path(tmp) / f"{name}-optimizer", name, available[name], results[name])
+                    save_results(args.results, results)
                     continue
                 if args.centralised_only:
                     if name not in results:

@@ -141,3 +141,13 @@ def test_federated_benchmark_runs_on_a_tiny_model(tiny_bert_dir, tmp_path):
     rows = json.loads(results.read_text())["text"]["rows"]
     assert set(rows) == {"centralised", "iid", "iid-fedavgm"} and rows["iid-fedavgm"]["aggregator"] == "fedavgm"
     assert all(0 <= r["test_accuracy"] <= 1 for r in rows.values())
+    # The ablation of the clients' optimiser state reuses the recorded pair's batch size and LR.
+    process = subprocess.run(
+        [sys.executable, str(BENCH / "federated.py"), "--tiny", "--model", str(tiny_bert_dir), "--only", "text",
+         "--clients", "2", "--rounds", "2", "--optimizer-state-seeds", "0", "--results", str(results), "--no-doc"],
+        capture_output=True, text=True, timeout=900)
+    assert process.returncode == 0, process.stderr[-3000:] + process.stdout[-3000:]
+    ablation = json.loads(results.read_text())["text-optimizer-state"]
+    assert (ablation["batch_size"], ablation["lr"]) == (saved["federated_batch_size"], saved["federated_lr"])
+    assert [r["seed"] for r in ablation["runs"]["reset"]] == [r["seed"] for r in ablation["runs"]["keep"]] == [0]
+    assert "| kept (`client_optimizer_state: keep`) |" in process.stdout

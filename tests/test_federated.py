@@ -72,6 +72,8 @@ def test_a_partition_that_leaves_a_client_almost_empty_is_a_clear_error():
     ({"model": "m", "data": {"train": "a.csv"}, "aggregator": "fedavgm", "server_momentum": 1.0}, "'server_momentum' is 1.0"),
     ({"model": "m", "data": {"train": "a.csv"}, "aggregator": "fedadam", "server_lr": 0}, "'server_lr' is 0"),
     ({"model": "m", "data": {"train": "a.csv"}, "personal": "encoder"}, "'personal' is 'encoder': choose one of none, head"),
+    ({"model": "m", "data": {"train": "a.csv"}, "client_optimizer_state": "carry"},
+     "'client_optimizer_state' is 'carry': choose one of reset, keep"),
 ])
 def test_bad_federated_configs_are_clear_errors(values, message):
     with pytest.raises(UserError, match=message):
@@ -239,6 +241,51 @@ def test_a_clients_local_training_repeats_itself_whatever_ran_before_in_its_proc
     assert any(not torch.equal(first[k], other[k]) for k in first)  # a different phase trains differently
 
 
+def test_a_kept_optimiser_state_survives_the_flower_state_and_resumes_adams_step_count():
+    from flwr.app import RecordDict
+
+    from transferkit.federated import optimizer_state
+
+    weights = torch.nn.Parameter(torch.randn(3, 2))
+    bias = torch.nn.Parameter(torch.zeros(2))
+    adam = torch.optim.AdamW([weights, bias], lr=0.1)
+    for _ in range(3):
+        (weights.sum() ** 2 + bias.sum()).backward()
+        adam.step()
+        adam.zero_grad()
+    state = RecordDict()
+    assert optimizer_state.kept(state) is None
+    optimizer_state.keep(state, adam.state_dict()["state"])
+    adam.state[weights]["exp_avg"].add_(1.0)  # what is kept is a copy, not the live tensor
+    fresh = torch.optim.AdamW([weights, bias], lr=0.01)
+    optimizer_state.load(fresh, optimizer_state.kept(state))
+    assert float(fresh.state[weights]["step"]) == 3.0 and fresh.param_groups[0]["lr"] == 0.01  # its own LR stays
+    assert torch.allclose(fresh.state[weights]["exp_avg"] + 1.0, adam.state[weights]["exp_avg"])
+    assert torch.equal(fresh.state[bias]["exp_avg_sq"], adam.state[bias]["exp_avg_sq"])
+    with pytest.raises(RuntimeError, match="trainable parameters changed"):
+        optimizer_state.load(torch.optim.AdamW([weights], lr=0.01), optimizer_state.kept(state))
+
+
+def test_local_training_started_from_kept_moments_goes_on_counting_adams_steps(tiny_bert_dir, tmp_path):
+    from transferkit.data.readers import read_examples
+    from transferkit.federated.local import held_out_split, load_exchanged, local_model, local_train
+
+    data = write_table(tmp_path / "d.csv", make_sentences(80, seed=6))
+    config = FederatedConfig.from_dict({"model": str(tiny_bert_dir), "strategy": "lora", "lr": 5e-3, "batch_size": 8,
+                                        "data": {"train": str(data)}, "client_optimizer_state": "keep"}, source="t")
+    split = held_out_split(read_examples(str(data), text_column="text"), 0.1, 0.1, seed=0)
+    local = local_model(config, ["neg", "pos"])
+    load_exchanged(local, None)
+    first = local_train(local, split, ["neg", "pos"], 1, seed=1)["optimizer_state"]
+    steps = {float(moments["step"]) for moments in first.values()}
+    load_exchanged(local, None)
+    second = local_train(local, split, ["neg", "pos"], 1, seed=2, optimizer_state=first)["optimizer_state"]
+    assert len(steps) == 1 and steps.pop() > 0
+    assert {float(m["step"]) for m in second.values()} == {2 * float(m["step"]) for m in first.values()}
+    reset = local_train(local, split, ["neg", "pos"], 1, seed=2)["optimizer_state"]
+    assert {float(m["step"]) for m in reset.values()} == {float(m["step"]) for m in first.values()}
+
+
 def test_a_clients_loss_takes_balanced_weights_from_its_own_label_counts(tiny_bert_dir, tmp_path, monkeypatch):
     from transferkit.data.readers import read_examples
     from transferkit.federated import local as local_module
@@ -379,7 +426,8 @@ def test_federated_lora_run_reports_clients_and_saves_a_usable_global_model(tiny
     metrics = transferkit.federate(FederatedConfig.from_dict({
         "model": str(tiny_bert_dir), "strategy": "lora", "lr": 5e-3, "batch_size": 16, "out": str(tmp_path / "run"),
         "data": {"train": str(data)}, "partitioner": "dirichlet", "alpha": 1.0, "num_clients": 3,
-        "aggregator": "fedprox", "max_rounds": 2, "round_patience": None}, source="test"))
+        "aggregator": "fedprox", "max_rounds": 2, "round_patience": None, "client_optimizer_state": "keep"},
+        source="test"))
     run = tmp_path / "run"
     assert metrics["rounds"] == 2 and all(h["clients_trained"] == 3 and not h["failures"] for h in metrics["history"])
     assert metrics["bytes"]["exchanged_fraction"] < 0.5

@@ -374,6 +374,8 @@ FEDERATED_HELP = {
     "min_clients": "fewest clients a round runs with; Flower waits until that many are connected (default 2)",
     "personal": "what each client keeps to itself between rounds: none, head (FedPer) or batchnorm (FedBN) (default none)",
     "personalise_epochs": "after federation each client fine-tunes the global model this long (default 1; 0: skip)",
+    "client_optimizer_state": "reset: each round's local training starts a fresh AdamW; keep: each client keeps its "
+                              "AdamW moments and step count between rounds, on the client (default reset)",
     "local_only": "also train a model on each client's data alone, for the report (default true)",
     "client_cpus": "CPUs Ray reserves per simulated client (default 1)",
     "poisoned_clients": "attack simulation: comma-separated client indices that send scaled updates (robustness checks)",

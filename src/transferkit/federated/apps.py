@@ -24,7 +24,7 @@ from ..errors import UserError
 from .aggregators import (SERVER_OPTIMISERS, average_statistics, create_aggregator, minimum_clients,
                           restore_server_state, server_state)
 from .config import FederatedConfig
-from . import personal
+from . import optimizer_state, personal
 from .local import (client_examples, exchanged_state, load_exchanged, load_personal, local_evaluate, local_model,
                     local_train, personal_state, round_share, training_seed)
 
@@ -97,8 +97,11 @@ def add_client_handlers(app, setup: Callable) -> None:
         mu = float(message.content["config"].get("proximal-mu", 0.0))
         # local_epochs 1/k: this round trains on one k-th of the client's data, the next k-1 rounds on the rest.
         split = round_share(split, config.round_parts, round_number, local.run_config.seed, index)
+        kept_moments = optimizer_state.kept(context.state) if config.client_optimizer_state == "keep" else None
         result = local_train(local, split, classes, config.epochs_per_round, mu, description=f"client {index} round {round_number}",
-                             seed=training_seed(local.run_config.seed, index, round_number))
+                             seed=training_seed(local.run_config.seed, index, round_number), optimizer_state=kept_moments)
+        if config.client_optimizer_state == "keep":
+            optimizer_state.keep(context.state, result["optimizer_state"])
         update = exchanged_state(local)
         if local.personal:
             personal.keep(context.state, personal_state(local))

@@ -18,7 +18,8 @@ or one dataset per client (each client a different domain)::
 
 and for both: ``aggregator`` (fedavg, fedprox, fedadam, fedmedian, fedtrimmedavg, krum), ``max_rounds``,
 ``local_epochs``, ``patience``/``min_delta`` over rounds, ``personal`` (none, head: FedPer, batchnorm: FedBN),
-``personalise_epochs``.
+``personalise_epochs``, ``client_optimizer_state`` (reset: a fresh AdamW each round; keep: each client keeps its
+AdamW moments between rounds).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from ..config import RunConfig, read_yaml
 from ..errors import UserError
 from .aggregators import AGGREGATORS
 from .partition import PARTITIONERS
+from .optimizer_state import CHOICES as OPTIMIZER_STATE_CHOICES
 from .personal import PERSONAL_PARTS
 
 DATA_FIELDS = ("train", "test", "text_column", "image_column", "label_column", "max_train_examples")
@@ -67,6 +69,7 @@ class FederatedConfig:
     min_clients: int | None = None
     personal: str = "none"  # what each client keeps to itself between rounds (federated/personal.py)
     personalise_epochs: int = 1
+    client_optimizer_state: str = "reset"  # reset each round, or keep the moments on the client (optimizer_state.py)
     local_only: bool = True
     client_cpus: float = 1.0
     poisoned_clients: list[int] = field(default_factory=list)  # attack simulation (benchmarks, tests)
@@ -81,7 +84,7 @@ class FederatedConfig:
 
     OPTIONS = ("partitioner", "num_clients", "alpha", "classes_per_client", "aggregator", "proximal_mu", "trimmed_beta",
                "krum_malicious", "server_lr", "server_momentum", "max_rounds", "local_epochs", "min_delta", "round_patience",
-               "fraction_train", "min_clients", "personal", "personalise_epochs", "local_only", "client_cpus", "poisoned_clients",
+               "fraction_train", "min_clients", "personal", "personalise_epochs", "client_optimizer_state", "local_only", "client_cpus", "poisoned_clients",
                "poison_scale", "round_timeout_s", "dp_clipping_norm", "dp_epsilon", "dp_delta", "dp_sensitivity")
 
     def __post_init__(self) -> None:
@@ -129,6 +132,9 @@ class FederatedConfig:
                             f"(0.5, 0.25, ...) to train each round on the next k-th of a client's data")
         if self.personal not in PERSONAL_PARTS:
             raise UserError(f"{source}: 'personal' is '{self.personal}': choose one of {', '.join(PERSONAL_PARTS)}")
+        if self.client_optimizer_state not in OPTIMIZER_STATE_CHOICES:
+            raise UserError(f"{source}: 'client_optimizer_state' is '{self.client_optimizer_state}': choose one of "
+                            f"{', '.join(OPTIMIZER_STATE_CHOICES)}")
         if self.personalise_epochs < 0:
             raise UserError(f"{source}: 'personalise_epochs' is {self.personalise_epochs}: it must be >= 0")
         if not 0 < self.fraction_train <= 1:

@@ -29,6 +29,7 @@ from ..objectives import CrossEntropyObjective, RegularisedObjective, balanced_c
 from ..strategies.base import check_freeze_batchnorm
 from ..strategies import create_strategy
 from .config import DATA_FIELDS, FederatedConfig
+from .optimizer_state import load as load_optimizer_state
 from .partition import partition
 from .personal import personal_keys
 
@@ -252,9 +253,11 @@ def _batches(local: LocalModel, examples: Examples, classes: list[str], train: b
 
 
 def local_train(local: LocalModel, split: dict[str, Examples], classes: list[str], epochs: int,
-                proximal_mu: float = 0.0, description: str = "local", seed: int | None = None) -> dict[str, float]:
+                proximal_mu: float = 0.0, description: str = "local", seed: int | None = None,
+                optimizer_state: dict | None = None) -> dict[str, Any]:
     """Fine-tune the loaded weights on this client's data (best epoch on its validation split). ``seed`` fixes
-    the batch order, dropout and augmentation of this call (``training_seed``), whatever ran before it."""
+    the batch order, dropout and augmentation of this call (``training_seed``), whatever ran before it.
+    ``optimizer_state`` (a previous call's ``result["optimizer_state"]``) starts the optimiser from those moments."""
     config = local.run_config
     if seed is not None:
         torch.manual_seed(seed)
@@ -273,9 +276,11 @@ def local_train(local: LocalModel, split: dict[str, Examples], classes: list[str
     engine = Engine(local.model, groups, objective, _batches(local, split["train"], classes, True, seed),
                     _batches(local, split["val"], classes, False), engine_settings(config, epochs),
                     set_train_mode=local.strategy.set_train_mode, description=description)
+    load_optimizer_state(engine.optimizer, optimizer_state)
     engine.fit()
     last = engine.history[-1]
-    return {"train_loss": float(last["train_loss"]), "val_accuracy": float(last.get("val_accuracy", float("nan")))}
+    return {"train_loss": float(last["train_loss"]), "val_accuracy": float(last.get("val_accuracy", float("nan"))),
+            "optimizer_state": engine.optimizer.state_dict()["state"]}
 
 
 def local_evaluate(local: LocalModel, examples: Examples, classes: list[str], confusion: bool = False) -> dict[str, Any]:
