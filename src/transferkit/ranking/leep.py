@@ -49,10 +49,10 @@ def principal_components(features: np.ndarray, variance: float) -> np.ndarray:
     third of the time of the full SVD sklearn runs."""
     from sklearn.decomposition import PCA
 
-    centred = features - features.mean(0, keepdims=True)
-    n, d = centred.shape
+    n, d = features.shape
     if n >= d:
         return PCA(n_components=variance, svd_solver="full", random_state=0).fit_transform(features)
+    centred = features - features.mean(0, keepdims=True)
     eigenvalues, vectors = np.linalg.eigh(centred @ centred.T)
     order = np.argsort(eigenvalues)[::-1]
     eigenvalues, vectors = np.clip(eigenvalues[order], 0.0, None), vectors[:, order]

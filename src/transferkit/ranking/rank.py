@@ -145,30 +145,26 @@ def _validate(rows: list[dict], config: RunConfig, by: str, k: int, sample_size:
     grid = list(lrs) if lrs else [config.lr]
     for row in chosen:
         model_name, layers = parse_candidate(row["model"])
+
+        def fine_tune(lr: float, seed: int, folder: str) -> dict[str, Any]:
+            metrics = finetune(config.replace(model=model_name, keep_layers=layers, baseline=False, lr=lr, seed=seed,
+                                              out=str(out / "validate" / folder), max_train_examples=sample_size),
+                               overwrite=True)
+            best = metrics["history"][metrics["best_epoch"] - 1] if metrics["history"] else {}
+            return {"lr": lr, "val_accuracy": best.get("val_accuracy"), "test_accuracy": metrics["test"]["accuracy"],
+                    "seconds": metrics["seconds"]}
+
         runs = []
         for lr in grid:
             print(f"validating the ranking: fine-tuning {row['model']}" + (f" at lr {lr:g}" if len(grid) > 1 else ""),
                   flush=True)
-            folder = _folder_name(row["model"]) + (f"-lr{lr:g}" if len(grid) > 1 else "")
-            metrics = finetune(config.replace(model=model_name, keep_layers=layers, baseline=False, lr=lr,
-                                              out=str(out / "validate" / folder), max_train_examples=sample_size),
-                               overwrite=True)
-            best = metrics["history"][metrics["best_epoch"] - 1] if metrics["history"] else {}
-            runs.append({"lr": lr, "val_accuracy": best.get("val_accuracy"), "test_accuracy": metrics["test"]["accuracy"],
-                         "seconds": metrics["seconds"]})
+            runs.append(fine_tune(lr, config.seed, _folder_name(row["model"]) + (f"-lr{lr:g}" if len(grid) > 1 else "")))
         # max keeps the first of equal values; a run without a validation score loses to one with it
         pick = max(runs, key=lambda r: -1.0 if r["val_accuracy"] is None else r["val_accuracy"])
-        accuracies = [pick["test_accuracy"]]
-        for extra in range(1, seeds):
-            seed = config.seed + extra
+        for seed in range(config.seed + 1, config.seed + seeds):
             print(f"validating the ranking: fine-tuning {row['model']} at lr {pick['lr']:g}, seed {seed}", flush=True)
-            metrics = finetune(config.replace(model=model_name, keep_layers=layers, baseline=False, lr=pick["lr"],
-                                              seed=seed, max_train_examples=sample_size,
-                                              out=str(out / "validate" / f"{_folder_name(row['model'])}-seed{seed}")),
-                               overwrite=True)
-            accuracies.append(metrics["test"]["accuracy"])
-            runs.append({"lr": pick["lr"], "seed": seed, "test_accuracy": metrics["test"]["accuracy"],
-                         "seconds": metrics["seconds"]})
+            runs.append({**fine_tune(pick["lr"], seed, f"{_folder_name(row['model'])}-seed{seed}"), "seed": seed})
+        accuracies = [pick["test_accuracy"]] + [r["test_accuracy"] for r in runs if "seed" in r]
         row["fine_tuned_accuracy"] = float(np.mean(accuracies))
         if seeds > 1:
             row["fine_tuned_accuracies"], row["fine_tuned_accuracy_std"] = accuracies, float(np.std(accuracies))
