@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOMAINS = ROOT.parent / "shared" / "data" / "sentiment-domains"
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 RESULTS = ROOT / "bench" / "results" / "adapt.json"
-METHODS = ["source-only", "target-bn", "dan", "dann", "coral", "cdan", "mcc"]
+METHODS = ["source-only", "target-bn", "dan", "dann", "coral", "cdan", "mcc", "im"]
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from docs_section import machine, replace_section, save_results  # noqa: E402
@@ -103,6 +103,7 @@ def run_methods(args, folder: Path, name: str, recipe: dict) -> list[dict]:
                              "target_accuracy": a["target_test"]["accuracy"],
                              "source_test_accuracy": metrics["test"]["accuracy"], "a_distance_before": a["a_distance_before"],
                              "a_distance_after": a["a_distance_after"], "dev_risk": a["dev"]["risk"],
+                             "selection": a["selection"], "best_epoch": metrics["best_epoch"],
                              "seconds": time.time() - started})
                 print(f"{name} {method:12s} weight {weight:g} seed {seed}: target {a['target_test']['accuracy']:.4f}, "
                       f"A-distance {a['a_distance_before']:.2f} -> {a['a_distance_after']:.2f}, DEV {a['dev']['risk']:.4f}",
@@ -139,8 +140,11 @@ def table(results: dict) -> str:
         if not pair:
             continue
         seeds = sorted({r["seed"] for r in pair["runs"]})
+        # Runs recorded before the epoch was chosen by DEV kept the best source validation accuracy.
+        selections = sorted({r.get("selection", "source validation split") for r in pair["runs"]})
         lines += [f"### {name}: {pair['pair']}, {pair['model']} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}; "
                   f"{results['machine']}, {pair.get('date', results['date'])})", "",
+                  f"Epoch kept: {' / '.join(selections)}.", "",
                   "| method | target accuracy (mean +- std) | vs source-only | source test accuracy | A-distance before -> after | DEV risk | time (s) |",
                   "|---|---|---|---|---|---|---|"]
         by = {}

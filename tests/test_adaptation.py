@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from transferkit.cli import main
-from transferkit.objectives.domain import (ADAPTATION_METHODS, CDAN, class_confusion, coral_distance, multi_kernel_mmd,
-                                           ramp, reverse_gradient)
+from transferkit.objectives.domain import (ADAPTATION_METHODS, CDAN, class_confusion, coral_distance,
+                                           information_maximisation, multi_kernel_mmd, ramp, reverse_gradient)
 
 from .conftest import FILLER, make_sentences, write_table
 
@@ -51,6 +51,20 @@ def test_class_confusion_is_zero_for_confident_distinct_classes_and_highest_for_
     before = class_confusion(logits)
     before.backward()
     assert class_confusion(logits.detach() - 1.0 * logits.grad).item() < before.item()
+
+
+def test_information_maximisation_rewards_confident_diverse_predictions_and_punishes_collapse():
+    import math
+
+    confident_diverse = torch.tensor([[30.0, 0.0, 0.0], [0.0, 30.0, 0.0], [0.0, 0.0, 30.0]])
+    assert information_maximisation(confident_diverse).item() == pytest.approx(-math.log(3), abs=1e-6)  # its minimum
+    assert information_maximisation(torch.zeros(6, 3)).item() == pytest.approx(0.0, abs=1e-6)  # uniform: H - H = 0
+    collapsed = torch.tensor([[30.0, 0.0, 0.0]] * 3)  # confident, but every example on one class
+    assert information_maximisation(collapsed).item() == pytest.approx(0.0, abs=1e-6)
+    # Hand-checked two-class case: p = (0.8, 0.2) and (0.2, 0.8): mean entropy H(0.8) minus H(0.5) = log 2.
+    h = -(0.8 * math.log(0.8) + 0.2 * math.log(0.2))
+    two = torch.log(torch.tensor([[0.8, 0.2], [0.2, 0.8]]))
+    assert information_maximisation(two).item() == pytest.approx(h - math.log(2), abs=1e-6)
 
 
 def test_deep_embedded_validation_estimates_the_target_risk_from_source_validation():
@@ -138,7 +152,7 @@ def source_only_run(domains, tiny_bert_dir, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("method", ["dan", "dann", "coral", "cdan", "mcc"])
+@pytest.mark.parametrize("method", ["dan", "dann", "coral", "cdan", "mcc", "im"])
 def test_adapt_runs_each_method_and_reports_the_target(method, domains, source_only_run, tiny_bert_dir, tmp_path, capsys):
     assert main(["adapt", *_common(domains, tiny_bert_dir), "--method", method, "--out", str(tmp_path / method)]) == 0
     assert "A-distance" in capsys.readouterr().out
@@ -149,12 +163,28 @@ def test_adapt_runs_each_method_and_reports_the_target(method, domains, source_o
     dev = report["dev"]  # the target risk estimated from source validation losses (finite: NaN would compare unequal)
     assert dev["risk"] == dev["risk"] and dev["mean_weight"] > 0 and 0 < dev["effective_examples"] <= 40
     assert (tmp_path / method / "plots" / "domains.png").is_file()
+    # The epoch kept is the one with the lowest DEV risk, recorded for every epoch (no target labels used).
+    metrics = json.loads((tmp_path / method / "metrics.json").read_text())
+    risks = [record["dev_risk"] for record in metrics["history"]]
+    assert report["selection"] == "lowest DEV target risk" and len(risks) == 2
+    assert metrics["best_epoch"] == 1 + risks.index(min(risks))
     # The transfer term changes training: the weights differ from a source-only run with the same seed.
     from safetensors.torch import load_file
 
     adapted = load_file(tmp_path / method / "model" / "model.safetensors")
     plain = load_file(source_only_run / "model" / "model.safetensors")
     assert any(not torch.equal(adapted[k], plain[k]) for k in plain)
+
+
+def test_adapt_selection_source_val_keeps_the_best_source_accuracy(domains, tiny_bert_dir, tmp_path):
+    out = tmp_path / "source-val"
+    assert main(["adapt", *_common(domains, tiny_bert_dir), "--method", "mcc", "--epochs", "3",
+                 "--adapt-selection", "source-val", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    accuracies = [record["val_accuracy"] for record in metrics["history"]]
+    assert metrics["adaptation"]["selection"] == "source validation split"
+    assert "dev_risk" not in metrics["history"][0]
+    assert metrics["best_epoch"] == 1 + accuracies.index(max(accuracies))  # the first of ties, as the engine keeps
 
 
 def test_adapt_errors(tiny_bert_dir, image_folder, tmp_path, capsys):
@@ -168,6 +198,7 @@ def test_adapt_errors(tiny_bert_dir, image_folder, tmp_path, capsys):
         (["--target", str(unseen)], "labels the source never has: ['meh']"),
         (["--target", str(empty)], "empty"),
         (["--target", str(target), "--method", "magic"], "unknown adaptation method 'magic'"),
+        (["--target", str(target), "--adapt-selection", "target"], "'adapt_selection'"),
         (["--target", str(target), "--method", "dann", "--strategy", "linear-probe"], "cannot adapt"),
         (["--target", str(image_folder)], "holds images"),
     ]
@@ -180,4 +211,4 @@ def test_adapt_errors(tiny_bert_dir, image_folder, tmp_path, capsys):
     assert main(["fit", "--train", str(source), "--model", str(tiny_bert_dir), "--target-test", str(target),
                  "--out", str(tmp_path / "out")]) == 2
     assert "without 'target'" in capsys.readouterr().err
-    assert sorted(ADAPTATION_METHODS) == ["cdan", "coral", "dan", "dann", "mcc", "source-only", "target-bn"]
+    assert sorted(ADAPTATION_METHODS) == ["cdan", "coral", "dan", "dann", "im", "mcc", "source-only", "target-bn"]

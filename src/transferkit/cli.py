@@ -35,9 +35,11 @@ FIT_FLAGS_HELP = {
     "keep_layers": "keep only the K lowest transformer layers of the model (a smaller, faster student)",
     "target": "domain adaptation: unlabelled target-domain data (labels, if any, are ignored)",
     "target_test": "domain adaptation: labelled target-domain test file, used only to report",
-    "adapt_method": "domain adaptation: source-only, target-bn, dan, dann, coral, cdan or mcc",
+    "adapt_method": "domain adaptation: source-only, target-bn, dan, dann, coral, cdan, mcc or im",
     "adapt_weight": "domain adaptation: weight of the transfer loss (ramped up from 0 during training)",
     "adapt_lr": "domain adaptation: learning rate of the domain discriminator (dann, cdan; default --head-lr or --lr)",
+    "adapt_selection": ("domain adaptation: the epoch kept: dev (lowest DEV estimate of the target risk, no target "
+                        "labels) or source-val (best --monitor on the source validation split)"),
     "teacher": "a finished run whose model teaches this one (knowledge distillation; same classes)",
     "distill_data": "distillation: extra unlabelled inputs (a table or folder) that the teacher labels for the student",
     "distill_alpha": "distillation: weight of the hard-label loss; 1 - alpha weighs the teacher's soft labels",
@@ -431,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit_arguments(adapt)
     adapt.add_argument("--source", dest="train", default=None, help="labelled source-domain data (same as --train)")
     adapt.add_argument("--method", dest="adapt_method", default=None,
-                       help="source-only, target-bn, dan, dann, coral, cdan or mcc (same as --adapt-method)")
+                       help="source-only, target-bn, dan, dann, coral, cdan, mcc or im (same as --adapt-method)")
     adapt.set_defaults(func=_cmd_adapt)
 
     distill = commands.add_parser("distill", help="train a (smaller) student model from a fine-tuned teacher run")

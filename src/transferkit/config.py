@@ -16,6 +16,8 @@ import yaml
 from .errors import UserError
 
 MONITORS = ("val_accuracy", "val_macro_f1", "val_loss")
+# Which epoch an adaptation run keeps: the lowest DEV estimate of the target risk, or the best source accuracy.
+ADAPT_SELECTIONS = ("dev", "source-val")
 SCHEDULES = ("linear", "cosine", "exponential", "one-cycle", "constant")
 OPTIMIZERS = ("adamw", "sgd")
 CLASS_WEIGHTS = ("none", "balanced")
@@ -79,6 +81,7 @@ class RunConfig:
     adapt_method: str = "source-only"
     adapt_weight: float = 1.0
     adapt_lr: float | None = None  # the domain discriminator's (DANN, CDAN) learning rate; default head_lr or lr
+    adapt_selection: str = "dev"
     teacher: str | None = None
     distill_data: str | None = None
     distill_alpha: float = 0.5
@@ -121,6 +124,7 @@ class RunConfig:
             raise UserError("config field 'model' is empty: pass --model NAME (run 'transferkit models' for the packaged ones)")
         for name, value, options in (
             ("monitor", self.monitor, MONITORS),
+            ("adapt_selection", self.adapt_selection, ADAPT_SELECTIONS),
             ("schedule", self.schedule, SCHEDULES),
             ("optimizer", self.optimizer, OPTIMIZERS),
             ("class_weights", self.class_weights, CLASS_WEIGHTS),

@@ -30,6 +30,9 @@ from .log import JsonlLog
 from .schedules import make_schedule
 
 
+LOWER_IS_BETTER = ("val_loss", "dev_risk")  # monitors where a smaller value is the better epoch
+
+
 @dataclass
 class EngineSettings:
     epochs: int = 3
@@ -152,7 +155,7 @@ class Engine:
     def _improved(self, value: float) -> bool:
         if self.best_value is None:
             return True
-        if self.settings.monitor == "val_loss":
+        if self.settings.monitor in LOWER_IS_BETTER:
             return value < self.best_value
         return value > self.best_value
 
