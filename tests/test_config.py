@@ -25,6 +25,8 @@ def test_values_from_yaml_or_cli_strings_are_coerced_to_field_types():
     ({"lr": -1.0}, "lr"),
     ({"schedule": "triangular"}, "schedule"),
     ({"monitor": "val_auc"}, "monitor"),
+    ({"ema_decay": 1.5}, "ema_decay"),
+    ({"adapt_selection": "target"}, "adapt_selection"),
     ({"warmup_ratio": 1.5}, "warmup_ratio"),
     ({"val": "v.csv", "val_fraction": 0.2}, "val_fraction"),
     ({"freeze_layers": 2}, "freeze_layers"),

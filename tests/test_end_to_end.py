@@ -79,6 +79,21 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_bert_dir, text_data, tm
     assert [h["val_loss"] for h in resumed["history"]] == [h["val_loss"] for h in reference["history"]]
 
 
+def test_a_run_with_a_weight_average_keeps_and_saves_the_average(tiny_bert_dir, text_data, tmp_path):
+    from safetensors.torch import load_file
+
+    common = dict(train=str(text_data["train"]), val=str(text_data["val"]), test=str(text_data["test"]),
+                  model=str(tiny_bert_dir), epochs=2, lr=1e-3, baseline=False, patience=None)
+    plain = transferkit.finetune(**common, out=str(tmp_path / "plain"))
+    averaged = transferkit.finetune(**common, ema_decay=0.9, out=str(tmp_path / "ema"))
+    assert [h["val_loss"] for h in averaged["history"]] != [h["val_loss"] for h in plain["history"]]
+    # The saved model is the one validated and tested: reloaded, it scores the reported test accuracy.
+    reloaded = transferkit.load_run(tmp_path / "ema")
+    assert reloaded.evaluate(reloaded.read(str(text_data["test"])))["accuracy"] == averaged["test"]["accuracy"]
+    a, b = load_file(tmp_path / "plain" / "model" / "model.safetensors"), load_file(tmp_path / "ema" / "model" / "model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
 def test_packaged_minilm_linear_probe_learns_sentiment(tmp_path):
     rows = make_sentences(200, seed=5)
     train = write_table(tmp_path / "train.tsv", rows[:120], sep="\t")

@@ -50,6 +50,8 @@ FIT_FLAGS_HELP = {
     "noise": "std of Gaussian noise added to normalised image pixels while training",
     "token_mask": "fraction of text tokens replaced by the mask token while training (e.g. 0.1)",
     "image_augment": "comma-separated: flip, crop (reflect-pad and crop), affine (small rotation/scale/shift)",
+    "ema_decay": ("validate, keep and save an exponential moving average of the weights, updated every step with "
+                  "this decay (0.99: about the last 100 steps; timm's ModelEma)"),
     "patience": "early-stopping patience in epochs ('none' to train every epoch)",
     "checkpoint_every": "also checkpoint every N steps inside an epoch (epoch ends always checkpoint)",
     "on_divergence": "on a NaN/inf loss or gradient: 'stop' the run, or 'skip' the batch and halve the LR",

@@ -76,6 +76,7 @@ class RunConfig:
     l2_sp: float | None = None
     l1: float | None = None
     label_smoothing: float = 0.0
+    ema_decay: float | None = None  # keep an exponential moving average of the weights (e.g. 0.99)
     target: str | None = None
     target_test: str | None = None
     adapt_method: str = "source-only"
@@ -226,6 +227,9 @@ class RunConfig:
                             "use full, lora, bitfit or freeze-bottom")
         if self.adapt_lr is not None and not self.adapt_lr > 0:
             raise UserError(f"config field 'adapt_lr' is {self.adapt_lr}: it must be positive (e.g. 1e-3)")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise UserError(f"config field 'ema_decay' is {self.ema_decay}: it must lie between 0 and 1 (e.g. 0.99 "
+                            f"averages over about the last 100 steps), or be absent")
         if not self.adapt_weight > 0:
             raise UserError(f"config field 'adapt_weight' is {self.adapt_weight}: it must be positive (1.0 is usual)")
         if not 0 <= self.distill_alpha <= 1:

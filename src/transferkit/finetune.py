@@ -8,6 +8,7 @@ never leaves a directory that looks like a run.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import sys
@@ -90,7 +91,8 @@ def engine_settings(config: RunConfig, epochs: int, data_parallel: bool = False)
                           grad_clip=config.grad_clip, precision=config.precision, monitor=config.monitor,
                           patience=config.patience, checkpoint_every=config.checkpoint_every,
                           on_divergence=config.on_divergence, optimizer=config.optimizer, momentum=config.momentum,
-                          accumulate=config.accumulate, compile=config.compile, data_parallel=data_parallel)
+                          accumulate=config.accumulate, compile=config.compile, data_parallel=data_parallel,
+                          ema_decay=config.ema_decay)
 
 
 def _train_head_on_features(config: RunConfig, features: dict[str, torch.Tensor], labels: dict[str, np.ndarray],
@@ -182,7 +184,7 @@ def _write_run(run_dir: Path, config: RunConfig, strategy_name: str, model: Clas
                                                               f"{config.model}, {strategy_name}"),
              "Learning curves": plot_learning_curves(
                  {"linear probe": baseline.get("history", []), strategy_name: metrics["history"]},
-                 plots_dir / "learning_curves.png", config.monitor)}
+                 plots_dir / "learning_curves.png", metrics.get("monitor", config.monitor))}
     write_report(run_dir, metrics, plots)
     # The best weights now live in model/; the cache and checkpoints only served an unfinished run.
     shutil.rmtree(run_dir / "cache", ignore_errors=True)
@@ -266,6 +268,11 @@ def _dev_estimate(model: Classifier, prepared: dict, sample: dict, val_labels: n
         logits = model.head(torch.from_numpy(val_features).to(device)).float().cpu()
     val_losses = torch.nn.functional.cross_entropy(logits, torch.as_tensor(val_labels), reduction="none").numpy()
     return deep_embedded_validation(*features, val_features, val_losses), features
+
+
+def _dev_risk_record(*args) -> dict[str, float]:
+    """The DEV risk of the model as it stands, for an epoch's history record (``_dev_estimate``'s arguments)."""
+    return {"dev_risk": _dev_estimate(*args)[0]["risk"]}
 
 
 def _selects_by_dev(config: RunConfig, strategy) -> bool:
@@ -505,10 +512,8 @@ def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bo
             # examples it kept epoch 1 of an amazon -> imdb run whose last epoch had 3.4 pts more target accuracy
             # (README, 'Adapt to another domain'). DEV estimates each epoch's target risk without target labels.
             settings.monitor = "dev_risk"
-
-            def epoch_metrics() -> dict[str, float]:
-                dev, _ = _dev_estimate(model, prepared, domain_sample, labels["val"], config.eval_batch_size, device)
-                return {"dev_risk": dev["risk"]}
+            epoch_metrics = functools.partial(_dev_risk_record, model, prepared, domain_sample, labels["val"],
+                                              config.eval_batch_size, device)
         engine = Engine(model, groups, objective, train, val, settings,
                         set_train_mode=strategy.set_train_mode, on_epoch_start=strategy.on_epoch_start,
                         checkpoints=checkpoints, log=log, description=f"fine-tune ({strategy.name})",
@@ -531,7 +536,8 @@ def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bo
         "total_parameters": sum(p.numel() for p in model.parameters()),
         "data": {"train_source": splits.train.source, "train": len(splits.train), "val": len(splits.val),
                  "test": len(splits.test), "classes": classes},
-        "test": test, "history": engine.history, "best_epoch": engine.best_epoch, "seconds": seconds, **metrics_extra,
+        "test": test, "history": engine.history, "best_epoch": engine.best_epoch, "monitor": engine.settings.monitor,
+        "seconds": seconds, **metrics_extra,
     }
     if baseline is not None:
         metrics["baseline"] = baseline

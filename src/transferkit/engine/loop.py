@@ -28,6 +28,7 @@ from . import distributed
 from .checkpoint import CheckpointDir, load_weights, rng_state, set_rng_state
 from .log import JsonlLog
 from .schedules import make_schedule
+from .weight_average import WeightAverage
 
 
 LOWER_IS_BETTER = ("val_loss", "dev_risk")  # monitors where a smaller value is the better epoch
@@ -50,6 +51,7 @@ class EngineSettings:
     momentum: float = 0.9
     compile: bool = False  # torch.compile the model (dynamic shapes: text batches vary in length)
     data_parallel: bool = False  # split each batch across the processes of a torchrun/accelerate launch
+    ema_decay: float | None = None  # validate, checkpoint and keep an exponential moving average of the weights
 
 
 def default_device() -> torch.device:
@@ -129,6 +131,7 @@ class Engine:
         self.bad_epochs = 0
         self.lr_scale = 1.0
         self._best_state: dict | None = None
+        self.weight_average = WeightAverage(self.model, settings.ema_decay) if settings.ema_decay else None
 
     # -- evaluation -------------------------------------------------------------------------------
     def _autocast(self):
@@ -171,6 +174,10 @@ class Engine:
         for warning in self.checkpoints.warnings:
             tqdm.write(f"transferkit: warning: {warning}", file=sys.stderr)
         load_weights(self.model, folder / "model.safetensors")
+        if self.weight_average is not None and "weight_average" in resumable:
+            self.weight_average.resume(self.model, resumable["weight_average"])
+        elif self.weight_average is not None:  # a checkpoint from before the average: it starts here
+            self.weight_average = WeightAverage(self.model, self.settings.ema_decay)
         self.optimizer.load_state_dict(resumable["optimizer"])
         self.scheduler.load_state_dict(resumable["scheduler"])
         set_rng_state(resumable["rng"])
@@ -226,7 +233,13 @@ class Engine:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.weight_average is not None:
+            self.weight_average.update(self.model)
         return loss.item()
+
+    def _averaged(self):
+        """With an EMA of the weights, the model holds it inside the block (what is validated and saved)."""
+        return self.weight_average.swapped_in(self.model) if self.weight_average is not None else contextlib.nullcontext()
 
     def _at_step_boundary(self, step: int) -> bool:
         """Whether no gradients are pending after batch ``step`` (a checkpoint may be taken)."""
@@ -262,10 +275,11 @@ class Engine:
                         and self._at_step_boundary(step)):
                     self._save(epoch, step + 1, running, seen, improved=False)
             record = {"epoch": epoch + 1, "train_loss": running / max(seen, 1), "seconds": time.time() - started}
-            if self.val_batches is not None:
-                record.update({f"val_{k}": v for k, v in self.evaluate(self.val_batches).items()})
-            if self.epoch_metrics is not None:
-                record.update(self.epoch_metrics())
+            with self._averaged():  # the weights validated are the ones saved
+                if self.val_batches is not None:
+                    record.update({f"val_{k}": v for k, v in self.evaluate(self.val_batches).items()})
+                if self.epoch_metrics is not None:
+                    record.update(self.epoch_metrics())
             improved = self.val_batches is None or self._improved(record[settings.monitor])
             if improved:
                 self.best_value = record.get(settings.monitor)
@@ -275,7 +289,8 @@ class Engine:
                 self.bad_epochs += 1
             self.history.append(record)
             self.log.write(phase=self.description, **record)
-            shown = {k: f"{v:.4f}" for k, v in record.items() if k in ("train_loss", "val_loss", "val_accuracy")}
+            shown = {k: f"{v:.4f}" for k, v in record.items()
+                     if k in ("train_loss", "val_loss", "val_accuracy", settings.monitor)}
             bar.set_postfix(**shown, refresh=True)
             if self.main:
                 bar.write(f"{self.description} epoch {epoch + 1}/{settings.epochs}: "
@@ -298,6 +313,10 @@ class Engine:
             self._wrapped_for = trainable
 
     def _save(self, epoch: int, steps_done: int, running: float, seen: int, improved: bool) -> None:
+        with self._averaged():
+            self._save_held_weights(epoch, steps_done, running, seen, improved)
+
+    def _save_held_weights(self, epoch: int, steps_done: int, running: float, seen: int, improved: bool) -> None:
         if self.checkpoints is None:
             if improved:
                 self._best_state = copy.deepcopy(self.model.state_dict())
@@ -305,6 +324,8 @@ class Engine:
         if self.main:  # all processes hold the same weights; one writes them
             resumable = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                          "rng": rng_state()}
+            if self.weight_average is not None:  # the model file holds the average; training resumes from these
+                resumable["weight_average"] = self.weight_average.state_for_resume()
             pointers = ("latest", "best") if improved else ("latest",)
             self.checkpoints.save(f"epoch-{epoch + 1:04d}-step-{steps_done:06d}", self.model,
                                   self._state(epoch, steps_done, running, seen), resumable, pointers)
