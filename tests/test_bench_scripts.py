@@ -151,3 +151,15 @@ def test_federated_benchmark_runs_on_a_tiny_model(tiny_bert_dir, tmp_path):
     assert (ablation["batch_size"], ablation["lr"]) == (saved["federated_batch_size"], saved["federated_lr"])
     assert [r["seed"] for r in ablation["runs"]["reset"]] == [r["seed"] for r in ablation["runs"]["keep"]] == [0]
     assert "| kept (`client_optimizer_state: keep`) |" in process.stdout
+
+
+def test_core_benchmark_says_when_an_inherited_recipe_no_longer_wins_the_grid():
+    import core
+
+    grid = core.EXPERIMENTS["sst2-8k"][3]["grid"]
+    first, later = grid[0], grid[-1]
+    results = {"sst2-8k": {"sweep": {core._recipe_key(first): {"val_accuracy": 0.86}}}}
+    assert core._stale(core._recipe_key(first), "sst2-8k", results) == ""
+    results["sst2-8k"]["sweep"][core._recipe_key(later)] = {"val_accuracy": 0.87}  # joined the grid and won
+    assert core._recipe_key(later) in core._stale(core._recipe_key(first), "sst2-8k", results)
+    assert core._stale(core._recipe_key(first), "no-such-grid", results) == ""
