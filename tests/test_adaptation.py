@@ -156,7 +156,8 @@ def source_only_run(domains, tiny_bert_dir, tmp_path_factory):
 def test_adapt_runs_each_method_and_reports_the_target(method, domains, source_only_run, tiny_bert_dir, tmp_path, capsys):
     assert main(["adapt", *_common(domains, tiny_bert_dir), "--method", method, "--out", str(tmp_path / method)]) == 0
     assert "A-distance" in capsys.readouterr().out
-    report = json.loads((tmp_path / method / "metrics.json").read_text())["adaptation"]
+    metrics = json.loads((tmp_path / method / "metrics.json").read_text())
+    report = metrics["adaptation"]
     assert report["method"] == method and report["target_examples"] == 80
     assert 0 <= report["target_test"]["accuracy"] <= 1 and report["target_test"]["examples"] == 40
     assert -2 <= report["a_distance_before"] <= 2 and -2 <= report["a_distance_after"] <= 2
@@ -164,7 +165,6 @@ def test_adapt_runs_each_method_and_reports_the_target(method, domains, source_o
     assert dev["risk"] == dev["risk"] and dev["mean_weight"] > 0 and 0 < dev["effective_examples"] <= 40
     assert (tmp_path / method / "plots" / "domains.png").is_file()
     # The epoch kept is the one with the lowest DEV risk, recorded for every epoch (no target labels used).
-    metrics = json.loads((tmp_path / method / "metrics.json").read_text())
     risks = [record["dev_risk"] for record in metrics["history"]]
     assert report["selection"] == "lowest DEV target risk" and len(risks) == 2
     assert metrics["best_epoch"] == 1 + risks.index(min(risks))
