@@ -121,7 +121,7 @@ def test_federated_benchmark_runs_on_a_tiny_model(tiny_bert_dir, tmp_path):
     process = subprocess.run(
         [sys.executable, str(BENCH / "federated.py"), "--tiny", "--model", str(tiny_bert_dir), "--only", "text",
          "--clients", "2", "--rounds", "1", "--partitions", "iid", "--server-lrs", "2", "--no-attack",
-         "--batch-divisors", "1", "2", "--lr-multipliers", "1", "2", "--results", str(results),
+         "--batch-divisors", "1", "--lr-multipliers", "1", "2", "--results", str(results),
          "--no-doc"],
         capture_output=True, text=True, timeout=900)
     assert process.returncode == 0, process.stderr[-3000:] + process.stdout[-3000:]
@@ -132,9 +132,9 @@ def test_federated_benchmark_runs_on_a_tiny_model(tiny_bert_dir, tmp_path):
     # ... as many as the two clients train on together: each holds out 15% for validation and 15% for its test
     assert central["train_examples"] == 84
     # Both sides tried the same batch sizes and LRs; the federated rows all use the pair chosen on the IID split.
-    grid = {f"{bs} @ lr {lr:g}" for bs in (16, 8) for lr in (5e-3, 1e-2)}
+    grid = {f"16 @ lr {lr:g}" for lr in (5e-3, 1e-2)}  # one batch size keeps this smoke run short
     assert set(central["batch_sweep"]) == set(saved["rows"]["iid"]["batch_sweep"]) == grid
-    assert saved["federated_batch_size"] == saved["rows"]["iid"]["batch_size"] in (16, 8)
+    assert saved["federated_batch_size"] == saved["rows"]["iid"]["batch_size"] == 16
     assert saved["federated_lr"] == saved["rows"]["iid"]["lr"] == saved["rows"]["iid-fedavgm"]["lr"]
     assert "Batch size and client LR, chosen by validation" in process.stdout
     assert "| FedAvgM (server LR 2, momentum 0.9), IID |" in process.stdout
@@ -144,7 +144,7 @@ def test_federated_benchmark_runs_on_a_tiny_model(tiny_bert_dir, tmp_path):
     # The ablation of the clients' optimiser state reuses the recorded pair's batch size and LR.
     process = subprocess.run(
         [sys.executable, str(BENCH / "federated.py"), "--tiny", "--model", str(tiny_bert_dir), "--only", "text",
-         "--clients", "2", "--rounds", "2", "--optimizer-state-seeds", "0", "--results", str(results), "--no-doc"],
+         "--clients", "2", "--rounds", "1", "--optimizer-state-seeds", "0", "--results", str(results), "--no-doc"],
         capture_output=True, text=True, timeout=900)
     assert process.returncode == 0, process.stderr[-3000:] + process.stdout[-3000:]
     ablation = json.loads(results.read_text())["text-optimizer-state"]

@@ -336,6 +336,18 @@ def test_a_fractional_local_epoch_trains_each_round_on_the_next_share_of_the_cli
     assert round_share(split, 1, 7, base_seed=0, client=1) is split  # whole epochs: every round sees everything
 
 
+def test_the_final_reports_wait_grows_with_the_training_they_do():
+    """The final report personalises and trains the local-only baseline: with a 30 s round timeout it must not be
+    cut off after 30 s (a slow CI machine dropped every report that way)."""
+    base = {"model": "m", "data": {"train": "a.csv"}, "round_timeout_s": 30}
+    plain = FederatedConfig.from_dict({**base, "personalise_epochs": 0, "local_only": False}, source="t")
+    assert plain.report_timeout_s(rounds_done=5) == 30  # evaluation only: one round's wait
+    both = FederatedConfig.from_dict(base, source="t")  # 1 personalisation epoch, 2 local-only epochs after 2 rounds
+    assert both.report_timeout_s(rounds_done=2) == 30 * (1 + 3)
+    quarter = FederatedConfig.from_dict({**base, "local_epochs": 0.25}, source="t")  # a round is a quarter epoch
+    assert quarter.report_timeout_s(rounds_done=8) == 30 * (1 + (1 + 2) / 0.25)
+
+
 def test_resume_without_an_unfinished_federation_is_a_clear_error(tmp_path):
     from transferkit.federated import federate
 

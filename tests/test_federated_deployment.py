@@ -101,7 +101,7 @@ def test_deployed_federation_survives_a_killed_client_and_resumes_after_a_stop(t
             entries.append(f"  - {{name: site{i}, train: {data}}}")
     config = tmp_path / "fed.yaml"
     config.write_text(f"model: {tiny_bert_dir}\nstrategy: full\nlr: 1.0e-3\nbatch_size: 16\nmax_rounds: 2\n"
-                      f"round_patience: null\nround_timeout_s: 30\ndp_clipping_norm: 5.0\ndp_epsilon: 1000\n"
+                      f"round_patience: null\nround_timeout_s: 60\ndp_clipping_norm: 5.0\ndp_epsilon: 1000\n"
                       f"clients:\n" + "\n".join(entries) + f"\nout: {tmp_path / 'run'}\n")
     submit = subprocess.Popen([sys.executable, "-m", "transferkit", "federate", "--config", str(config),
                                "--superlink", federation["control"], "--insecure"],

@@ -287,8 +287,12 @@ def server_loop(grid, config: FederatedConfig, classes: list[str], initial: dict
         aggregated, _ = strategy.aggregate_train(round_number, answered)
         if aggregated is not None:
             arrays = average_statistics(aggregated, answered) if config.aggregator in SERVER_OPTIMISERS else aggregated
+        # Only the clients that just answered are asked to evaluate: one that let training time out would most
+        # likely make the round wait out the timeout a second time.
+        live = {r.metadata.src_node_id for r in answered}
         evaluations = [r for r in grid.send_and_receive(
-            list(strategy.configure_evaluate(round_number, arrays, ConfigRecord(classes_record(classes)), grid)),
+            [m for m in strategy.configure_evaluate(round_number, arrays, ConfigRecord(classes_record(classes)), grid)
+             if m.metadata.dst_node_id in live],
             timeout=config.round_timeout_s)
             if not r.has_error()]
         per_client = {int(r.content["metrics"]["client"]): float(r.content["metrics"]["accuracy"]) for r in evaluations}
@@ -320,7 +324,7 @@ def server_loop(grid, config: FederatedConfig, classes: list[str], initial: dict
     queries = [Message(RecordDict({"arrays": best_arrays, "config": settings}), dst_node_id=node,
                        message_type=MessageType.QUERY) for node in grid.get_node_ids()]
     reports = {}
-    for reply in grid.send_and_receive(queries, timeout=config.round_timeout_s):
+    for reply in grid.send_and_receive(queries, timeout=config.report_timeout_s(rounds_done)):
         if not reply.has_error():
             metrics = dict(reply.content["metrics"])
             reports[int(metrics.pop("client"))] = metrics

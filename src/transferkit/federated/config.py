@@ -25,6 +25,7 @@ AdamW moments between rounds).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,13 @@ class FederatedConfig:
     def epochs_per_round(self) -> int:
         """Epochs each round runs over its share."""
         return max(1, int(self.local_epochs))
+
+    def report_timeout_s(self, rounds_done: int) -> float:
+        """How long the server waits for the clients' final reports. A report trains ``personalise_epochs`` and
+        the local-only baseline's epochs besides evaluating, several rounds' work, so it gets the round timeout
+        once for the evaluation plus once per round's worth of that training."""
+        local_only = math.ceil(self.local_epochs * rounds_done) if self.local_only else 0
+        return self.round_timeout_s * (1 + (self.personalise_epochs + local_only) / self.local_epochs)
 
     def validate(self) -> None:
         source = self.source
