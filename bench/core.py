@@ -22,20 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 import transferkit
 from transferkit.demo import DEMO_BUDGET, FULL_BUDGET
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from docs_section import DOC, replace_section  # noqa: E402
+from docs_section import DOC, machine, replace_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
@@ -186,7 +182,7 @@ def _run(name: str, overrides: dict | None, folder: Path) -> dict:
         "val_accuracy": metrics["history"][metrics["best_epoch"] - 1]["val_accuracy"],
         "probe_accuracy": metrics["baseline"]["test"]["accuracy"], "probe_macro_f1": metrics["baseline"]["test"]["macro_f1"],
         "probe_seconds": metrics["baseline"]["seconds"], "finetune_seconds": metrics["seconds"], "wall_seconds": wall,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+        "machine": machine(),
         "date": time.strftime("%Y-%m-%d"), "out": out, "val_file": config.get("val"), "test_file": config.get("test"),
     }
 

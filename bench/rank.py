@@ -18,20 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 import transferkit
 from transferkit.ranking import rank_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from docs_section import replace_section  # noqa: E402
+from docs_section import machine, replace_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
@@ -62,7 +58,7 @@ def run_zoo(name: str, sample: int, fine_tune_examples: int) -> dict:
                                   **zoo["data"])
         result["wall_seconds"] = time.time() - started
     result["fine_tune_examples"] = fine_tune_examples
-    result["machine"] = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    result["machine"] = machine()
     result["date"] = time.strftime("%Y-%m-%d")
     result.pop("plot", None)
     return result

@@ -667,7 +667,10 @@ def main() -> None:
         # product keeps it to seconds on any CPU.
         size = 256 if args.tiny else 2048
         peaks = {p: gemm_peak(p, size) for p in ("fp32", "bf16") if p == "fp32" or p in args.precisions}
-        results["machine"] = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "torch": torch.__version__,
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from docs_section import cpu_model
+
+        results["machine"] = {"machine": f"{platform.machine()} ({cpu_model()}), {os.cpu_count()} CPU cores", "torch": torch.__version__,
                               "transformers": transformers.__version__, "device": str(_device()),
                               "date": time.strftime("%Y-%m-%d"), "peak_gflops": peaks, "gemm_size": size}
         for name in sections:

@@ -3,6 +3,7 @@ in Flower's Simulation Engine (Ray) on a tiny model."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -656,3 +657,75 @@ def test_a_resumed_deployment_goes_on_without_a_missing_client_but_refuses_new_l
     assert classes == ["neg", "pos"] and sorted(names.values()) == ["site0", "site1"]
     with pytest.raises(UserError, match=r"labels the resumed run started without: \['meh'\]"):
         describe_clients(Grid([["neg"], ["meh"]]), [10, 11], config, known_classes=["neg", "pos"])
+
+
+def test_a_round_asks_only_the_clients_that_trained_to_evaluate_and_the_report_waits_for_its_training(tmp_path):
+    """A server loop on a stand-in Flower grid: node 12 never answers. The round records it as dropped and does
+    not send it an evaluation (that would wait out the timeout again); the final report waits
+    ``report_timeout_s``; a resumed FedPer run says the clients' personal parts start afresh."""
+    from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+
+    from transferkit.federated.apps import server_loop
+
+    config = FederatedConfig.from_dict({"model": "m", "clients": [{"name": f"site{i}", "train": f"{i}.csv"}
+                                                                  for i in range(3)],
+                                        "max_rounds": 1, "round_timeout_s": 7, "personal": "head",
+                                        "round_patience": None, "min_clients": 2}, source="t")
+    initial = {"head.weight": torch.zeros(2, 3), "head.bias": torch.zeros(2)}
+
+    class Grid:
+        def __init__(self):
+            self.sent, self.timeouts = [], []
+
+        def get_node_ids(self):
+            return [10, 11, 12]
+
+        def send_and_receive(self, messages, timeout):
+            messages = list(messages)
+            for number, m in enumerate(messages):  # as Flower's grids do when they push a message
+                m.metadata.__dict__["_message_id"] = f"{len(self.sent) + number}"
+            self.sent += [(m.metadata.message_type, m.metadata.dst_node_id) for m in messages]
+            self.timeouts.append(timeout)
+            replies = []
+            for m in messages:
+                client = m.metadata.dst_node_id - 10
+                if client == 2:
+                    continue  # silent
+                if m.metadata.message_type == MessageType.TRAIN:
+                    arrays = {k: v + client + 1 for k, v in m.content["arrays"].to_torch_state_dict().items()}
+                    content = {"arrays": ArrayRecord(arrays),
+                               "metrics": MetricRecord({"num-examples": 10, "client": client, "train_loss": 0.5})}
+                elif m.metadata.message_type == MessageType.EVALUATE:
+                    content = {"metrics": MetricRecord({"num-examples": 5, "client": client, "accuracy": 0.8, "loss": 0.4})}
+                else:
+                    content = {"metrics": MetricRecord({"client": client, "global": 0.8})}
+                replies.append(Message(RecordDict(content), reply_to=m))
+            return replies
+
+    class Progress:
+        def __init__(self):
+            self.lines = []
+
+        def write(self, line):
+            self.lines.append(line)
+
+        def update(self, n):
+            pass
+
+        def set_postfix(self, **values):
+            pass
+
+    grid, progress = Grid(), Progress()
+    results = server_loop(grid, config, ["neg", "pos"], initial, tmp_path / "run", False, progress,
+                          {10: "site0", 11: "site1", 12: "site2"})
+    (record,) = results["history"]
+    assert record["clients_trained"] == 2 and set(record["failures"]) == {"site2"}
+    assert "dropped: site2" in progress.lines[-1]
+    evaluated = sorted(node for kind, node in grid.sent if kind == MessageType.EVALUATE)
+    assert evaluated == [10, 11]  # not the client that let training time out
+    assert grid.timeouts[-1] == config.report_timeout_s(1) > config.round_timeout_s
+    assert sorted(results["clients"]) == [0, 1]
+
+    config = dataclasses.replace(config, max_rounds=2)
+    server_loop(Grid(), config, ["neg", "pos"], initial, tmp_path / "run", True, progress, {})
+    assert any(line == "resuming after round 1; the clients' personal parts start afresh" for line in progress.lines)

@@ -271,7 +271,11 @@ def server_loop(grid, config: FederatedConfig, classes: list[str], initial: dict
                             f"the config the run started with ({run_dir / 'config.yaml'})")
         weights, state = {name: saved[0][name] for name in initial}, saved[1]
         restore_server_state(strategy, checkpoint.load_server_state(len(state["history"])), list(weights))
-        progress.write(f"resuming after round {len(state['history'])}")
+        kept = [what for what, on in (("personal parts", config.personal != "none"),
+                                      ("optimiser states", config.client_optimizer_state == "keep")) if on]
+        # They live in the clients' Flower state, which a new run does not carry over (docs/federated.md).
+        progress.write(f"resuming after round {len(state['history'])}"
+                       + (f"; the clients' {' and '.join(kept)} start afresh" if kept else ""))
     arrays = ArrayRecord(weights)
     start = len(state["history"]) + 1
     for round_number in range(start, config.max_rounds + 1):
@@ -289,7 +293,8 @@ def server_loop(grid, config: FederatedConfig, classes: list[str], initial: dict
             arrays = average_statistics(aggregated, answered) if config.aggregator in SERVER_OPTIMISERS else aggregated
         # Only the clients that just answered are asked to evaluate: one that let training time out would most
         # likely make the round wait out the timeout a second time.
-        live = {r.metadata.src_node_id for r in answered}
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        live = {sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in answered}
         evaluations = [r for r in grid.send_and_receive(
             [m for m in strategy.configure_evaluate(round_number, arrays, ConfigRecord(classes_record(classes)), grid)
              if m.metadata.dst_node_id in live],
