@@ -659,7 +659,7 @@ def test_a_resumed_deployment_goes_on_without_a_missing_client_but_refuses_new_l
         describe_clients(Grid([["neg"], ["meh"]]), [10, 11], config, known_classes=["neg", "pos"])
 
 
-def test_a_round_asks_only_the_clients_that_trained_to_evaluate_and_the_report_waits_for_its_training(tmp_path):
+def test_a_client_that_failed_training_is_not_asked_to_evaluate_and_the_report_waits_for_its_training(tmp_path):
     """A server loop on a stand-in Flower grid: node 12 never answers. The round records it as dropped and does
     not send it an evaluation (that would wait out the timeout again); the final report waits
     ``report_timeout_s``; a resumed FedPer run says the clients' personal parts start afresh."""
@@ -674,8 +674,8 @@ def test_a_round_asks_only_the_clients_that_trained_to_evaluate_and_the_report_w
     initial = {"head.weight": torch.zeros(2, 3), "head.bias": torch.zeros(2)}
 
     class Grid:
-        def __init__(self):
-            self.sent, self.timeouts = [], []
+        def __init__(self, silent=(2,)):
+            self.sent, self.timeouts, self.silent = [], [], set(silent)
 
         def get_node_ids(self):
             return [10, 11, 12]
@@ -689,8 +689,8 @@ def test_a_round_asks_only_the_clients_that_trained_to_evaluate_and_the_report_w
             replies = []
             for m in messages:
                 client = m.metadata.dst_node_id - 10
-                if client == 2:
-                    continue  # silent
+                if client in self.silent:
+                    continue
                 if m.metadata.message_type == MessageType.TRAIN:
                     arrays = {k: v + client + 1 for k, v in m.content["arrays"].to_torch_state_dict().items()}
                     content = {"arrays": ArrayRecord(arrays),
@@ -729,3 +729,10 @@ def test_a_round_asks_only_the_clients_that_trained_to_evaluate_and_the_report_w
     config = dataclasses.replace(config, max_rounds=2)
     server_loop(Grid(), config, ["neg", "pos"], initial, tmp_path / "run", True, progress, {})
     assert any(line == "resuming after round 1; the clients' personal parts start afresh" for line in progress.lines)
+
+    # Clients a round does not sample for training still evaluate: every round validates on the same clients.
+    sampled = dataclasses.replace(config, max_rounds=1, fraction_train=0.5)
+    grid = Grid(silent=())
+    server_loop(grid, sampled, ["neg", "pos"], initial, tmp_path / "sampled", False, progress, {})
+    assert sum(kind == MessageType.TRAIN for kind, _ in grid.sent) == 2
+    assert sorted(node for kind, node in grid.sent if kind == MessageType.EVALUATE) == [10, 11, 12]

@@ -291,13 +291,14 @@ def server_loop(grid, config: FederatedConfig, classes: list[str], initial: dict
         aggregated, _ = strategy.aggregate_train(round_number, answered)
         if aggregated is not None:
             arrays = average_statistics(aggregated, answered) if config.aggregator in SERVER_OPTIMISERS else aggregated
-        # Only the clients that just answered are asked to evaluate: one that let training time out would most
-        # likely make the round wait out the timeout a second time.
+        # A client that failed this round's training is not asked to evaluate: one that let training time out
+        # would most likely make the round wait out the timeout a second time. (Clients not sampled for
+        # training still evaluate, so every round's validation covers the same clients.)
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-        live = {sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in answered}
+        failed = set(sent_to.values()) - {sent_to.get(r.metadata.reply_to_message_id) for r in answered}
         evaluations = [r for r in grid.send_and_receive(
             [m for m in strategy.configure_evaluate(round_number, arrays, ConfigRecord(classes_record(classes)), grid)
-             if m.metadata.dst_node_id in live],
+             if m.metadata.dst_node_id not in failed],
             timeout=config.round_timeout_s)
             if not r.has_error()]
         per_client = {int(r.content["metrics"]["client"]): float(r.content["metrics"]["accuracy"]) for r in evaluations}
