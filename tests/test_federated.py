@@ -457,17 +457,32 @@ def test_federated_lora_run_reports_clients_and_saves_a_usable_global_model(tiny
 
 
 
-def test_fedper_run_trains_each_clients_own_head_over_every_round_and_sends_no_head(tiny_bert_dir, tmp_path):
+def test_fedper_run_trains_each_clients_own_head_over_every_round_and_a_resumed_run_gives_it_back(
+        tiny_bert_dir, tmp_path, monkeypatch):
+    """Two rounds, then the run dies before writing its results; resumed with a third round, each client takes
+    its head back from its state file (a new Flower run starts with empty client states)."""
     import transferkit
+    from transferkit.federated import run as federated_run
 
     clients = [{"name": f"site{i}", "train": str(write_table(tmp_path / f"c{i}.csv", make_sentences(60, seed=20 + i)))}
                for i in range(2)]
-    metrics = transferkit.federate(FederatedConfig.from_dict({
-        "model": str(tiny_bert_dir), "strategy": "lora", "lr": 5e-3, "batch_size": 16, "out": str(tmp_path / "run"),
-        "clients": clients, "personal": "head", "max_rounds": 2, "round_patience": None, "personalise_epochs": 0,
-        "local_only": False}, source="test"))
-    # Each client's head trained in both rounds and came back from its Flower state for the next one.
-    assert [r["personal_rounds"] for r in metrics["per_client"].values()] == [2, 2]
+    recipe = {"model": str(tiny_bert_dir), "strategy": "lora", "lr": 5e-3, "batch_size": 16, "out": str(tmp_path / "run"),
+              "clients": clients, "personal": "head", "max_rounds": 2, "round_patience": None, "personalise_epochs": 0,
+              "local_only": False}
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed before the results were written")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(federated_run, "write_federated_run", crash)
+        with pytest.raises(RuntimeError, match="killed"):
+            transferkit.federate(FederatedConfig.from_dict(recipe, source="test"))
+    kept = sorted(p.name for p in (tmp_path / "run" / "clients" / "client-0").iterdir())
+    assert kept == ["round-1.safetensors", "round-2.safetensors"]
+    metrics = transferkit.federate(FederatedConfig.from_dict({**recipe, "max_rounds": 3}, source="test"), resume=True)
+    # Each client's head trained in every round: two before the resume (in memory), one after (from its file).
+    assert [r["personal_rounds"] for r in metrics["per_client"].values()] == [3, 3]
+    assert not (tmp_path / "run" / "clients").exists()  # a finished run keeps no client state
     assert metrics["personal"]["part"] == "head" and metrics["personal"]["kept_keys"] == 2
     assert metrics["test"]["examples"] > 0  # the clients' own test splits, each scored with its own head
     assert not (tmp_path / "run" / "model").exists()  # the shared part alone is no client's model
@@ -728,7 +743,8 @@ def test_a_client_that_failed_training_is_not_asked_to_evaluate_and_the_report_w
 
     config = dataclasses.replace(config, max_rounds=2)
     server_loop(Grid(), config, ["neg", "pos"], initial, tmp_path / "run", True, progress, {})
-    assert any(line == "resuming after round 1; the clients' personal parts start afresh" for line in progress.lines)
+    assert "resuming after round 1; the clients' personal parts resume from the SuperNodes' state-dir, or start afresh " \
+           "where a SuperNode has none" in progress.lines
 
     # Clients a round does not sample for training still evaluate: every round validates on the same clients.
     sampled = dataclasses.replace(config, max_rounds=1, fraction_train=0.5)
@@ -736,3 +752,42 @@ def test_a_client_that_failed_training_is_not_asked_to_evaluate_and_the_report_w
     server_loop(grid, sampled, ["neg", "pos"], initial, tmp_path / "sampled", False, progress, {})
     assert sum(kind == MessageType.TRAIN for kind, _ in grid.sent) == 2
     assert sorted(node for kind, node in grid.sent if kind == MessageType.EVALUATE) == [10, 11, 12]
+
+
+def test_a_clients_state_file_per_round_restores_the_round_the_server_resumed_after(tmp_path):
+    """After round N a client writes its personal part and kept moments; an empty state (a new Flower run) before
+    round N+1 takes round N's file back, even when the client had already written a later round the server
+    never checkpointed. Only the last two rounds stay on disk; a state that is not empty is left alone."""
+    from flwr.app import RecordDict
+
+    from transferkit.federated import client_state, optimizer_state, personal
+
+    folder = tmp_path / "client-0"
+    state = RecordDict()
+    for round_number in (1, 2, 3):
+        personal.keep(state, {"head.weight": torch.full((2, 3), float(round_number))})
+        optimizer_state.keep(state, {0: {"step": torch.tensor(float(10 * round_number)), "exp_avg": torch.ones(3)}})
+        client_state.save(folder, round_number, state)
+    assert sorted(p.name for p in folder.iterdir()) == ["round-2.safetensors", "round-3.safetensors"]
+
+    fresh = RecordDict()
+    assert client_state.restore(folder, 3, fresh) == 2  # the server resumed after round 2: round 3 runs again
+    weights, rounds = personal.kept(fresh)
+    assert rounds == 2 and weights["head.weight"].eq(2).all()
+    assert optimizer_state.kept(fresh)[0]["step"].item() == 20
+    latest = RecordDict()
+    assert client_state.restore(folder, None, latest) == 3 and personal.kept(latest)[1] == 3
+    assert client_state.restore(folder, 3, latest) is None and personal.kept(latest)[1] == 3  # not empty: kept
+    assert client_state.restore(folder, 2, RecordDict()) is None  # no file before round 2 any more
+    assert client_state.restore(tmp_path / "none", 5, RecordDict()) is None
+
+
+def test_a_supernode_keeps_its_client_state_only_in_the_state_dir_its_node_config_names(tmp_path):
+    from types import SimpleNamespace
+
+    from transferkit.federated.deployment import _client_state_folder
+
+    config = FederatedConfig.from_dict({"model": "m", "data": {"train": "a.csv"}, "out": "/srv/runs/fed"}, source="t")
+    named = SimpleNamespace(node_config={"partition-id": 1, "state-dir": str(tmp_path)})
+    assert _client_state_folder(config, 1, named) == tmp_path / "fed-client-1"
+    assert _client_state_folder(config, 1, SimpleNamespace(node_config={"partition-id": 1})) is None

@@ -24,7 +24,7 @@ from ..errors import UserError
 from .aggregators import (SERVER_OPTIMISERS, average_statistics, create_aggregator, minimum_clients,
                           restore_server_state, server_state)
 from .config import FederatedConfig
-from . import optimizer_state, personal
+from . import client_state, optimizer_state, personal
 from .local import (client_examples, exchanged_state, load_exchanged, load_personal, local_evaluate, local_model,
                     local_train, personal_state, round_share, training_seed)
 
@@ -69,14 +69,16 @@ def make_client_app(config: FederatedConfig, classes: list[str]):
         index = _client_index(context)
         return config, classes, index, client_examples(config)[index]
 
-    add_client_handlers(app, setup)
+    # The simulated clients share this machine, so each keeps its state in the run directory.
+    add_client_handlers(app, setup, lambda config, index, context: Path(config.out) / "clients" / f"client-{index}")
     return app
 
 
-def add_client_handlers(app, setup: Callable) -> None:
+def add_client_handlers(app, setup: Callable, state_folder: Callable[[FederatedConfig, int, Any], Path | None]) -> None:
     """Train, evaluate and query handlers; ``setup(message, context)`` gives (config, classes, client index,
     the client's train/val/test examples), from the process's own objects (simulation) or from the run and
-    node configuration (deployment)."""
+    node configuration (deployment). ``state_folder(config, index, context)``: where the client keeps its
+    state between rounds on its own disk, for a resumed run (None: in memory only; see ``client_state``)."""
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
     def prepared(message, context):
@@ -86,6 +88,11 @@ def add_client_handlers(app, setup: Callable) -> None:
         local = local_model(config, classes)
         arrays = message.content["arrays"].to_torch_state_dict() if "arrays" in message.content else None
         load_exchanged(local, arrays)
+        folder = state_folder(config, index, context)
+        if folder is not None:  # a resumed run's first message: the state after the round the server resumed after
+            settings = message.content["config"] if "config" in message.content else {}
+            client_state.restore(folder, int(settings["server-round"]) if "server-round" in settings else None,
+                                 context.state)
         load_personal(local, personal.kept(context.state)[0])
         return config, classes, index, local, split
 
@@ -105,6 +112,9 @@ def add_client_handlers(app, setup: Callable) -> None:
         update = exchanged_state(local)
         if local.personal:
             personal.keep(context.state, personal_state(local))
+        folder = state_folder(config, index, context)
+        if folder is not None:
+            client_state.save(folder, round_number, context.state)
         if index in config.poisoned_clients:  # attack simulation: a scaled (e.g. sign-flipped) update
             update = {k: received[k] + config.poison_scale * (update[k] - received[k]) for k in update}
         # In the order the server sent them: Flower's mods (e.g. local DP) pair the reply's arrays with the message's.
@@ -249,7 +259,8 @@ def wait_for_nodes(grid, count: int, timeout: float) -> list[int]:
 
 
 def server_loop(grid, config: FederatedConfig, classes: list[str], initial: dict[str, torch.Tensor], run_dir: Path,
-                resume: bool, progress, node_names: dict[int, str] | None = None) -> dict[str, Any]:
+                resume: bool, progress, node_names: dict[int, str] | None = None,
+                clients_keep_state: bool = False) -> dict[str, Any]:
     """Rounds until convergence (no gain of ``min_delta`` in the mean client validation accuracy for
     ``round_patience`` rounds) or ``max_rounds``; then the clients' reports."""
     from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -273,9 +284,12 @@ def server_loop(grid, config: FederatedConfig, classes: list[str], initial: dict
         restore_server_state(strategy, checkpoint.load_server_state(len(state["history"])), list(weights))
         kept = [what for what, on in (("personal parts", config.personal != "none"),
                                       ("optimiser states", config.client_optimizer_state == "keep")) if on]
-        # They live in the clients' Flower state, which a new run does not carry over (docs/federated.md).
+        # They live in the clients' Flower state, which a new run starts empty; clients that write it to their
+        # disk (client_state: always in a simulation, with a state-dir on a SuperNode) take it back.
+        where = ("from their state files" if clients_keep_state else
+                 "from the SuperNodes' state-dir, or start afresh where a SuperNode has none")
         progress.write(f"resuming after round {len(state['history'])}"
-                       + (f"; the clients' {' and '.join(kept)} start afresh" if kept else ""))
+                       + (f"; the clients' {' and '.join(kept)} resume {where}" if kept else ""))
     arrays = ArrayRecord(weights)
     start = len(state["history"]) + 1
     for round_number in range(start, config.max_rounds + 1):
@@ -346,6 +360,6 @@ def make_server_app(config: FederatedConfig, classes: list[str], initial: dict[s
 
     @app.main()
     def main(grid, context) -> None:
-        results.update(server_loop(grid, config, classes, initial, run_dir, resume, progress))
+        results.update(server_loop(grid, config, classes, initial, run_dir, resume, progress, clients_keep_state=True))
 
     return app

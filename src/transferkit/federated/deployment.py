@@ -71,8 +71,15 @@ def _client_setup(message, context):
     return config, classes, index, one_client_examples(config, index, data)
 
 
+def _client_state_folder(config, index: int, context) -> Path | None:
+    """``state-dir`` of the SuperNode's node config: where this client keeps its state between rounds (personal
+    part, kept optimiser moments), so a resumed federation gives it back; without one it is kept in memory."""
+    folder = context.node_config.get("state-dir")
+    return Path(str(folder)) / f"{Path(config.out).name}-client-{index}" if folder else None
+
+
 client_app = ClientApp(mods=[local_privacy_mod(federation_config)])
-add_client_handlers(client_app, _client_setup)
+add_client_handlers(client_app, _client_setup, _client_state_folder)
 
 
 def describe_clients(grid, nodes: list[int], config: FederatedConfig,

@@ -210,7 +210,9 @@ def write_federated_run(config: FederatedConfig, local, classes: list[str], resu
     metrics["plots"] = [str(p.relative_to(run_dir)) for p in (plot_rounds(history, config.client_names, plots / "rounds.png"),
                                                                plot_clients(per_client, plots / "clients.png"))]
     (run_dir / "report.md").write_text(federated_report(metrics), encoding="utf-8")
+    # A finished run cannot resume: its round checkpoints and the simulated clients' state files go.
     shutil.rmtree(run_dir / "rounds", ignore_errors=True)
+    shutil.rmtree(run_dir / "clients", ignore_errors=True)
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
     return metrics
 
