@@ -168,12 +168,21 @@ def test_adapt_runs_each_method_and_reports_the_target(method, domains, source_o
     risks = [record["dev_risk"] for record in metrics["history"]]
     assert report["selection"] == "lowest DEV target risk" and len(risks) == 2
     assert metrics["best_epoch"] == 1 + risks.index(min(risks))
+    assert ("dev_warning" in report) == (min(risks) < 0)  # a negative estimate warns that DEV cannot rank epochs
     # The transfer term changes training: the weights differ from a source-only run with the same seed.
     from safetensors.torch import load_file
 
     adapted = load_file(tmp_path / method / "model" / "model.safetensors")
     plain = load_file(source_only_run / "model" / "model.safetensors")
     assert any(not torch.equal(adapted[k], plain[k]) for k in plain)
+
+
+def test_a_negative_dev_estimate_warns_that_dev_cannot_rank_the_epochs():
+    from transferkit.adaptation import dev_warning
+
+    assert dev_warning([0.41, 0.38, 0.40]) is None
+    warning = dev_warning([0.3, -2.0, -243.0, 0.1])
+    assert "went negative (-243 at epoch 3, 2 of 4 epochs)" in warning and "--adapt-selection source-val" in warning
 
 
 def test_adapt_selection_source_val_keeps_the_best_source_accuracy(domains, tiny_bert_dir, tmp_path):

@@ -124,3 +124,19 @@ def deep_embedded_validation(train_features: np.ndarray, target_features: np.nda
             "mean_weight": float(weights.mean()),
             # Kish's effective sample size: how many validation examples the weighted estimate rests on.
             "effective_examples": float(weights.sum() ** 2 / (weights ** 2).sum())}
+
+
+def dev_warning(dev_risks: list[float]) -> str | None:
+    """Why DEV's choice of epoch should not be trusted on this pair, or None. DEV estimates a cross-entropy
+    risk, which is never negative; a negative estimate means the domain classifier tells the domains almost
+    perfectly apart, so a few validation examples carry enormous density ratios and the control variate
+    overshoots (on Fashion-MNIST -> Fashion-M estimates reached -243 while target accuracy barely moved,
+    docs/benchmarks.md). The estimate then ranks epochs by noise."""
+    negative = [(epoch, risk) for epoch, risk in enumerate(dev_risks, start=1) if risk < 0]
+    if not negative:
+        return None
+    epoch, risk = min(negative, key=lambda pair: pair[1])
+    return (f"DEV's estimate of the target risk went negative ({risk:.3g} at epoch {epoch}, {len(negative)} of "
+            f"{len(dev_risks)} epochs): the domains are almost separable in the model's features, so it cannot "
+            f"rank epochs here; --adapt-selection source-val keeps the best source validation accuracy instead")
+

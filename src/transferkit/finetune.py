@@ -46,8 +46,8 @@ from .saved_model import COLUMN_KEYS, FineTunedModel, save_classifier
 from .strategies import Strategy, create_strategy
 from .strategies.base import check_freeze_batchnorm, decay_groups
 from .teacher import check_teacher, median_latency_ms, teacher_logits
-from .adaptation import (backbone_features, deep_embedded_validation, load_target, plot_domains, proxy_a_distance,
-                         sample_indices)
+from .adaptation import (backbone_features, deep_embedded_validation, dev_warning, load_target, plot_domains,
+                         proxy_a_distance, sample_indices)
 from .objectives.domain import ADAPTATION_METHODS, DomainAdaptationObjective, TargetStream
 
 DEFAULT_LR = {"probe": 1e-3, "text": 5e-5, "image": 5e-4}
@@ -547,6 +547,11 @@ def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bo
         selection = "lowest DEV target risk" if _selects_by_dev(config, strategy) else "source validation split"
         metrics["adaptation"] = _adaptation_report(config, model, splits, prepared, domain_sample, domains_before,
                                                    classes, labels["val"], device, run_dir, selection)
+        warning = dev_warning([h["dev_risk"] for h in engine.history if "dev_risk" in h]) \
+            if _selects_by_dev(config, strategy) else None
+        if warning:
+            metrics["adaptation"]["dev_warning"] = warning
+            print(f"transferkit: warning: {warning}", file=sys.stderr)
     if main:
         _write_run(run_dir, config, strategy.name, model, classes, metrics)
     distributed.barrier()  # no process returns before the run directory is complete
