@@ -43,6 +43,9 @@ def test_random_weight_control_ranks_last_on_real_digits(digits_folder, tmp_path
     # The pretrained model has its ImageNet classifier, so LEEP and NCE apply; the control has none.
     assert pretrained["scores"]["leep"] is not None and control["scores"]["leep"] is None
     assert "source head" in control["not_applicable"]["nce"]
+    # The control has its twin's architecture: its cost is the profile measured once, for the first of the two.
+    assert pretrained["cost"] == control["cost"] and pretrained["cost_measured_as"] == "random:efficientnet-lite0"
+    assert "cost_measured_as" not in control and control["cost"]["total_parameters"] > 3_000_000
     saved = json.loads((tmp_path / "rank" / "rank.json").read_text())
     assert saved["candidates"][0]["model"] == "efficientnet-lite0" and (tmp_path / "rank" / "rank.png").is_file()
 
