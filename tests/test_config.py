@@ -18,6 +18,9 @@ def test_values_from_yaml_or_cli_strings_are_coerced_to_field_types():
     config = RunConfig.from_dict({"train": "t.csv", "model": "m", "epochs": "4", "lr": "1e-4", "baseline": "false",
                                   "patience": "none"})
     assert (config.epochs, config.lr, config.baseline, config.patience) == (4, 1e-4, False, None)
+    assert RunConfig.from_dict({"train": "t.csv", "model": "m", "ema_warmup": "no"}).ema_warmup is False
+    with pytest.raises(UserError, match="ema_warmup"):
+        RunConfig.from_dict({"train": "t.csv", "model": "m", "ema_warmup": "maybe"})
 
 
 @pytest.mark.parametrize("overrides, field", [
@@ -56,3 +59,13 @@ def test_config_file_errors(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(UserError, match="not valid YAML"):
         RunConfig.load(bad)
+
+
+def test_no_ema_warmup_on_the_command_line_reaches_the_config():
+    from transferkit.cli import _fit_config, build_parser
+
+    args = build_parser().parse_args(["fit", "--train", "t.csv", "--model", "m", "--ema-decay", "0.999",
+                                      "--no-ema-warmup"])
+    config, _ = _fit_config(args)
+    assert config.ema_decay == 0.999 and config.ema_warmup is False
+    assert _fit_config(build_parser().parse_args(["fit", "--train", "t.csv", "--model", "m"]))[0].ema_warmup is True

@@ -96,6 +96,11 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument("--no-cache-frozen", dest="cache_frozen", action="store_const", const=False, default=None,
                                 help="freeze-bottom: run the frozen layers every epoch instead of computing them once")
             continue
+        if f.name == "ema_warmup":
+            parser.add_argument("--no-ema-warmup", dest="ema_warmup", action="store_const", const=False, default=None,
+                                help="apply --ema-decay from the first step (by default the decay warms up as "
+                                     "min(decay, (1+t)/(10+t)), which keeps it near 0.99 for the first ~1,000 steps)")
+            continue
         if f.name == "baseline":
             parser.add_argument("--no-baseline", dest="baseline", action="store_const", const=False, default=None,
                                 help="skip the linear-probe baseline")

@@ -77,6 +77,7 @@ class RunConfig:
     l1: float | None = None
     label_smoothing: float = 0.0
     ema_decay: float | None = None  # keep an exponential moving average of the weights (e.g. 0.99)
+    ema_warmup: bool = True  # warm the average's decay up over the first steps (timm's ModelEma); False: no warm-up
     target: str | None = None
     target_test: str | None = None
     adapt_method: str = "source-only"

@@ -92,7 +92,7 @@ def engine_settings(config: RunConfig, epochs: int, data_parallel: bool = False)
                           patience=config.patience, checkpoint_every=config.checkpoint_every,
                           on_divergence=config.on_divergence, optimizer=config.optimizer, momentum=config.momentum,
                           accumulate=config.accumulate, compile=config.compile, data_parallel=data_parallel,
-                          ema_decay=config.ema_decay)
+                          ema_decay=config.ema_decay, ema_warmup=config.ema_warmup)
 
 
 def _train_head_on_features(config: RunConfig, features: dict[str, torch.Tensor], labels: dict[str, np.ndarray],

@@ -24,6 +24,17 @@ def test_the_average_follows_the_weights_with_a_warmed_up_decay():
     assert average.current_decay() == 0.99 and torch.allclose(average.average["weight"], model.weight, atol=1e-5)
 
 
+def test_without_warm_up_the_decay_applies_from_the_first_update():
+    model = nn.Linear(3, 2)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    average = WeightAverage(model, decay=0.999, warmup=False)
+    assert average.current_decay() == 0.999
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    average.update(model)  # the average moves 0.1% of the way, not the warmed-up 90%
+    assert torch.allclose(average.average["weight"], start["weight"] + 0.001)
+
+
 def test_swapped_in_holds_the_average_inside_and_the_trained_weights_after():
     model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
     average = WeightAverage(model, decay=0.5)

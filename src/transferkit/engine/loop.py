@@ -52,6 +52,7 @@ class EngineSettings:
     compile: bool = False  # torch.compile the model (dynamic shapes: text batches vary in length)
     data_parallel: bool = False  # split each batch across the processes of a torchrun/accelerate launch
     ema_decay: float | None = None  # validate, checkpoint and keep an exponential moving average of the weights
+    ema_warmup: bool = True  # the average's decay warms up (min(decay, (1 + t) / (10 + t))); False: the decay throughout
 
 
 def default_device() -> torch.device:
@@ -131,7 +132,8 @@ class Engine:
         self.bad_epochs = 0
         self.lr_scale = 1.0
         self._best_state: dict | None = None
-        self.weight_average = WeightAverage(self.model, settings.ema_decay) if settings.ema_decay else None
+        self.weight_average = (WeightAverage(self.model, settings.ema_decay, settings.ema_warmup)
+                               if settings.ema_decay else None)
 
     # -- evaluation -------------------------------------------------------------------------------
     def _autocast(self):
@@ -177,7 +179,7 @@ class Engine:
         if self.weight_average is not None and "weight_average" in resumable:
             self.weight_average.resume(self.model, resumable["weight_average"])
         elif self.weight_average is not None:  # a checkpoint from before the average: it starts here
-            self.weight_average = WeightAverage(self.model, self.settings.ema_decay)
+            self.weight_average = WeightAverage(self.model, self.settings.ema_decay, self.settings.ema_warmup)
         self.optimizer.load_state_dict(resumable["optimizer"])
         self.scheduler.load_state_dict(resumable["scheduler"])
         set_rng_state(resumable["rng"])

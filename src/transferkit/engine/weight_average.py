@@ -3,7 +3,9 @@
 After every optimiser step ``average = decay * average + (1 - decay) * weights``, over every floating-point
 entry of the state dict (parameters and BatchNorm statistics alike); integer buffers are copied. The
 decay warms up as ``min(decay, (1 + t) / (10 + t))`` after t updates, so the first steps do not anchor the
-average to the pretrained weights for thousands of steps. The averaged weights are the ones validated,
+average to the pretrained weights for thousands of steps; the warm-up also caps the decay near 0.99 for the
+first ~1,000 updates, so on a short run a decay of 0.999 acts like 0.99 (``warmup=False`` applies the decay
+from the first update, as timm's ModelEmaV3 does by default). The averaged weights are the ones validated,
 checkpointed as the model and kept: they move more smoothly than the last step's, which on small data
 sits wherever the last few batches pushed it.
 """
@@ -18,10 +20,11 @@ from torch import nn
 
 
 class WeightAverage:
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
         if not 0 < decay < 1:
             raise ValueError(f"decay must lie in (0, 1), got {decay}")
         self.decay = decay
+        self.warmup = warmup
         self.updates = 0
         # One entry per storage: tied weights (one tensor under two names) are averaged and swapped once.
         seen: set[int] = set()
@@ -39,6 +42,8 @@ class WeightAverage:
         return {name: state[name].detach().clone() for name in self.names}
 
     def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
