@@ -11,7 +11,6 @@ data alone (local-only), all on its held-out test split.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -340,7 +339,7 @@ def server_loop(grid, config: FederatedConfig, classes: list[str], initial: dict
     best_arrays = ArrayRecord(best)
     rounds_done = len(state["history"])
     settings = ConfigRecord({"personalise-epochs": config.personalise_epochs, **classes_record(classes),
-                             "local-only-epochs": math.ceil(config.local_epochs * rounds_done) if config.local_only else 0})
+                             "local-only-epochs": config.local_only_epochs(rounds_done)})
     queries = [Message(RecordDict({"arrays": best_arrays, "config": settings}), dst_node_id=node,
                        message_type=MessageType.QUERY) for node in grid.get_node_ids()]
     reports = {}

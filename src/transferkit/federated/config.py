@@ -105,12 +105,17 @@ class FederatedConfig:
         """Epochs each round runs over its share."""
         return max(1, int(self.local_epochs))
 
+    def local_only_epochs(self, rounds_done: int) -> int:
+        """Epochs of the local-only baseline a client trains in its final report: as many passes over its data
+        as the federation made (0 without ``local_only``)."""
+        return math.ceil(self.local_epochs * rounds_done) if self.local_only else 0
+
     def report_timeout_s(self, rounds_done: int) -> float:
         """How long the server waits for the clients' final reports. A report trains ``personalise_epochs`` and
         the local-only baseline's epochs besides evaluating, several rounds' work, so it gets the round timeout
         once for the evaluation plus once per round's worth of that training."""
-        local_only = math.ceil(self.local_epochs * rounds_done) if self.local_only else 0
-        return self.round_timeout_s * (1 + (self.personalise_epochs + local_only) / self.local_epochs)
+        training = self.personalise_epochs + self.local_only_epochs(rounds_done)
+        return self.round_timeout_s * (1 + training / self.local_epochs)
 
     def validate(self) -> None:
         source = self.source
