@@ -72,7 +72,29 @@ def test_plain_convolutions_compute_what_the_package_computes():
     pixels = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         expected = original.extract_features(pixels).mean(dim=(2, 3))
+        # without autograd, symmetric paddings are the convolutions' own; strided ones stay explicit
         assert torch.allclose(backbone(pixel_values=pixels), expected, atol=1e-4)
+    assert torch.allclose(backbone(pixel_values=pixels), expected, atol=1e-4)  # with autograd: every padding explicit
+    paddings = [m.symmetric_padding for m in backbone.modules() if hasattr(m, "symmetric_padding")]
+    assert (1, 1) in paddings and (2, 2) in paddings and (0, 0) in paddings and None in paddings
+
+
+def test_lora_wrapped_convolutions_keep_their_adapters_without_autograd():
+    import torch
+
+    model = _prepared("efficientnet-lite0", strategy="lora", lora_rank=4).eval()
+    torch.manual_seed(0)
+    for name, parameter in model.backbone.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give the adapters something to add
+            torch.nn.init.normal_(parameter, std=0.1)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        inference = model(pixel_values=pixels)
+    with_autograd = model(pixel_values=pixels)
+    model.backbone.merge_adapters()
+    with torch.no_grad():
+        merged = model(pixel_values=pixels)
+    assert torch.allclose(inference, with_autograd, atol=1e-5) and torch.allclose(inference, merged, atol=1e-4)
 
 
 def test_lora_adapters_and_head_survive_save_load_and_merge(tiny_bert_dir, text_data, tmp_path):

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..errors import UserError
 from .adapters import PeftAdapterHost
@@ -50,9 +51,29 @@ class PaddedConv2d(nn.Module):
         super().__init__()
         self.pad = pad
         self.conv = conv
+        self.symmetric_padding = _symmetric_padding(pad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Without autograd, a symmetric padding is the convolution's own (no padded copy of the input): 1.7x
+        # faster Lite0 features at 32x32 px, about the same at 64 and 224 px. Training keeps the explicit padding
+        # (its backward measured 1.8x faster at 32 px), and so does a PEFT-wrapped convolution.
+        if self.symmetric_padding is not None and not torch.is_grad_enabled() and type(self.conv) is nn.Conv2d:
+            conv = self.conv
+            return F.conv2d(x, conv.weight, conv.bias, conv.stride, self.symmetric_padding, conv.dilation, conv.groups)
         return self.conv(self.pad(x))
+
+
+def _symmetric_padding(pad: nn.Module) -> tuple[int, int] | None:
+    """(rows, columns) when ``pad`` zero-pads both sides of each axis alike (or is no padding), else None."""
+    from efficientnet_lite_pytorch.utils import Identity as PackageIdentity
+
+    if isinstance(pad, (nn.Identity, PackageIdentity)):
+        return (0, 0)
+    if isinstance(pad, nn.ZeroPad2d):
+        left, right, top, bottom = pad.padding
+        if left == right and top == bottom:
+            return (top, left)
+    return None
 
 
 def _plain_convolutions(network: nn.Module) -> None:
