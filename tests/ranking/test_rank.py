@@ -139,6 +139,42 @@ def test_a_candidate_cut_to_its_lowest_layers_is_scored_priced_and_fine_tuned_th
     assert json.loads((folder / "model" / "backbone" / "config.json").read_text())["num_hidden_layers"] == 1
 
 
+def test_a_depth_family_is_scored_from_one_pass_of_its_deepest_candidate(tiny_bert_dir, text_data, tmp_path):
+    from transferkit.ranking.rank import processing_order
+
+    full, cut = str(tiny_bert_dir), f"{tiny_bert_dir}@layers=1"
+    assert processing_order([cut, "random:minilm-l6", full]) == [full, cut, "random:minilm-l6"]
+    assert processing_order(["random:minilm-l6@layers=1", "random:minilm-l6"]) == ["random:minilm-l6@layers=1",
+                                                                                   "random:minilm-l6"]
+    fields = {"train": str(text_data["train"]), "sample": 40}
+    together = transferkit.rank([cut, full], out=str(tmp_path / "together"), **fields)
+    alone = transferkit.rank([cut], out=str(tmp_path / "alone"), **fields)
+    shared = next(r for r in together["candidates"] if r["model"] == cut)
+    assert shared["features_from"].startswith("one pass")
+    for estimator, score in alone["candidates"][0]["scores"].items():
+        assert score is None or shared["scores"][estimator] == pytest.approx(score, rel=1e-3, abs=1e-4)
+
+
+def test_features_of_a_deeper_pass_that_disagree_with_the_cut_model_are_not_used(tiny_bert_dir, text_data, tmp_path,
+                                                                                 monkeypatch):
+    from transferkit.backbones.hf_text import HFTextBackbone
+
+    honest = HFTextBackbone.features_by_depth
+
+    def with_a_final_norm(self, input_ids, attention_mask, depths):  # as an encoder with a norm after its layers
+        features = honest(self, input_ids, attention_mask, depths)
+        return torch.cat([features[:, :1], 2 * features[:, 1:] + 1], dim=1)
+
+    monkeypatch.setattr(HFTextBackbone, "features_by_depth", with_a_final_norm)
+    cut = f"{tiny_bert_dir}@layers=1"
+    fields = {"train": str(text_data["train"]), "sample": 40}
+    together = transferkit.rank([str(tiny_bert_dir), cut], out=str(tmp_path / "together"), **fields)
+    alone = transferkit.rank([cut], out=str(tmp_path / "alone"), **fields)
+    row = next(r for r in together["candidates"] if r["model"] == cut)
+    assert "features_from" not in row
+    assert row["scores"]["logme"] == pytest.approx(alone["candidates"][0]["scores"]["logme"], rel=1e-6)
+
+
 def test_pareto_front_keeps_what_nothing_cheaper_beats():
     assert sorted(pareto_front([(1.0, 0.5), (2.0, 0.9), (3.0, 0.7), (1.0, 0.4)])) == [0, 1]
 

@@ -64,6 +64,16 @@ class Backbone(nn.Module, ABC):
         None for backbones without one (sentence encoders, hub models loaded without their head)."""
         return None
 
+    def depth(self) -> int | None:
+        """How many layers ``keep_bottom_layers`` cuts from; None where it cannot cut (and ``features_by_depth``
+        is not available)."""
+        return None
+
+    def features_by_depth(self, depths: Sequence[int], **inputs: torch.Tensor) -> torch.Tensor:
+        """batch x len(depths) x dim: the features this backbone cut to each of ``depths`` layers would give,
+        from one pass (backbones whose ``depth()`` is not None)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot give the features of its lower layers")
+
     def keep_bottom_layers(self, keep: int) -> None:
         """Keep only the ``keep`` lowest blocks (a smaller student); transformers backbones support it."""
         from ..errors import UserError

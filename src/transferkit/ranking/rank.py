@@ -25,6 +25,7 @@ from ..config import RunConfig
 from ..data.dataset import encode_labels
 from ..data.splits import load_splits, subsample
 from ..engine.checkpoint import atomic_write_text
+from ..engine.batches import Batches, map_in_order
 from ..engine.feature_cache import cached_features
 from ..engine.loop import default_device
 from ..errors import UserError
@@ -60,11 +61,59 @@ def parse_candidate(candidate: str) -> tuple[str, int | None]:
     return match["model"], layers
 
 
+def depth_families(models: list[str]) -> dict[str, list[int | None]]:
+    """Pretrained candidates that are one model at several depths (NAME, NAME@layers=K, ...), by NAME: the
+    deepest of them computes the features of all in one pass over its layers. Random-weight copies are
+    initialised one by one, so a cut one is not the bottom of another."""
+    families: dict[str, list[int | None]] = {}
+    for candidate in models:
+        model_name, layers = parse_candidate(candidate)
+        if not model_name.startswith(RANDOM_PREFIX) and layers not in families.get(model_name, []):
+            families.setdefault(model_name, []).append(layers)
+    return {model_name: depths for model_name, depths in families.items() if len(depths) > 1}
+
+
+def processing_order(models: list[str]) -> list[str]:
+    """The candidates in the order given, except that each depth family is scored together, deepest first."""
+    families, ordered = depth_families(models), []
+    for candidate in models:
+        model_name, _ = parse_candidate(candidate)
+        if model_name not in families:
+            ordered.append(candidate)
+        elif not any(parse_candidate(done)[0] == model_name for done in ordered):
+            members = [m for m in models if parse_candidate(m)[0] == model_name]
+            ordered += sorted(members, key=lambda m: -(parse_candidate(m)[1] or 10**9))
+    return ordered
+
+
+def _features_at_depths(backbone, prepared, depths: list[int], batch_size: int, device: torch.device) -> torch.Tensor:
+    """examples x len(depths) x dim, one pass of the backbone (see ``Backbone.features_by_depth``)."""
+    backbone.eval().to(device)
+    batches = Batches(prepared, None, backbone.collate, batch_size, lengths=backbone.lengths(prepared))
+    with torch.no_grad():
+        return map_in_order(batches, lambda inputs: backbone.features_by_depth(depths=depths, **inputs), device,
+                            progress=f"features (sample, depths {', '.join(map(str, depths))})")
+
+
+def _agrees_with_own_pass(backbone, prepared, features: torch.Tensor, device: torch.device, examples: int = 8) -> bool:
+    """Whether the features a deeper copy computed for this cut candidate match its own forward pass on a few
+    examples (they do unless the encoder adds something after its last layer, such as a final norm)."""
+    indices = list(range(min(examples, len(features))))
+    backbone.eval().to(device)
+    with torch.no_grad():
+        inputs = {k: v.to(device) for k, v in backbone.collate(prepared, indices).items()}
+        own = backbone(**inputs).float().cpu()
+    return bool(torch.allclose(own, features[indices], rtol=1e-3, atol=1e-4))
+
+
 def _score_candidate(name: str, config: RunConfig, sample, classes: list[str], estimators: list[str],
-                     cache: Path, device: torch.device, profiles: dict | None = None) -> dict[str, Any]:
+                     cache: Path, device: torch.device, profiles: dict | None = None,
+                     shared: dict | None = None, family: list[int | None] | None = None) -> dict[str, Any]:
     """One row of the table; a candidate that cannot be loaded or used gets its reason instead. ``profiles``
     holds the cost profiles measured so far, by architecture: a random-weight control costs exactly what its
-    pretrained twin costs (same layers, same inputs), so one of them is measured."""
+    pretrained twin costs (same layers, same inputs), so one of them is measured. ``family``: the depths at
+    which the candidates of this model are ranked (see ``depth_families``); the deepest leaves the features
+    of the others in ``shared``, keyed by (model, layers)."""
     row: dict[str, Any] = {"model": name, "scores": {}, "not_applicable": {}}
     started = time.time()
     model_name, layers = parse_candidate(name)
@@ -80,7 +129,23 @@ def _score_candidate(name: str, config: RunConfig, sample, classes: list[str], e
     if backbone.modality != sample.modality:
         return {**row, "error": f"takes {backbone.modality}s but the data are {sample.modality}s"}
     prepared = backbone.prepare(sample.inputs)
-    features = cached_features(cache / _folder_name(name), "sample", backbone, prepared, config.eval_batch_size, device)
+    shared = {} if shared is None else shared
+    features = shared.pop((model_name, layers), None)
+    if features is not None:
+        if _agrees_with_own_pass(backbone, prepared, features, device):
+            row["features_from"] = "one pass of the family's deepest candidate"
+        else:
+            features = None
+    own_depth = backbone.depth()
+    lower = sorted({d for d in (family or []) if d is not None and own_depth is not None and d < own_depth})
+    if features is None and lower:
+        by_depth = _features_at_depths(backbone, prepared, [own_depth, *lower], config.eval_batch_size, device)
+        features = by_depth[:, 0].contiguous()
+        for position, depth in enumerate(lower, start=1):
+            shared[(model_name, depth)] = by_depth[:, position].contiguous()
+    elif features is None:
+        features = cached_features(cache / _folder_name(name), "sample", backbone, prepared, config.eval_batch_size,
+                                   device)
     labels = encode_labels(sample.labels, classes)
     source = backbone.source_probabilities(features.to(device))
     source = None if source is None else source.cpu().numpy()
@@ -306,11 +371,13 @@ def rank(models: list[str], *, sample: int = 1000, validate: int = 0, validate_e
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = default_device()
-    rows, profiles = [], {}
-    for name in models:
+    rows, profiles, shared = [], {}, {}
+    models = [m.strip() for m in models]
+    families = depth_families(models)
+    for name in processing_order(models):
         print(f"ranking {name}", flush=True)
-        rows.append(_score_candidate(name.strip(), config, chosen, splits.classes, estimators, out_dir / "cache", device,
-                                     profiles))
+        rows.append(_score_candidate(name, config, chosen, splits.classes, estimators, out_dir / "cache", device,
+                                     profiles, shared, families.get(parse_candidate(name)[0])))
         gc.collect()
         if "error" in rows[-1]:
             print(f"transferkit: warning: candidate {name} skipped: {rows[-1]['error']}", file=sys.stderr)
