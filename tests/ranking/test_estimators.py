@@ -89,6 +89,21 @@ def test_hscore_matches_a_reference_and_ranks_informative_features_higher():
     assert ESTIMATORS["hscore"](f, labels, None) > ESTIMATORS["hscore"](rng.normal(size=(90, 8)), labels, None)
 
 
+def test_hscore_from_the_examples_gram_equals_the_covariance_path():
+    from sklearn.covariance import ledoit_wolf
+
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 4, 60)
+    f = rng.normal(size=(60, 150))
+    f[:, :4] += np.eye(4)[labels] * 1.5
+    centred = f - f.mean(0)
+    covariance, shrinkage = ledoit_wolf(centred, assume_centered=True)
+    means = np.stack([centred[labels == label].mean(0) for label in labels])
+    reference = np.trace(np.linalg.solve(covariance, (1 - shrinkage) * means.T @ means / len(f)))
+    assert 0 < shrinkage < 1
+    assert ESTIMATORS["hscore"](f, labels, None) == pytest.approx(reference, rel=1e-8)  # 60 examples < 150 features
+
+
 def test_nleep_scores_clustered_features_above_noise_and_is_deterministic():
     rng = np.random.default_rng(4)
     labels = np.repeat([0, 1, 2], 40)

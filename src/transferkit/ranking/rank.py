@@ -8,7 +8,6 @@ bottom one, report Kendall tau and weighted tau between each estimator and the a
 
 from __future__ import annotations
 
-import gc
 import json
 import re
 import shutil
@@ -378,7 +377,6 @@ def rank(models: list[str], *, sample: int = 1000, validate: int = 0, validate_e
         print(f"ranking {name}", flush=True)
         rows.append(_score_candidate(name, config, chosen, splits.classes, estimators, out_dir / "cache", device,
                                      profiles, shared, families.get(parse_candidate(name)[0])))
-        gc.collect()
         if "error" in rows[-1]:
             print(f"transferkit: warning: candidate {name} skipped: {rows[-1]['error']}", file=sys.stderr)
     ok = [r for r in rows if "error" not in r]
