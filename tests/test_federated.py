@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+import transferkit
+from transferkit.cli import main
 from transferkit.errors import UserError
 from transferkit.federated import FederatedConfig
 from transferkit.federated.partition import partition
@@ -791,3 +793,12 @@ def test_a_supernode_keeps_its_client_state_only_in_the_state_dir_its_node_confi
     named = SimpleNamespace(node_config={"partition-id": 1, "state-dir": str(tmp_path)})
     assert _client_state_folder(config, 1, named) == tmp_path / "fed-client-1"
     assert _client_state_folder(config, 1, SimpleNamespace(node_config={"partition-id": 1})) is None
+
+
+def test_loading_a_fedper_run_says_why_it_has_no_model(tmp_path, capsys):
+    (tmp_path / "metrics.json").write_text(json.dumps({"kind": "federated", "personal": {"part": "head"}}))
+    with pytest.raises(UserError, match=r"personal head on each client \(personal: head\).*without 'personal'"):
+        transferkit.load_run(tmp_path)
+    (tmp_path / "texts.csv").write_text("text\ngood\n")
+    assert main(["predict", str(tmp_path), "--input", str(tmp_path / "texts.csv"), "--output", str(tmp_path / "p.csv")]) == 2
+    assert "personal head on each client" in capsys.readouterr().err

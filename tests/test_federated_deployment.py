@@ -88,13 +88,15 @@ def test_deployed_federation_survives_a_killed_client_and_resumes_after_a_stop(t
     paths), the third reads the path the config names and is killed while it trains in round 1. Round 1 goes
     on with the other two and names the dropped client. Then `flwr stop` ends the run on the SuperLink: the
     submitting command exits 2 saying the rounds are kept, and `--resume` continues after round 1 with the two
-    clients still there, and writes a usable global model. Local DP is on."""
+    clients still there. Local DP is on. Each client keeps its own head (FedPer); the two live SuperNodes name a
+    state-dir, so the resumed run (a new Flower run, empty client state) gives them their heads back from disk."""
     nodes, entries = [], []
     for i in range(3):
         data = write_table(tmp_path / f"site{i}.csv", make_sentences(80, seed=20 + i))
         if i < 2:
             (tmp_path / f"site{i}.yaml").write_text(f"train: {data}\n")
-            nodes.append(federation["supernode"](i, f'partition-id={i} data-config="{tmp_path / f"site{i}.yaml"}"'))
+            nodes.append(federation["supernode"](i, f'partition-id={i} data-config="{tmp_path / f"site{i}.yaml"}" '
+                                                   f'state-dir="{tmp_path / "state"}"'))
             entries.append(f"  - {{name: site{i}, train: /elsewhere/site{i}.csv}}")
         else:
             nodes.append(federation["supernode"](i, f"partition-id={i}"))
@@ -102,7 +104,7 @@ def test_deployed_federation_survives_a_killed_client_and_resumes_after_a_stop(t
     config = tmp_path / "fed.yaml"
     config.write_text(f"model: {tiny_bert_dir}\nstrategy: full\nlr: 1.0e-3\nbatch_size: 16\nmax_rounds: 2\n"
                       f"round_patience: null\nround_timeout_s: 60\ndp_clipping_norm: 5.0\ndp_epsilon: 1000\n"
-                      f"clients:\n" + "\n".join(entries) + f"\nout: {tmp_path / 'run'}\n")
+                      f"personal: head\nclients:\n" + "\n".join(entries) + f"\nout: {tmp_path / 'run'}\n")
     submit = subprocess.Popen([sys.executable, "-m", "transferkit", "federate", "--config", str(config),
                                "--superlink", federation["control"], "--insecure"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -136,7 +138,7 @@ def test_deployed_federation_survives_a_killed_client_and_resumes_after_a_stop(t
     logs = "\n".join(p.read_text()[-1500:] for p in sorted(federation["logs"].glob("*.log")))
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-2000:] + logs
     output = resumed.stdout + resumed.stderr
-    assert f"resuming after round {rounds_done}" in output
+    assert f"resuming after round {rounds_done}" in output and "state-dir" in output
 
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["engine"] == "deployment" and metrics["rounds"] == 2
@@ -154,9 +156,14 @@ def test_deployed_federation_survives_a_killed_client_and_resumes_after_a_stop(t
     assert metrics["privacy"]["total"]["rounds"] == 2 and metrics["privacy"]["total"]["basic_composition"]["epsilon"] == 2000
     assert "LocalDpMod: parameters are clipped" in (federation["logs"] / "supernode-0.log").read_text()
 
+    # Both heads trained in both rounds: the one of round 1 came back from the state-dir after the stop.
+    assert {name: r["personal_rounds"] for name, r in metrics["per_client"].items()} == {"site0": 2, "site1": 2}
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["run-client-0", "run-client-1"]
     import transferkit
+    from transferkit.errors import UserError
 
-    assert transferkit.load_run(tmp_path / "run").predict(["good movie"])[0] in ("neg", "pos")
+    with pytest.raises(UserError, match="personal head on each client"):  # no single model to predict with
+        transferkit.load_run(tmp_path / "run")
 
 
 def test_an_unreachable_superlink_is_one_clear_line(tiny_bert_dir, tmp_path):
