@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -17,11 +18,13 @@ from .batches import Batches, map_in_order
 
 
 @torch.no_grad()
-def compute_features(backbone: Backbone, prepared, batch_size: int, description: str,
-                     device: torch.device) -> torch.Tensor:
+def compute_features(backbone: Backbone, prepared, batch_size: int, description: str, device: torch.device,
+                     forward: Callable[[dict], torch.Tensor] | None = None) -> torch.Tensor:
+    """The backbone's features of every example in order (``forward(inputs)`` instead of ``backbone(**inputs)``
+    where given, e.g. the features at several depths)."""
     backbone.eval().to(device)
     batches = Batches(prepared, None, backbone.collate, batch_size, lengths=backbone.lengths(prepared))
-    return map_in_order(batches, lambda inputs: backbone(**inputs), device, progress=description)
+    return map_in_order(batches, forward or (lambda inputs: backbone(**inputs)), device, progress=description)
 
 
 def cached_features(cache_dir: Path | None, split: str, backbone: Backbone, prepared, batch_size: int,

@@ -19,7 +19,6 @@ def regularised_hscore(features: np.ndarray, labels: np.ndarray, source_probs: n
     f = np.asarray(features, dtype=np.float64)
     f = f - f.mean(0, keepdims=True)
     classes, index, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    weights = counts / len(f)
     if len(f) < f.shape[1]:
         score = _hscore_from_examples_gram(f, index, counts)
         if score is not None:
@@ -35,7 +34,7 @@ def regularised_hscore(features: np.ndarray, labels: np.ndarray, source_probs: n
         solved = scipy.linalg.cho_solve(factor, means.T, check_finite=False)  # d x C
     except np.linalg.LinAlgError:  # no shrinkage and singular features: fall back to the pseudo-inverse
         solved = np.linalg.pinv(estimator.covariance_, hermitian=True) @ means.T
-    return float((1 - estimator.shrinkage_) * np.sum(weights * np.einsum("dc,cd->c", solved, means)))
+    return float((1 - estimator.shrinkage_) * np.sum(counts / len(f) * np.einsum("dc,cd->c", solved, means)))
 
 
 def _hscore_from_examples_gram(f: np.ndarray, index: np.ndarray, counts: np.ndarray) -> float | None:

@@ -24,8 +24,7 @@ from ..config import RunConfig
 from ..data.dataset import encode_labels
 from ..data.splits import load_splits, subsample
 from ..engine.checkpoint import atomic_write_text
-from ..engine.batches import Batches, map_in_order
-from ..engine.feature_cache import cached_features
+from ..engine.feature_cache import cached_features, compute_features
 from ..engine.loop import default_device
 from ..errors import UserError
 from ..model import Classifier
@@ -85,15 +84,6 @@ def processing_order(models: list[str]) -> list[str]:
     return ordered
 
 
-def _features_at_depths(backbone, prepared, depths: list[int], batch_size: int, device: torch.device) -> torch.Tensor:
-    """examples x len(depths) x dim, one pass of the backbone (see ``Backbone.features_by_depth``)."""
-    backbone.eval().to(device)
-    batches = Batches(prepared, None, backbone.collate, batch_size, lengths=backbone.lengths(prepared))
-    with torch.no_grad():
-        return map_in_order(batches, lambda inputs: backbone.features_by_depth(depths=depths, **inputs), device,
-                            progress=f"features (sample, depths {', '.join(map(str, depths))})")
-
-
 def _agrees_with_own_pass(backbone, prepared, features: torch.Tensor, device: torch.device, examples: int = 8) -> bool:
     """Whether the features a deeper copy computed for this cut candidate match its own forward pass on a few
     examples (they do unless the encoder adds something after its last layer, such as a final norm)."""
@@ -138,7 +128,10 @@ def _score_candidate(name: str, config: RunConfig, sample, classes: list[str], e
     own_depth = backbone.depth()
     lower = sorted({d for d in (family or []) if d is not None and own_depth is not None and d < own_depth})
     if features is None and lower:
-        by_depth = _features_at_depths(backbone, prepared, [own_depth, *lower], config.eval_batch_size, device)
+        depths = [own_depth, *lower]  # examples x depths x dim from one pass
+        by_depth = compute_features(backbone, prepared, config.eval_batch_size,
+                                    f"features (sample, depths {', '.join(map(str, depths))})", device,
+                                    forward=lambda inputs: backbone.features_by_depth(depths=depths, **inputs))
         features = by_depth[:, 0].contiguous()
         for position, depth in enumerate(lower, start=1):
             shared[(model_name, depth)] = by_depth[:, position].contiguous()
