@@ -1,8 +1,8 @@
 """How far to trust `transferkit rank`: each estimator's rank correlation with the accuracy that fine-tuning
 every candidate actually reaches, and what ranking costs next to fine-tuning.
 
-Zoos (offline): Fashion-MNIST with EfficientNet-Lite0/1/2 and the same three with random weights (the
-controls must rank last); SST-2 with MiniLM-L6, the same cut to its 4, 2 and 1 lowest layers (cheaper
+Zoos (offline): Fashion-MNIST with EfficientNet-Lite0/1/2, Lite0 cut to its 11, 8, 5 and 3 lowest blocks (the
+ends of its stages 5, 4, 3 and 2), and the three with random weights (the controls must rank last); SST-2 with MiniLM-L6, the same cut to its 4, 2 and 1 lowest layers (cheaper
 candidates of one family), the static-embedding model, and MiniLM-L6 with random weights (the control). Every candidate is
 fine-tuned with one recipe (strategy full, the same images/sentences and epochs) at each LR of one grid,
 keeping the LR its validation accuracy chooses (You et al., LogME, ICML 2021, tune each model so): with one
@@ -38,8 +38,9 @@ LRS = [1e-4, 1e-3, 1e-2]  # three decades: MiniLM wants the lowest, a static emb
 # zoo (same scores) gave N-LEEP weighted taus of 0.87 and 0.39, the candidates of each family trading places.
 SEEDS = 3
 ZOOS = {
-    "fashion": {"models": ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "random:efficientnet-lite0",
-                           "random:efficientnet-lite1", "random:efficientnet-lite2"],
+    "fashion": {"models": ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "efficientnet-lite0@layers=11",
+                           "efficientnet-lite0@layers=8", "efficientnet-lite0@layers=5", "efficientnet-lite0@layers=3",
+                           "random:efficientnet-lite0", "random:efficientnet-lite1", "random:efficientnet-lite2"],
                 "data": {"train": "fashion-mnist", "image_size": 32, "val_fraction": 0.05, "batch_size": 64,
                          "epochs": 2, "schedule": "cosine", "patience": None}},
     "sst2": {"models": ["minilm-l6", "minilm-l6@layers=4", "minilm-l6@layers=2", "minilm-l6@layers=1", "static-64",

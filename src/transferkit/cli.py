@@ -32,7 +32,7 @@ FIT_FLAGS_HELP = {
     "schedule": "linear, cosine, exponential, one-cycle or constant (after --warmup-ratio)",
     "optimizer": "adamw or sgd (with --momentum)",
     "accumulate": "add up the gradients of N batches per optimiser step (an N times larger effective batch)",
-    "keep_layers": "keep only the K lowest transformer layers of the model (a smaller, faster student)",
+    "keep_layers": "keep only the K lowest layers of the model (transformer layers, EfficientNet blocks): a smaller, faster model",
     "target": "domain adaptation: unlabelled target-domain data (labels, if any, are ignored)",
     "target_test": "domain adaptation: labelled target-domain test file, used only to report",
     "adapt_method": "domain adaptation: source-only, target-bn, dan, dann, coral, cdan, mcc or im",
@@ -476,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit_arguments(ranker)
     ranker.add_argument("--data", dest="train", default=None, help="the labelled data to rank for (same as --train)")
     ranker.add_argument("--models", required=True, help="comma-separated candidates; random:NAME is NAME with random weights, "
-                        "NAME@layers=K is NAME cut to its K lowest transformer layers")
+                        "NAME@layers=K is NAME cut to its K lowest layers (transformer layers, EfficientNet blocks)")
     ranker.add_argument("--sample", type=int, default=1000, help="stratified sample of the data to score on (default 1000)")
     ranker.add_argument("--validate", type=int, default=0,
                         help="fine-tune the top K (and the bottom one) with --epochs and report rank correlations")

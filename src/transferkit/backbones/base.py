@@ -65,8 +65,8 @@ class Backbone(nn.Module, ABC):
         return None
 
     def depth(self) -> int | None:
-        """How many layers ``keep_bottom_layers`` cuts from; None where it cannot cut (and ``features_by_depth``
-        is not available)."""
+        """How many layers ``keep_bottom_layers`` cuts from, where ``features_by_depth`` gives the features of every
+        cut from one pass; None where it does not."""
         return None
 
     def features_by_depth(self, depths: Sequence[int], **inputs: torch.Tensor) -> torch.Tensor:
@@ -75,10 +75,11 @@ class Backbone(nn.Module, ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot give the features of its lower layers")
 
     def keep_bottom_layers(self, keep: int) -> None:
-        """Keep only the ``keep`` lowest blocks (a smaller student); transformers backbones support it."""
+        """Keep only the ``keep`` lowest blocks (a smaller student); transformers and EfficientNet-Lite support it."""
         from ..errors import UserError
 
-        raise UserError(f"model '{self.spec.get('name')}' does not support keep_layers: it applies to transformers models")
+        raise UserError(f"model '{self.spec.get('name')}' does not support keep_layers: it applies to transformers "
+                        f"models and EfficientNet-Lite")
 
     def add_adapters(self, adapter: dict[str, Any]) -> None:
         """Insert parameter-efficient adapters (LoRA, IA3); backbones that cannot take them say so."""

@@ -115,6 +115,8 @@ class EfficientNetLiteBackbone(PeftAdapterHost, Backbone):
         self.spec = spec
         self.image_size = int(spec["image_size"])
         self.feature_dim = int(network._bn1.num_features)
+        self.blocks_total = len(network._blocks)  # before any cut: the drop-connect rate of block i depends on it
+        self.cut = False
 
     @classmethod
     def from_pretrained(cls, variant: int, *, image_size: int | None, name: str,
@@ -142,6 +144,8 @@ class EfficientNetLiteBackbone(PeftAdapterHost, Backbone):
         network = _build(int(spec["variant"]), int(spec["image_size"]))
         _plain_convolutions(network)
         backbone = cls(network, dict(spec))
+        if spec.get("keep_layers"):
+            backbone.keep_bottom_layers(int(spec["keep_layers"]))
         if spec.get("adapter"):
             backbone.add_adapters(spec["adapter"])
         return backbone
@@ -150,7 +154,40 @@ class EfficientNetLiteBackbone(PeftAdapterHost, Backbone):
         """Nothing beyond the spec: the architecture is rebuilt from its variant and image size."""
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.network.extract_features(pixel_values).mean(dim=(2, 3))
+        if not self.cut:
+            return self.network.extract_features(pixel_values).mean(dim=(2, 3))
+        n = self.network
+        x = n._swish(n._bn0(n._conv_stem(pixel_values)))
+        rate = n._global_params.drop_connect_rate
+        for index, block in enumerate(n._blocks):
+            # Each kept block keeps the drop-connect rate it had in the whole network (the package's schedule).
+            x = block(x, drop_connect_rate=rate * index / self.blocks_total if rate else rate)
+        return x.mean(dim=(2, 3))
+
+    def depth(self) -> int | None:
+        return None  # a cut network's features have another width, so every depth is its own pass
+
+    def keep_bottom_layers(self, keep: int) -> None:
+        """Keep the stem and the ``keep`` lowest MBConv blocks; the features are their output, pooled.
+
+        The 1x1 head convolution (to 1280 channels) reads the last block's output, so a cut network drops it
+        and its features are as wide as the last kept block (16 to 320 channels); keeping every block changes
+        nothing. Lower blocks transfer more generic features (Yosinski et al. 2014) and cost far less.
+        """
+        total = len(self.network._blocks)
+        if not 1 <= keep <= total:
+            raise UserError(f"'keep_layers' is {keep} but {self.spec.get('name')} has {total} blocks: "
+                            f"choose 1 to {total}")
+        if keep == total:
+            return
+        n = self.network
+        n._blocks = nn.ModuleList(list(n._blocks)[:keep])
+        del n._conv_head, n._bn1
+        self.cut = True
+        self.feature_dim = int(n._blocks[-1]._block_args.output_filters)
+        self.spec["keep_layers"] = keep
+        # The ImageNet classifier reads the 1280 head features, which a cut network no longer has.
+        self.imagenet_head = None
 
     def source_probabilities(self, features: torch.Tensor) -> torch.Tensor | None:
         head = getattr(self, "imagenet_head", None)
@@ -160,7 +197,8 @@ class EfficientNetLiteBackbone(PeftAdapterHost, Backbone):
 
     def layer_groups(self) -> list[nn.Module]:
         n = self.network
-        return [ParameterGroup([n._conv_stem, n._bn0]), *n._blocks, ParameterGroup([n._conv_head, n._bn1])]
+        top = [] if self.cut else [ParameterGroup([n._conv_head, n._bn1])]
+        return [ParameterGroup([n._conv_stem, n._bn0]), *n._blocks, *top]
 
     def prepare(self, images):
         return images

@@ -45,7 +45,7 @@ LAYERS = re.compile(r"^(?P<model>.+)@layers=(?P<layers>\d+)$")
 
 
 def parse_candidate(candidate: str) -> tuple[str, int | None]:
-    """``NAME`` or ``NAME@layers=K`` (NAME cut to its K lowest transformer layers: a cheaper candidate of the
+    """``NAME`` or ``NAME@layers=K`` (NAME cut to its K lowest layers or blocks: a cheaper candidate of the
     same family, so the ranking also answers "how deep a model do I need?")."""
     match = LAYERS.match(candidate)
     if match is None:
