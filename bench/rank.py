@@ -65,6 +65,11 @@ def run_zoo(name: str, sample: int, fine_tune_examples: int) -> dict:
     return result
 
 
+def _share(part_s: float, whole_s: float) -> str:
+    """``part_s`` as 1/N of ``whole_s``, N rounded down: a ratio just short of the 1/50 goal never reads as 1/50."""
+    return f"1/{int(whole_s / max(part_s, 1e-9))}"
+
+
 def section(results: dict) -> str:
     lines = ["## Choosing the model: transferability vs fine-tuned accuracy (bench/rank.py)", "",
              "Every candidate fine-tuned with one recipe at each learning rate of one grid (1e-4, 1e-3, 1e-2), keeping",
@@ -98,11 +103,11 @@ def section(results: dict) -> str:
                   + (f"; the {validation['seeds'] - 1} more seeds at the chosen rate, for this check only, took "
                      f"{validation['fine_tune_seconds'] - tune_s:.0f} s more" if validation.get("seeds", 1) > 1 else "")
                   + "): scoring costs "
-                  f"1/{tune_s / max(rank_s, 1e-9):.0f} of fine-tuning."]
+                  f"{_share(rank_s, tune_s)} of fine-tuning."]
         if cost_s is not None and wall_s is not None:
             lines[-1] += (f" The cost profile (FLOPs, latency, memory) adds {cost_s:.0f} s; the whole `rank` command "
                           f"before fine-tuning, data loading included, took {wall_s:.0f} s "
-                          f"(1/{tune_s / max(wall_s, 1e-9):.0f}).")
+                          f"({_share(wall_s, tune_s)}).")
         lines.append("")
     if len(results) > 1:
         lines += _mean_over_zoos(results)
@@ -124,7 +129,7 @@ def _mean_over_zoos(results: dict) -> list[str]:
         lines.append(f"| {estimator} | " + " | ".join("-" if t is None else f"{t:.3f}" for t in taus) + f" | {mean} |")
     rank_s = sum(r["validation"]["rank_seconds"] for r in results.values())
     tune_s = sum(r["validation"].get("fine_tune_grid_seconds", r["validation"]["fine_tune_seconds"]) for r in results.values())
-    lines += ["", f"Over both zoos scoring took {rank_s:.0f} s and fine-tuning {tune_s:.0f} s: 1/{tune_s / max(rank_s, 1e-9):.0f}.",
+    lines += ["", f"Over both zoos scoring took {rank_s:.0f} s and fine-tuning {tune_s:.0f} s: {_share(rank_s, tune_s)}.",
               ""]
     return lines
 

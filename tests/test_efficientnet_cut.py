@@ -34,6 +34,12 @@ def test_a_cut_network_gives_the_pooled_output_of_its_last_kept_block():
     assert torch.allclose(features, outputs[4].mean(dim=(2, 3)), atol=1e-6)
     assert len(cut.layer_groups()) == 1 + 5  # the stem and five blocks; the head convolution went with the cut
     assert cut.imagenet_head is None and cut.spec["keep_layers"] == 5
+    # One pass of the whole network gives the features of every cut side by side, its own first.
+    with torch.no_grad():
+        side_by_side = whole.features_by_depth(pixel_values=x, depths=[16, 5, 3])
+    own, five, three = torch.split(side_by_side, whole.depth_widths([16, 5, 3]), dim=1)
+    assert torch.equal(own, whole_features) and torch.allclose(five, features, atol=1e-6)
+    assert torch.allclose(three, outputs[2].mean(dim=(2, 3)), atol=1e-6) and three.shape[1] == 24
     # Keeping every block changes nothing.
     every = create_backbone("efficientnet-lite0", image_size=32)
     every.keep_bottom_layers(len(whole.network._blocks))
@@ -82,3 +88,10 @@ def test_rank_prices_and_scores_a_cut_efficientnet_beside_the_whole_one(tmp_path
     assert cut["cost"]["flops_per_example"] < whole["cost"]["flops_per_example"]
     # The ImageNet classifier reads the whole network's features: LEEP applies to it, not to the cut one.
     assert whole["scores"]["leep"] is not None and cut["scores"]["leep"] is None
+    # The cut candidate's features came from the whole network's pass, and score as its own pass does.
+    assert cut["features_from"].startswith("one pass")
+    alone = transferkit.rank(["efficientnet-lite0@layers=8"], train=str(tmp_path / "data"), sample=40, image_size=32,
+                             out=str(tmp_path / "alone"))["candidates"][0]
+    assert "features_from" not in alone
+    for estimator, score in alone["scores"].items():
+        assert score is None or cut["scores"][estimator] == pytest.approx(score, rel=1e-3, abs=1e-4)

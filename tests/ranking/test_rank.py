@@ -163,7 +163,8 @@ def test_features_of_a_deeper_pass_that_disagree_with_the_cut_model_are_not_used
 
     def with_a_final_norm(self, input_ids, attention_mask, depths):  # as an encoder with a norm after its layers
         features = honest(self, input_ids, attention_mask, depths)
-        return torch.cat([features[:, :1], 2 * features[:, 1:] + 1], dim=1)
+        own = self.feature_dim  # the features at each depth lie side by side, its own first
+        return torch.cat([features[:, :own], 2 * features[:, own:] + 1], dim=1)
 
     monkeypatch.setattr(HFTextBackbone, "features_by_depth", with_a_final_norm)
     cut = f"{tiny_bert_dir}@layers=1"

@@ -70,9 +70,13 @@ class Backbone(nn.Module, ABC):
         return None
 
     def features_by_depth(self, depths: Sequence[int], **inputs: torch.Tensor) -> torch.Tensor:
-        """batch x len(depths) x dim: the features this backbone cut to each of ``depths`` layers would give,
-        from one pass (backbones whose ``depth()`` is not None)."""
+        """The features this backbone cut to each of ``depths`` layers would give, side by side (batch x the sum of
+        ``depth_widths(depths)``), from one pass (backbones whose ``depth()`` is not None)."""
         raise NotImplementedError(f"{type(self).__name__} cannot give the features of its lower layers")
+
+    def depth_widths(self, depths: Sequence[int]) -> list[int]:
+        """How wide the features at each of ``depths`` are, as ``features_by_depth`` lays them side by side."""
+        return [self.feature_dim] * len(depths)
 
     def keep_bottom_layers(self, keep: int) -> None:
         """Keep only the ``keep`` lowest blocks (a smaller student); transformers and EfficientNet-Lite support it."""

@@ -156,16 +156,35 @@ class EfficientNetLiteBackbone(PeftAdapterHost, Backbone):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if not self.cut:
             return self.network.extract_features(pixel_values).mean(dim=(2, 3))
+        return self._blocks_forward(pixel_values, ())[0]
+
+    def _blocks_forward(self, pixel_values: torch.Tensor, depths: Sequence[int]) -> list[torch.Tensor]:
+        """This network's features, then the pooled output of block d for each d of ``depths``."""
         n = self.network
         x = n._swish(n._bn0(n._conv_stem(pixel_values)))
         rate = n._global_params.drop_connect_rate
+        lower = {}
         for index, block in enumerate(n._blocks):
             # Each kept block keeps the drop-connect rate it had in the whole network (the package's schedule).
             x = block(x, drop_connect_rate=rate * index / self.blocks_total if rate else rate)
-        return x.mean(dim=(2, 3))
+            if index + 1 in depths:
+                lower[index + 1] = x.mean(dim=(2, 3))
+        own = x if self.cut else n._swish(n._bn1(n._conv_head(x)))
+        return [own.mean(dim=(2, 3)), *(lower[d] for d in depths)]
 
     def depth(self) -> int | None:
-        return None  # a cut network's features have another width, so every depth is its own pass
+        return len(self.network._blocks)
+
+    def features_by_depth(self, pixel_values: torch.Tensor, depths: Sequence[int]) -> torch.Tensor:
+        """This network cut to each of ``depths`` blocks (its own depth: its usual features), side by side, from
+        one pass: a cut network's features are the pooled output of its last block."""
+        own, *lower = self._blocks_forward(pixel_values, [d for d in depths if d != self.depth()])
+        lower_by_depth = dict(zip([d for d in depths if d != self.depth()], lower))
+        return torch.cat([own if d == self.depth() else lower_by_depth[d] for d in depths], dim=1)
+
+    def depth_widths(self, depths: Sequence[int]) -> list[int]:
+        blocks = self.network._blocks
+        return [self.feature_dim if d == self.depth() else int(blocks[d - 1]._block_args.output_filters) for d in depths]
 
     def keep_bottom_layers(self, keep: int) -> None:
         """Keep the stem and the ``keep`` lowest MBConv blocks; the features are their output, pooled.

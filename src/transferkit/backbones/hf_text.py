@@ -106,14 +106,14 @@ class HFTextBackbone(PeftAdapterHost, Backbone):
 
     def features_by_depth(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                           depths: Sequence[int]) -> torch.Tensor:
-        """batch x len(depths) x dim: the features of this encoder cut to each of ``depths`` lowest layers
-        (its own depth: its usual features), from one pass over the layers. A cut copy's output is the hidden
+        """batch x (len(depths) * dim): the features of this encoder cut to each of ``depths`` lowest layers
+        (its own depth: its usual features), side by side, from one pass over the layers. A cut copy's output is the hidden
         state after its last layer only where the encoder adds nothing after its layers (BERT does; a final
         norm would not): callers check a few examples against the cut copy itself."""
         output = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         own = self.depth()
-        return torch.stack([self._pool(output.last_hidden_state if depth == own else output.hidden_states[depth],
-                                       attention_mask) for depth in depths], dim=1)
+        return torch.cat([self._pool(output.last_hidden_state if depth == own else output.hidden_states[depth],
+                                     attention_mask) for depth in depths], dim=1)
 
     def layer_groups(self) -> list[nn.Module]:
         return stack_layer_groups(self.encoder)

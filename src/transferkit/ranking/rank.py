@@ -128,13 +128,14 @@ def _score_candidate(name: str, config: RunConfig, sample, classes: list[str], e
     own_depth = backbone.depth()
     lower = sorted({d for d in (family or []) if d is not None and own_depth is not None and d < own_depth})
     if features is None and lower:
-        depths = [own_depth, *lower]  # examples x depths x dim from one pass
+        depths = [own_depth, *lower]  # the features at every depth side by side, from one pass
         by_depth = compute_features(backbone, prepared, config.eval_batch_size,
                                     f"features (sample, depths {', '.join(map(str, depths))})", device,
                                     forward=lambda inputs: backbone.features_by_depth(depths=depths, **inputs))
-        features = by_depth[:, 0].contiguous()
-        for position, depth in enumerate(lower, start=1):
-            shared[(model_name, depth)] = by_depth[:, position].contiguous()
+        own, *parts = torch.split(by_depth, backbone.depth_widths(depths), dim=1)
+        features = own.contiguous()
+        for depth, part in zip(lower, parts):
+            shared[(model_name, depth)] = part.contiguous()
     elif features is None:
         features = cached_features(cache / _folder_name(name), "sample", backbone, prepared, config.eval_batch_size,
                                    device)
