@@ -184,7 +184,8 @@ class EfficientNetLiteBackbone(PeftAdapterHost, Backbone):
 
     def depth_widths(self, depths: Sequence[int]) -> list[int]:
         blocks = self.network._blocks
-        return [self.feature_dim if d == self.depth() else int(blocks[d - 1]._block_args.output_filters) for d in depths]
+        return [self.feature_dim if d == self.depth() else int(blocks[d - 1]._block_args.output_filters)
+                for d in depths]
 
     def keep_bottom_layers(self, keep: int) -> None:
         """Keep the stem and the ``keep`` lowest MBConv blocks; the features are their output, pooled.

@@ -107,9 +107,9 @@ class HFTextBackbone(PeftAdapterHost, Backbone):
     def features_by_depth(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                           depths: Sequence[int]) -> torch.Tensor:
         """batch x (len(depths) * dim): the features of this encoder cut to each of ``depths`` lowest layers
-        (its own depth: its usual features), side by side, from one pass over the layers. A cut copy's output is the hidden
-        state after its last layer only where the encoder adds nothing after its layers (BERT does; a final
-        norm would not): callers check a few examples against the cut copy itself."""
+        (its own depth: its usual features), side by side, from one pass over the layers. A cut copy's output is
+        the hidden state after its last layer only where the encoder adds nothing after its layers (BERT does; a
+        final norm would not): callers check a few examples against the cut copy itself."""
         output = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         own = self.depth()
         return torch.cat([self._pool(output.last_hidden_state if depth == own else output.hidden_states[depth],
