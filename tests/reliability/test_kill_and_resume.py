@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -50,27 +51,47 @@ def _outcome(run: Path) -> tuple[dict, dict]:
     return metrics, load_file(run / "model" / "model.safetensors")
 
 
-@pytest.mark.parametrize("point", _kill_points(), ids=lambda p: f"{p[0]}-{p[1]}")
-def test_kill_minus_9_then_resume_gives_the_uninterrupted_result(setup, point):
-    root, args, reference = setup
+POINTS = _kill_points()
+
+
+def _kill_then_resume(root: Path, args: list[str], point: tuple[str, int]) -> dict:
+    """Kill a run at ``point``, then resume it; what the test checks, recorded as it happens."""
     run = root / f"{point[0]}-{point[1]}"
     killed = subprocess.run([sys.executable, str(FAULTS), point[0], str(point[1]), "--", *args, "--out", str(run)],
                             capture_output=True, text=True)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert not (run / "metrics.json").exists()
-
-    had_checkpoint = (run / "checkpoints" / "latest").is_file()
+    seen = {"run": run, "killed": killed, "finished_before_resume": (run / "metrics.json").exists(),
+            "had_checkpoint": (run / "checkpoints" / "latest").is_file()}
     if (run / "config.yaml").is_file():
         resume = [sys.executable, "-m", "transferkit", "fit", "--out", str(run), "--resume"]
     else:  # killed before the run directory existed: starting again is the resume
         resume = [sys.executable, "-m", "transferkit", *args, "--out", str(run)]
-    resumed = subprocess.run(resume, capture_output=True, text=True)
+    seen["resumed"] = subprocess.run(resume, capture_output=True, text=True)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def outcomes(setup) -> dict:
+    # Two points at a time: each point is two short processes (the killed run, its resume) that spend most of
+    # their time starting Python and importing libraries, which two cores run side by side. The kill points are
+    # counted events, not timings, and each process keeps its own thread count, so results are unchanged.
+    root, args, _ = setup
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(POINTS, pool.map(lambda point: _kill_then_resume(root, args, point), POINTS)))
+
+
+@pytest.mark.parametrize("point", POINTS, ids=lambda p: f"{p[0]}-{p[1]}")
+def test_kill_minus_9_then_resume_gives_the_uninterrupted_result(setup, outcomes, point):
+    reference = setup[2]
+    seen = outcomes[point]
+    assert seen["killed"].returncode == -signal.SIGKILL, seen["killed"].stderr[-2000:]
+    assert not seen["finished_before_resume"]
+    resumed = seen["resumed"]
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    if had_checkpoint:  # it continued from the checkpoint rather than starting the fine-tuning again
+    if seen["had_checkpoint"]:  # it continued from the checkpoint rather than starting the fine-tuning again
         assert "fine-tune (full):   0%" not in resumed.stderr
 
     expected_metrics, expected_weights = _outcome(reference)
-    metrics, weights = _outcome(run)
+    metrics, weights = _outcome(seen["run"])
     assert metrics["test"] == expected_metrics["test"]
     assert metrics["baseline"]["test"] == expected_metrics["baseline"]["test"]
     assert [h["val_loss"] for h in metrics["history"]] == [h["val_loss"] for h in expected_metrics["history"]]
