@@ -116,7 +116,6 @@ class EfficientNetLiteBackbone(PeftAdapterHost, Backbone):
         self.image_size = int(spec["image_size"])
         self.feature_dim = int(network._bn1.num_features)
         self.blocks_total = len(network._blocks)  # before any cut: the drop-connect rate of block i depends on it
-        self.cut = False
 
     @classmethod
     def from_pretrained(cls, variant: int, *, image_size: int | None, name: str,
@@ -153,6 +152,11 @@ class EfficientNetLiteBackbone(PeftAdapterHost, Backbone):
     def save_preprocessing(self, directory: Path) -> None:
         """Nothing beyond the spec: the architecture is rebuilt from its variant and image size."""
 
+    @property
+    def cut(self) -> bool:
+        """Whether ``keep_bottom_layers`` dropped blocks (and with them the head convolution)."""
+        return len(self.network._blocks) < self.blocks_total
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if not self.cut:
             return self.network.extract_features(pixel_values).mean(dim=(2, 3))
@@ -178,9 +182,10 @@ class EfficientNetLiteBackbone(PeftAdapterHost, Backbone):
     def features_by_depth(self, pixel_values: torch.Tensor, depths: Sequence[int]) -> torch.Tensor:
         """This network cut to each of ``depths`` blocks (its own depth: its usual features), side by side, from
         one pass: a cut network's features are the pooled output of its last block."""
-        own, *lower = self._blocks_forward(pixel_values, [d for d in depths if d != self.depth()])
-        lower_by_depth = dict(zip([d for d in depths if d != self.depth()], lower))
-        return torch.cat([own if d == self.depth() else lower_by_depth[d] for d in depths], dim=1)
+        lower = [d for d in depths if d != self.depth()]
+        own, *pooled = self._blocks_forward(pixel_values, lower)
+        by_depth = {self.depth(): own, **dict(zip(lower, pooled))}
+        return torch.cat([by_depth[d] for d in depths], dim=1)
 
     def depth_widths(self, depths: Sequence[int]) -> list[int]:
         blocks = self.network._blocks
@@ -203,7 +208,6 @@ class EfficientNetLiteBackbone(PeftAdapterHost, Backbone):
         n = self.network
         n._blocks = nn.ModuleList(list(n._blocks)[:keep])
         del n._conv_head, n._bn1
-        self.cut = True
         self.feature_dim = int(n._blocks[-1]._block_args.output_filters)
         self.spec["keep_layers"] = keep
         # The ImageNet classifier reads the 1280 head features, which a cut network no longer has.
