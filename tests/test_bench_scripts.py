@@ -141,16 +141,35 @@ def test_federated_benchmark_runs_on_a_tiny_model(tiny_bert_dir, tmp_path):
     rows = json.loads(results.read_text())["text"]["rows"]
     assert set(rows) == {"centralised", "iid", "iid-fedavgm"} and rows["iid-fedavgm"]["aggregator"] == "fedavgm"
     assert all(0 <= r["test_accuracy"] <= 1 for r in rows.values())
-    # The ablation of the clients' optimiser state reuses the recorded pair's batch size and LR.
-    process = subprocess.run(
-        [sys.executable, str(BENCH / "federated.py"), "--tiny", "--model", str(tiny_bert_dir), "--only", "text",
-         "--clients", "2", "--rounds", "1", "--optimizer-state-seeds", "0", "--results", str(results), "--no-doc"],
-        capture_output=True, text=True, timeout=900)
-    assert process.returncode == 0, process.stderr[-3000:] + process.stdout[-3000:]
-    ablation = json.loads(results.read_text())["text-optimizer-state"]
-    assert (ablation["batch_size"], ablation["lr"]) == (saved["federated_batch_size"], saved["federated_lr"])
-    assert [r["seed"] for r in ablation["runs"]["reset"]] == [r["seed"] for r in ablation["runs"]["keep"]] == [0]
-    assert "| kept (`client_optimizer_state: keep`) |" in process.stdout
+
+
+def test_federated_benchmark_ablation_reuses_the_recorded_pair(tmp_path, monkeypatch):
+    """The optimiser-state ablation (reset vs keep) at the batch size and LR the recorded pair chose, once per seed.
+    Its federations are the same `run_setting` calls the smoke run above makes for real (a Flower simulation each);
+    here they are recorded instead of run, which keeps two simulations out of the suite."""
+    import argparse
+
+    import federated
+
+    calls = []
+
+    def run_setting(name, recipe, folder, args, **options):
+        calls.append((name, recipe, options))
+        keep = options["client_optimizer_state"] == "keep"
+        return {"test_accuracy": 0.75 + 0.1 * keep, "best_val_accuracy": 0.7, "seconds": 1.0}
+
+    monkeypatch.setattr(federated, "run_setting", run_setting)
+    args = argparse.Namespace(optimizer_state_seeds=[0, 3])
+    pair = {"federated_batch_size": 8, "federated_lr": 0.01}
+    ablation = federated.run_optimizer_state_ablation(args, tmp_path, "text", {"batch_size": 32, "lr": 5e-4, "model": "m"},
+                                                      pair)
+    assert [(c[1]["batch_size"], c[1]["lr"], c[1]["seed"], c[2]) for c in calls] == [
+        (8, 0.01, seed, {"partitioner": "iid", "client_optimizer_state": mode}) for seed in (0, 3) for mode in ("reset", "keep")]
+    assert (ablation["batch_size"], ablation["lr"]) == (8, 0.01)
+    table = "\n".join(federated.optimizer_state_table({"machine": "here", "text-optimizer-state": ablation}))
+    assert "| kept (`client_optimizer_state: keep`) | 0.8500 / 0.7000 | 0.8500 / 0.7000 | 0.8500 |" in table
+    assert "| reset each round (default) | 0.7500 / 0.7000 | 0.7500 / 0.7000 | 0.7500 |" in table
+    assert "batch 8, lr 0.01" in table
 
 
 def test_core_benchmark_says_when_an_inherited_recipe_no_longer_wins_the_grid():

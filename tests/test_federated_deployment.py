@@ -19,6 +19,14 @@ from tests.conftest import make_sentences, write_table
 
 pytest.importorskip("flwr")
 BIN = Path(sys.executable).parent
+# `flower-supernode` with its heartbeat every 10 s (Flower's floor) instead of its hard-coded 30 s: the SuperLink
+# declares a silent node offline after two missed intervals, so the killed client's round goes on after ~20 s
+# instead of ~60 s. Nothing else about the SuperNode differs.
+# (The interval the node announces and the one its sender waits are two imports of the same constant.)
+SUPERNODE = ("import sys; import flwr.client.grpc_rere_client.connection as announced; "
+             "import flwr.supercore.heartbeat as sender; "
+             "announced.HEARTBEAT_DEFAULT_INTERVAL = sender.HEARTBEAT_DEFAULT_INTERVAL = 10; "
+             "from flwr.supernode.cli import flower_supernode; sys.exit(flower_supernode())")
 
 
 def _free_ports(count: int) -> list[int]:
@@ -66,7 +74,7 @@ def federation(tmp_path):
 
     def supernode(partition: int, node_config: str):
         (appio,) = _free_ports(1)
-        return start([str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{fleet}",
+        return start([sys.executable, "-c", SUPERNODE, "--insecure", "--superlink", f"127.0.0.1:{fleet}",
                       "--clientappio-api-address", f"127.0.0.1:{appio}", "--node-config", node_config],
                      f"supernode-{partition}", f"supernode-{partition}-home")
 
@@ -111,7 +119,7 @@ def test_deployed_federation_survives_a_killed_client_and_resumes_after_a_stop(t
     victim, victim_log = nodes[2]
     deadline = time.time() + 600
     while "train message" not in victim_log.read_text():  # its first round's training has started
-        assert time.time() < deadline and submit.poll() is None, victim_log.read_text()[-2000:]
+        assert time.time() < deadline and submit.poll() is None, victim_log.read_text()[-2000:] + (submit.stdout.read() if submit.poll() is not None else "")
         time.sleep(0.5)
     os.killpg(victim.pid, signal.SIGKILL)
     state = tmp_path / "run" / "rounds" / "state.json"
@@ -182,3 +190,29 @@ def test_an_unreachable_superlink_is_one_clear_line(tiny_bert_dir, tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "--insecure" in result.stderr and not (tmp_path / "run").exists()
 
+
+
+def test_a_resumed_run_goes_on_without_a_node_that_died_after_it_was_listed(tiny_bert_dir, tmp_path):
+    """A killed SuperNode stays listed until it has missed two heartbeats; asked to describe itself, it answers
+    with Flower's 'Node Unavailable' error. Round 1 cannot start without it (its labels make the head); a resumed
+    run has its classes and goes on with the others."""
+    from types import SimpleNamespace
+
+    from transferkit.errors import UserError
+    from transferkit.federated import FederatedConfig
+    from transferkit.federated.deployment import describe_clients
+
+    def reply(node, client=None):
+        if client is None:
+            return SimpleNamespace(has_error=lambda: True, metadata=SimpleNamespace(src_node_id=node),
+                                   error=SimpleNamespace(reason="Node Unavailable"))
+        return SimpleNamespace(has_error=lambda: False, metadata=SimpleNamespace(src_node_id=node),
+                               content={"metrics": {"client": client}, "labels": {"labels": '["neg", "pos"]'}})
+
+    grid = SimpleNamespace(send_and_receive=lambda messages, timeout: [reply(11, 0), reply(12, 1), reply(13)])
+    config = FederatedConfig.from_dict({"model": str(tiny_bert_dir), "clients": [
+        {"name": f"site{i}", "train": str(tmp_path / f"site{i}.csv")} for i in range(3)]}, source="t")
+    classes, names = describe_clients(grid, [11, 12, 13], config, known_classes=["neg", "pos"])
+    assert classes == ["neg", "pos"] and names == {11: "site0", 12: "site1"}
+    with pytest.raises(UserError, match="failed before round 1: Node Unavailable"):
+        describe_clients(grid, [11, 12, 13], config)
