@@ -69,3 +69,10 @@ def test_no_ema_warmup_on_the_command_line_reaches_the_config():
     config, _ = _fit_config(args)
     assert config.ema_decay == 0.999 and config.ema_warmup is False
     assert _fit_config(build_parser().parse_args(["fit", "--train", "t.csv", "--model", "m"]))[0].ema_warmup is True
+
+
+def test_fit_takes_its_training_data_as_data_too_like_rank_and_distill():
+    from transferkit.cli import _fit_config, build_parser
+
+    config = _fit_config(build_parser().parse_args(["fit", "--data", "t.csv", "--model", "m"]))[0]
+    assert config.train == "t.csv"

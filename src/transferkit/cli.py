@@ -433,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     fit = commands.add_parser("fit", help="fine-tune a pretrained model (one task, or several with --task) and write a run directory")
     _add_fit_arguments(fit)
+    # `rank` and `distill` name their data --data: the same word works here.
+    fit.add_argument("--data", dest="train", default=None, help="the labelled training data (same as --train)")
     _add_multitask_arguments(fit)
     fit.set_defaults(func=_cmd_fit)
 

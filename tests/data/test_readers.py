@@ -95,6 +95,23 @@ def test_missing_label_column_lists_available_columns(tmp_path):
     assert "no label column 'label'" in _error(tmp_path / "d.csv") and "'target'" in _error(tmp_path / "d.csv")
 
 
+@pytest.mark.parametrize("name, content", [
+    ("d.tsv", "So there is no way for me to plug it in here in the US.\t0\nGood case, excellent value.\t1\n"),
+    ("d.csv", "the battery died after a week of light use,negative\ngreat phone,positive\n"),
+])
+def test_a_file_without_a_header_row_is_named_as_such(tmp_path, name, content):
+    (tmp_path / name).write_text(content)
+    message = _error(tmp_path / name)
+    assert "first line looks like an example, not a header" in message
+    assert ("'text<TAB>label'" if name.endswith(".tsv") else "'text,label'") in message
+
+
+def test_a_header_with_unexpected_names_is_not_called_missing(tmp_path):
+    (tmp_path / "d.csv").write_text("review,stars\nhi,a\n")
+    message = _error(tmp_path / "d.csv")
+    assert "looks like an example" not in message and "['review', 'stars']" in message
+
+
 @pytest.mark.parametrize("content, expected", [
     (b"", "is empty"),
     (b"text,label\n", "no rows"),

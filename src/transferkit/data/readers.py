@@ -185,6 +185,27 @@ def _missing_error(path: Path, column: str, rows: list[int], what: str) -> UserE
     return UserError(f"data file {path}: column '{column}' has {what} at {shown}{more}: fill them in or remove those rows")
 
 
+def _clip(name: object, width: int = 30) -> str:
+    name = str(name)
+    return name if len(name) <= width else name[:width - 3] + "..."
+
+
+def _looks_headerless(path: Path, columns: list) -> bool:
+    """A CSV/TSV whose 'column names' look like data: a number (a label such as 0 or 1) or a sentence."""
+    if TABLE_SUFFIXES.get(path.suffix.lower()) is None:  # JSONL and Parquet name their fields in every row
+        return False
+
+    def is_number(name: str) -> bool:
+        try:
+            float(name)
+        except ValueError:
+            return False
+        return True
+
+    names = [str(c).strip() for c in columns]
+    return any(is_number(n) for n in names) or any(len(n) > 40 and n.count(" ") >= 4 for n in names)
+
+
 def read_table(path: Path, *, label_column: str | None, text_column: str | None, image_column: str | None,
                require_labels: bool = True) -> Examples:
     frame = _load_frame(path)
@@ -193,6 +214,11 @@ def read_table(path: Path, *, label_column: str | None, text_column: str | None,
         raise UserError(f"data file {path} has a header but no rows: add examples")
 
     has_labels = label_column is not None and label_column in columns
+    if require_labels and not has_labels and _looks_headerless(path, columns):
+        raise UserError(
+            f"data file {path} has no label column '{label_column}' and its first line looks like an example, not "
+            f"a header (columns read: {[_clip(c) for c in columns]}): add a header line naming the columns, e.g. "
+            + ("'text,label'" if TABLE_SUFFIXES[path.suffix.lower()] == "," else "'text<TAB>label'"))
     if require_labels and not has_labels:
         raise UserError(
             f"data file {path} has no label column '{label_column}'; available columns: {columns}: pass --label-column NAME"
