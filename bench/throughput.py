@@ -390,6 +390,9 @@ def section_trainer(args, folder: Path, peaks: dict) -> list[dict]:
             if ours.get("epoch_flops"):
                 row["mfu"] = ours["epoch_flops"] / ours["epoch_seconds"][0] / (peaks[precision] * 1e9)
                 row["achieved_gflops"] = ours["epoch_flops"] / ours["epoch_seconds"][0] / 1e9
+                row["peak_gflops"] = peaks[precision]
+            # Rows are kept across runs, and the lent machines differ (AVX2 or AVX-512/AMX, other peaks).
+            row["machine"] = args.machine_name
             rows.append(row)
     return rows
 
@@ -511,19 +514,23 @@ def tables(results: dict) -> str:
     meta = results["machine"]
     lines = [f"Machine: {meta['machine']}; torch {meta['torch']}; transformers {meta['transformers']}; device "
              f"{meta['device']}; last run {meta['date']}. Measured GEMM peak ({meta.get('gemm_size', 2048)}^3 matmul): "
-             + ", ".join(f"{gflops:.0f} GFLOP/s {p}" for p, gflops in meta["peak_gflops"].items()) + ".", ""]
+             + ", ".join(f"{gflops:.0f} GFLOP/s {p}" for p, gflops in meta["peak_gflops"].items()) + ". Rows measured on "
+             "other days may come from other machines of this size: each MFU is against the peak of its own run.", ""]
     if results.get("trainer"):
         lines += [f"### MiniLM-L6 on SST-2 ({results['trainer'][0]['ours']['train_examples']:,} sentences, batch 32): "
                   "transferkit vs HF Trainer", "",
                   "| strategy | precision | transferkit ex/s | Trainer ex/s | ratio | later epochs ratio | "
                   "test acc transferkit / Trainer | peak RSS MiB transferkit / Trainer | MFU | measured |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in results["trainer"]:
+        for r in sorted(results["trainer"], key=_row_order):
             later = f"{r['ratio_later_epochs']:.1f}x" if "ratio_later_epochs" in r else ""
-            mfu = f"{r['mfu']:.0%} ({r['achieved_gflops']:.0f} GFLOP/s)" if "mfu" in r else ""
+            # Each run's MFU is against the peak measured in that run (older rows stored only the ratio).
+            peak = r.get("peak_gflops") or (r["achieved_gflops"] / r["mfu"] if "mfu" in r else None)
+            mfu = f"{r['mfu']:.0%} ({r['achieved_gflops']:.0f} of {peak:.0f} GFLOP/s)" if "mfu" in r else ""
+            measured = r.get("date", "") + (f", {r['machine']}" if r.get("machine") else "")
             lines.append(f"| {r['strategy']} | {r['precision']} | {r['ours_per_s']:.1f} | {r['trainer_per_s']:.1f} | "
                          f"{r['ratio']:.2f}x | {later} | {r['ours']['test_accuracy']:.4f} / {r['trainer']['test_accuracy']:.4f} | "
-                         f"{r['ours']['peak_rss_mib']:.0f} / {r['trainer']['peak_rss_mib']:.0f} | {mfu} | {r.get('date', '')} |")
+                         f"{r['ours']['peak_rss_mib']:.0f} / {r['trainer']['peak_rss_mib']:.0f} | {mfu} | {measured} |")
         lines.append("")
         for r in results["trainer"]:
             if "uncached" in r:
@@ -670,7 +677,8 @@ def main() -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from docs_section import cpu_model
 
-        results["machine"] = {"machine": f"{platform.machine()} ({cpu_model()}), {os.cpu_count()} CPU cores", "torch": torch.__version__,
+        args.machine_name = f"{platform.machine()} ({cpu_model()}), {os.cpu_count()} CPU cores"
+        results["machine"] = {"machine": args.machine_name, "torch": torch.__version__,
                               "transformers": transformers.__version__, "device": str(_device()),
                               "date": time.strftime("%Y-%m-%d"), "peak_gflops": peaks, "gemm_size": size}
         for name in sections:
@@ -679,12 +687,20 @@ def main() -> None:
             if name == "trainer":  # rows of strategies not rerun now are kept
                 rerun = {(r["strategy"], r["precision"]) for r in fresh}
                 fresh = [r for r in results.get(name, []) if (r["strategy"], r["precision"]) not in rerun] + fresh
+                fresh.sort(key=_row_order)
             results[name] = fresh
             Path(args.results).parent.mkdir(parents=True, exist_ok=True)
             Path(args.results).write_text(json.dumps(results, indent=1))
     print(tables(results))
     if not args.no_doc:
         write_doc(results)
+
+
+def _row_order(row: dict) -> tuple:
+    """Table order: strategies as --strategies lists them by default, fp32 before bf16."""
+    strategy = row["strategy"].split(" (")[0]
+    order = ["full", "lora", "linear-probe", "freeze-bottom"]
+    return (order.index(strategy) if strategy in order else len(order), row["strategy"], row["precision"] != "fp32")
 
 
 def tiny_data(folder: Path) -> dict:
