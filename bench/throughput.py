@@ -478,15 +478,21 @@ def section_scaling(args, folder: Path, peaks: dict) -> dict:
 
 
 def section_progress(args, folder: Path, peaks: dict) -> list[dict]:
+    """The same fine-tune with the bar on and off (TQDM_DISABLE), alternating on/off/off/on/... so drift on the
+    shared machine falls on both sides; the median of each side is compared."""
+    import statistics
+
     data = text_data(args, folder, args.examples // 2)
-    rows = []
-    for shown in (True, False):
-        env = {} if shown else {"TQDM_DISABLE": "1"}
-        result = spawn({**data, "worker": "transferkit", "model": args.model, "modality": "text", "strategy": "full",
-                        "precision": "fp32", "lr": LR["full"], "epochs": 1, "batch_size": 32, "max_length": 128,
-                        "label": f"progress bar {'on' if shown else 'off'}"}, env)
-        rows.append({"bar": "on" if shown else "off", "per_s": per_second(result)})
-    return rows
+    runs: dict[bool, list[float]] = {True: [], False: []}
+    for repeat in range(args.progress_repeats):
+        for shown in ((True, False) if repeat % 2 == 0 else (False, True)):
+            env = {} if shown else {"TQDM_DISABLE": "1"}
+            result = spawn({**data, "worker": "transferkit", "model": args.model, "modality": "text", "strategy": "full",
+                            "precision": "fp32", "lr": LR["full"], "epochs": 1, "batch_size": 32, "max_length": 128,
+                            "label": f"progress bar {'on' if shown else 'off'} ({repeat + 1}/{args.progress_repeats})"}, env)
+            runs[shown].append(per_second(result))
+    return [{"bar": "on" if shown else "off", "per_s": statistics.median(runs[shown]), "runs": runs[shown]}
+            for shown in (True, False)]
 
 
 def section_ddp(args, folder: Path, peaks: dict) -> list[dict]:
@@ -514,7 +520,7 @@ def tables(results: dict) -> str:
     meta = results["machine"]
     lines = [f"Machine: {meta['machine']}; torch {meta['torch']}; transformers {meta['transformers']}; device "
              f"{meta['device']}; last run {meta['date']}. Measured GEMM peak ({meta.get('gemm_size', 2048)}^3 matmul): "
-             + ", ".join(f"{gflops:.0f} GFLOP/s {p}" for p, gflops in meta["peak_gflops"].items()) + ". Rows measured on "
+             + ", ".join(f"{gflops:.3g} GFLOP/s {p}" for p, gflops in meta["peak_gflops"].items()) + ". Rows measured on "
              "other days may come from other machines of this size: each MFU is against the peak of its own run.", ""]
     if results.get("trainer"):
         lines += [f"### MiniLM-L6 on SST-2 ({results['trainer'][0]['ours']['train_examples']:,} sentences, batch 32): "
@@ -578,8 +584,11 @@ def tables(results: dict) -> str:
         lines.append("")
     if results.get("progress"):
         on, off = results["progress"]
-        lines += ["### Cost of the progress bar", "", f"full fine-tune, fp32: {on['per_s']:.1f} ex/s with the bar, "
-                  f"{off['per_s']:.1f} ex/s with TQDM_DISABLE=1 (ratio {on['per_s'] / off['per_s']:.3f}).", ""]
+        each = (lambda r: " (" + ", ".join(f"{v:.1f}" for v in r["runs"]) + ")" if len(r.get("runs", [])) > 1 else "")
+        median = "median " if len(on.get("runs", [])) > 1 else ""
+        lines += ["### Cost of the progress bar", "", f"full fine-tune, fp32, runs alternating bar on and off: {median}"
+                  f"{on['per_s']:.1f} ex/s with the bar{each(on)}, {median}{off['per_s']:.1f} ex/s with TQDM_DISABLE=1"
+                  f"{each(off)}; ratio {on['per_s'] / off['per_s']:.3f}.", ""]
     return "\n".join(lines)
 
 
@@ -642,6 +651,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="smoke run: --model is a tiny local model, tiny data")
     parser.add_argument("--results", default=str(RESULTS), help="where to keep the results JSON")
     parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
+    parser.add_argument("--progress-repeats", type=int, default=3, help="progress: runs with the bar on, and as many off")
     parser.add_argument("--doc-only", action="store_true", help="rebuild the docs section from the recorded results")
     args = parser.parse_args()
     if args.doc_only:

@@ -31,7 +31,7 @@ from .engine.checkpoint import CheckpointDir, atomic_write_text, load_weights, s
 from .engine.feature_cache import cached_features
 from .engine.prefix_cache import FrozenPrefix
 from .engine.log import JsonlLog
-from .engine.loop import Engine, EngineSettings, default_device
+from .engine.loop import Engine, EngineSettings, default_device, precision_warning
 from .errors import UserError
 from .evaluation.metrics import full_report
 from .evaluation.plots import plot_confusion_matrix, plot_learning_curves
@@ -417,6 +417,8 @@ def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bo
     distributed.barrier()
     log = JsonlLog(run_dir / "log.jsonl" if main else None)
     device = default_device()
+    if main and (warning := precision_warning(config.precision, device)):
+        print(f"transferkit: warning: {warning}", file=sys.stderr)
     classes = splits.classes
     labels = {name: encode_labels(getattr(splits, name).labels, classes) for name in ("train", "val", "test")}
     prepared = {name: backbone.prepare(getattr(splits, name).inputs) for name in ("train", "val", "test")}
