@@ -802,3 +802,17 @@ def test_loading_a_fedper_run_says_why_it_has_no_model(tmp_path, capsys):
     (tmp_path / "texts.csv").write_text("text\ngood\n")
     assert main(["predict", str(tmp_path), "--input", str(tmp_path / "texts.csv"), "--output", str(tmp_path / "p.csv")]) == 2
     assert "personal head on each client" in capsys.readouterr().err
+
+
+def test_flowers_run_simulation_deprecation_advice_is_hidden_and_nothing_else():
+    import logging
+
+    from transferkit.federated.run import _hide_run_simulation_deprecation
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("flwr", logging.WARNING, __file__, 1, "DEPRECATED FEATURE: %s", (message,), None)
+
+    assert not _hide_run_simulation_deprecation(record("The `run_simulation` function is deprecated and will be removed"))
+    assert _hide_run_simulation_deprecation(record("The `start_client` function is deprecated"))
+    assert _hide_run_simulation_deprecation(logging.LogRecord("flwr", logging.INFO, __file__, 1, "aggregate_train: "
+                                                              "Received 2 results and 0 failures", None, None))

@@ -5,6 +5,7 @@ apps in Flower's Simulation Engine (Ray), then test the global model and write t
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -45,6 +46,13 @@ def _check_clients(config: FederatedConfig) -> tuple[list[dict], list[str]]:
     return clients, classes
 
 
+def _hide_run_simulation_deprecation(record: logging.LogRecord) -> bool:
+    """Flower asks callers of ``run_simulation`` to use ``flwr run`` instead; a ``transferkit federate`` user called
+    neither (``flwr run`` needs a Flower app project, which the Python API does without), so the advice would only
+    confuse. Every other Flower message is shown."""
+    return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
 def _simulate(config: FederatedConfig, classes: list[str], initial: dict, run_dir: Path, resume: bool) -> dict[str, Any]:
     # Flower's telemetry is off in our runs, set before flwr is imported (and in each client's process).
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -58,10 +66,15 @@ def _simulate(config: FederatedConfig, classes: list[str], initial: dict, run_di
     backend = {"client_resources": {"num_cpus": config.client_cpus, "num_gpus": 0.0},
                "init_args": {"num_cpus": max(os.cpu_count() or 1, int(np.ceil(config.client_cpus))),
                              "include_dashboard": False, "logging_level": "error", "log_to_driver": False}}
-    with tqdm(total=config.max_rounds, desc="federated rounds", unit="round", dynamic_ncols=True) as progress:
-        run_simulation(make_server_app(config, classes, initial, run_dir, resume, results, progress),
-                       make_client_app(config, classes), num_supernodes=config.num_clients, backend_name="ray",
-                       backend_config=backend)
+    flower_log = logging.getLogger("flwr")
+    flower_log.addFilter(_hide_run_simulation_deprecation)
+    try:
+        with tqdm(total=config.max_rounds, desc="federated rounds", unit="round", dynamic_ncols=True) as progress:
+            run_simulation(make_server_app(config, classes, initial, run_dir, resume, results, progress),
+                           make_client_app(config, classes), num_supernodes=config.num_clients, backend_name="ray",
+                           backend_config=backend)
+    finally:
+        flower_log.removeFilter(_hide_run_simulation_deprecation)
     if "history" not in results:
         if state_path(run_dir).is_file():
             raise UserError(f"the federated run stopped before it finished (see the Flower log above); the rounds "
