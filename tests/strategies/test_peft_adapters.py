@@ -115,3 +115,12 @@ def test_lora_adapters_and_head_survive_save_load_and_merge(tiny_bert_dir, text_
     model.merge_adapters()
     assert not any("lora_" in n for n, _ in model.model.named_parameters())
     np.testing.assert_allclose(model.predict_proba(texts), before, atol=1e-5)
+
+
+def test_adding_adapters_passes_on_no_deprecation_warning_about_peft_internals(tiny_bert_dir):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _prepared(tiny_bert_dir, strategy="lora", lora_rank=4)
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]

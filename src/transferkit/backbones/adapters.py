@@ -7,6 +7,7 @@ PEFT accepts some invalid ones silently or with an opaque error.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import nn
@@ -86,7 +87,11 @@ def add_adapters(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
                             target_modules=spec["target"], bias="none")
     else:
         config = IA3Config(target_modules=spec["target"], feedforward_modules=spec.get("feedforward", []))
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # PEFT reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning about PEFT's code,
+        # not the user's); nothing else is silenced.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def is_adapter_parameter(name: str) -> bool:
