@@ -106,6 +106,23 @@ def test_a_file_without_a_header_row_is_named_as_such(tmp_path, name, content):
     assert ("'text<TAB>label'" if name.endswith(".tsv") else "'text,label'") in message
 
 
+@pytest.mark.parametrize("name, content", [
+    ("texts.txt", "A very, very slow-moving, aimless movie about a distressed drifting young man.\nNot sure who was more lost.\n"),
+    ("paths.csv", "images/cat_001.png\nimages/dog_002.png\n"),
+])
+def test_unlabelled_inputs_without_a_header_are_refused_rather_than_losing_the_first(tmp_path, name, content):
+    (tmp_path / name).write_text(content)
+    message = _error(tmp_path / name, require_labels=False)  # as predict reads its input
+    assert "first line looks like an example" in message and "so no example is lost" in message
+
+
+def test_unlabelled_inputs_with_a_header_or_a_named_column_are_read_whole(tmp_path):
+    (tmp_path / "texts.txt").write_text("text\nA very, very slow-moving, aimless movie about a drifting young man.\nok.\n")
+    assert len(read_examples(tmp_path / "texts.txt", require_labels=False).inputs) == 2
+    (tmp_path / "review.csv").write_text("review\nfine\n")
+    assert read_examples(tmp_path / "review.csv", require_labels=False).inputs == ["fine"]
+
+
 def test_a_header_with_unexpected_names_is_not_called_missing(tmp_path):
     (tmp_path / "d.csv").write_text("review,stars\nhi,a\n")
     message = _error(tmp_path / "d.csv")

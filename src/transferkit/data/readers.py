@@ -203,7 +203,8 @@ def _looks_headerless(path: Path, columns: list) -> bool:
         return True
 
     names = [str(c).strip() for c in columns]
-    return any(is_number(n) for n in names) or any(len(n) > 40 and n.count(" ") >= 4 for n in names)
+    return (any(is_number(n) for n in names) or any(len(n) > 40 and n.count(" ") >= 4 for n in names)
+            or any(Path(n).suffix.lower() in IMAGE_SUFFIXES for n in names))
 
 
 def read_table(path: Path, *, label_column: str | None, text_column: str | None, image_column: str | None,
@@ -242,6 +243,11 @@ def read_table(path: Path, *, label_column: str | None, text_column: str | None,
     if input_column not in columns:
         flag = "--image-column" if image_column is not None else "--text-column"
         raise UserError(f"data file {path} has no column '{input_column}'; available columns: {columns}: fix {flag}")
+    if image_column is None and text_column is None and _looks_headerless(path, [input_column]):
+        # Without a header the first example would silently become the column's name (and be left out).
+        raise UserError(
+            f"data file {path}: its first line looks like an example, not a header (column name read: "
+            f"'{_clip(input_column)}'): add a header line naming the columns, e.g. 'text', so no example is lost")
 
     inputs = [_cell_to_text(v) for v in frame[input_column].tolist()]
     missing = [i for i, v in enumerate(inputs) if v is None]
