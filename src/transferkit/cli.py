@@ -583,6 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .engine.cpu_memory import keep_freed_memory_for_reuse
+
+    keep_freed_memory_for_reuse()  # every command runs tensors in this process (serve, predict, federate too)
     try:
         return args.func(args)
     except UserError as error:

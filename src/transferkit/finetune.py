@@ -28,6 +28,7 @@ from .data.splits import Splits, load_splits
 from .engine import distributed
 from .engine.batches import Batches, feature_collate
 from .engine.checkpoint import CheckpointDir, atomic_write_text, load_weights, save_weights
+from .engine.cpu_memory import keep_freed_memory_for_reuse
 from .engine.feature_cache import cached_features
 from .engine.prefix_cache import FrozenPrefix
 from .engine.log import JsonlLog
@@ -378,6 +379,7 @@ def finetune(config: RunConfig | str | Path | None = None, *, resume: bool = Fal
     Launched by ``torchrun --nproc_per_node N`` (or ``accelerate launch``), the fine-tuning is
     data-parallel across the N processes; process 0 writes the run directory.
     """
+    keep_freed_memory_for_reuse()
     created_group = distributed.join_process_group()
     try:
         return _finetune(config, resume, overwrite, fields)

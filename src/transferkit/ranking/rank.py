@@ -24,6 +24,7 @@ from ..config import RunConfig
 from ..data.dataset import encode_labels
 from ..data.splits import load_splits, subsample
 from ..engine.checkpoint import atomic_write_text
+from ..engine.cpu_memory import keep_freed_memory_for_reuse
 from ..engine.feature_cache import cached_features, compute_features
 from ..engine.loop import default_device
 from ..errors import UserError
@@ -327,6 +328,7 @@ def rank(models: list[str], *, sample: int = 1000, validate: int = 0, validate_e
         transferkit.rank(["efficientnet-lite0", "efficientnet-lite1"], train="photos/", sample=500)
     """
     started = time.time()
+    keep_freed_memory_for_reuse()
     estimators = list(estimators or sorted(ESTIMATORS, key=lambda e: (PREFERRED_ORDER + [e]).index(e)))
     unknown = [e for e in estimators + [by] if e not in ESTIMATORS]
     if unknown:
