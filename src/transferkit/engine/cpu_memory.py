@@ -1,4 +1,5 @@
 """Keep freed tensor memory in the process for reuse (glibc on Linux), instead of handing it back to the OS.
+Set by every CLI command, by finetune() and rank(), and by each federated client process.
 
 glibc serves every allocation above its mmap threshold (at most 32 MB by default) with a fresh mmap and
 unmaps it on free, so each large activation is paged in again, zero-filled, on every batch. On a 2-core

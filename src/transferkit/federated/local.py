@@ -20,6 +20,7 @@ from ..data.packaged import PACKAGED_DATASETS, load_packaged
 from ..data.readers import read_examples
 from ..data.splits import subsample
 from ..engine.batches import Batches
+from ..engine.cpu_memory import keep_freed_memory_for_reuse
 from ..engine.loop import Engine, default_device
 from ..errors import UserError
 from ..evaluation.metrics import summary_metrics
@@ -141,6 +142,7 @@ def local_model(config: FederatedConfig, classes: list[str]) -> LocalModel:
     """One model per process, reused across rounds and clients: every round overwrites what travels."""
     key = (config.fingerprint, tuple(classes))
     if key not in _MODEL_CACHE:
+        keep_freed_memory_for_reuse()  # a client's process (a Ray actor, a ClientApp) is not started by our CLI
         base = config.run_config
         strategy = create_strategy(base)
         backbone = create_backbone(base.model, image_size=base.image_size, max_length=base.max_length,
