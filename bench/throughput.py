@@ -697,7 +697,6 @@ def main() -> None:
             if name == "trainer":  # rows of strategies not rerun now are kept
                 rerun = {(r["strategy"], r["precision"]) for r in fresh}
                 fresh = [r for r in results.get(name, []) if (r["strategy"], r["precision"]) not in rerun] + fresh
-                fresh.sort(key=_row_order)
             results[name] = fresh
             Path(args.results).parent.mkdir(parents=True, exist_ok=True)
             Path(args.results).write_text(json.dumps(results, indent=1))

@@ -215,12 +215,12 @@ def read_table(path: Path, *, label_column: str | None, text_column: str | None,
         raise UserError(f"data file {path} has a header but no rows: add examples")
 
     has_labels = label_column is not None and label_column in columns
-    if require_labels and not has_labels and _looks_headerless(path, columns):
-        raise UserError(
-            f"data file {path} has no label column '{label_column}' and its first line looks like an example, not "
-            f"a header (columns read: {[_clip(c) for c in columns]}): add a header line naming the columns, e.g. "
-            + ("'text,label'" if TABLE_SUFFIXES[path.suffix.lower()] == "," else "'text<TAB>label'"))
     if require_labels and not has_labels:
+        if _looks_headerless(path, columns):
+            raise UserError(
+                f"data file {path} has no label column '{label_column}' and its first line looks like an example, not "
+                f"a header (columns read: {[_clip(c) for c in columns]}): add a header line naming the columns, e.g. "
+                + ("'text,label'" if TABLE_SUFFIXES[path.suffix.lower()] == "," else "'text<TAB>label'"))
         raise UserError(
             f"data file {path} has no label column '{label_column}'; available columns: {columns}: pass --label-column NAME"
         )
