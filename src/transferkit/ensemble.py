@@ -212,8 +212,8 @@ class EnsembleModel:
     def read(self, path, **kwargs) -> Examples:
         return self.members[0].read(path, **kwargs)
 
-    def evaluate(self, examples: Examples) -> dict:
-        return FineTunedModel.evaluate(self, examples)  # the same checks and report; only predict_proba differs
+    def evaluate(self, examples, **columns) -> dict:
+        return FineTunedModel.evaluate(self, examples, **columns)  # the same checks and report; only predict_proba differs
 
     def merge_adapters(self) -> None:
         raise UserError(f"{self.source} is an ensemble of {len(self.members)} models: export its members one by one, "

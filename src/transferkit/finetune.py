@@ -23,6 +23,7 @@ from torch import nn
 from .backbones.registry import create_backbone
 from .config import RunConfig
 from .data.dataset import ImageArray, ImagePaths, encode_labels
+from .data.in_memory import keep_staged, staged_tables
 from .data.readers import read_examples
 from .data.splits import Splits, load_splits
 from .engine import distributed
@@ -376,19 +377,25 @@ def finetune(config: RunConfig | str | Path | None = None, *, resume: bool = Fal
 
         transferkit.finetune(model="minilm-l6", train="reviews.csv", text_column="review", out="runs/reviews")
 
+    ``train``, ``val`` and ``test`` may also be tables held in memory (a pandas DataFrame, a Hugging Face
+    ``datasets.Dataset``, a dict of columns): they are stored in ``RUN/data/`` as Parquet, which ``config.yaml``
+    names, so the run replays and resumes from its directory.
+
     Launched by ``torchrun --nproc_per_node N`` (or ``accelerate launch``), the fine-tuning is
     data-parallel across the N processes; process 0 writes the run directory.
     """
     keep_freed_memory_for_reuse()
     created_group = distributed.join_process_group()
     try:
-        return _finetune(config, resume, overwrite, fields)
+        with staged_tables(fields, "finetune()") as (fields, staged):
+            return _finetune(config, resume, overwrite, fields, staged)
     finally:
         if created_group:
             torch.distributed.destroy_process_group()
 
 
-def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bool, fields: dict[str, Any]) -> dict[str, Any]:
+def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bool, fields: dict[str, Any],
+              staged: Path | None = None) -> dict[str, Any]:
     parallel = distributed.world_size() > 1
     main = distributed.is_main()
     if resume and config is None:
@@ -409,6 +416,7 @@ def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bo
         if overwrite and run_dir.exists():
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        config = keep_staged(config, staged, run_dir)
         config.save(run_dir / "config.yaml")
         if parallel:
             print(f"data-parallel run: {distributed.world_size()} processes, "
@@ -538,7 +546,7 @@ def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bo
         "model": config.model, "strategy": strategy.name,
         "trainable_parameters": strategy.trainable_parameters(model),
         "total_parameters": sum(p.numel() for p in model.parameters()),
-        "data": {"train_source": splits.train.source, "train": len(splits.train), "val": len(splits.val),
+        "data": {"train_source": config.train if staged else splits.train.source, "train": len(splits.train), "val": len(splits.val),
                  "test": len(splits.test), "classes": classes},
         "test": test, "history": engine.history, "best_epoch": engine.best_epoch, "monitor": engine.settings.monitor,
         "seconds": seconds, **metrics_extra,

@@ -8,6 +8,7 @@ from typing import Any
 
 from .config import RunConfig
 from .data.dataset import encode_labels
+from .data.in_memory import accepts_tables
 from .engine.batches import Batches, feature_collate
 from .engine.feature_cache import compute_features
 from .engine.loop import default_device
@@ -16,6 +17,7 @@ from .finetune import HeadOnFeatures, _objective, build, resolve_config
 from .strategies.base import decay_groups
 
 
+@accepts_tables("lr_find()")
 def lr_find(config: RunConfig | str | Path | None = None, *, steps: int = 100, **fields: Any) -> dict[str, Any]:
     """Run the range test and write ``lr_find.png`` and ``lr_find.json`` into ``config.out``."""
     config = resolve_config(config, fields)

@@ -9,14 +9,16 @@ or remote code is needed.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from .backbones.registry import rebuild_backbone
 from .data.dataset import Examples, encode_labels
+from .data.in_memory import is_table, model_inputs, write_table
 from .data.readers import read_examples, table_columns
 from .engine.batches import Batches, map_in_order
 from .engine.checkpoint import atomic_write_text, load_weights, save_weights
@@ -107,21 +109,24 @@ class FineTunedModel:
 
     def truncated(self, texts) -> list[bool]:
         """Which texts are longer than the model's maximum length (only their first tokens are used)."""
-        return self.model.backbone.truncated(texts)
+        return self.model.backbone.truncated(model_inputs(texts, "text", "truncated()"))
 
     @torch.no_grad()
     def predict_logits(self, inputs, progress: str | None = None) -> torch.Tensor:
-        """Logits, shape (N, classes), in the order of ``inputs`` (texts, an ImageArray or ImagePaths)."""
+        """Logits, shape (N, classes), in the order of ``inputs``: a text or a list of texts; image paths, PIL
+        images or a uint8 array (N, H, W[, C]); or the ImageArray/ImagePaths the readers give."""
         backbone = self.model.backbone
-        prepared = backbone.prepare(inputs)
+        prepared = backbone.prepare(model_inputs(inputs, self.modality))
         batches = Batches(prepared, None, backbone.collate, self.eval_batch_size, lengths=backbone.lengths(prepared))
         return map_in_order(batches, lambda inputs: self.model(**inputs), self.device, progress=progress)
 
     def predict_proba(self, inputs) -> np.ndarray:
-        """Class probabilities, shape (N, classes); ``inputs`` are texts, an ImageArray or ImagePaths."""
+        """Class probabilities, shape (N, classes); ``inputs`` as for ``predict_logits``."""
         return torch.softmax(self.predict_logits(inputs), dim=-1).numpy()
 
     def predict(self, inputs) -> list[str]:
+        """The predicted class of each input (a list, also for one text or image); ``inputs`` as for
+        ``predict_logits``."""
         return [self.classes[i] for i in self.predict_proba(inputs).argmax(1)]
 
     def read(self, path: str | Path, *, text_column: str | None = None, image_column: str | None = None,
@@ -141,8 +146,26 @@ class FineTunedModel:
             raise UserError(f"{path} holds {examples.modality}s but the model in {self.source} takes {self.modality}s")
         return examples
 
-    def evaluate(self, examples: Examples) -> dict:
-        """Accuracy, macro-F1, per-class report and confusion matrix on labelled ``examples``."""
+    def evaluate(self, examples: Examples | str | Path | Any, **columns: str | None) -> dict:
+        """Accuracy, macro-F1, per-class report and confusion matrix on labelled data: ``Examples``, a file or
+        folder (read as ``read`` does, ``columns`` naming its columns), or a table held in memory (a DataFrame,
+        a ``datasets.Dataset``, a dict of columns)."""
+        if is_table(examples):
+            with tempfile.TemporaryDirectory(prefix="transferkit-data-") as folder:
+                path = Path(folder) / "evaluate.parquet"
+                where = f"the {type(examples).__name__} passed to evaluate()"
+                images = write_table(examples, path, where, image_column=columns.get("image_column"))
+                if images and not columns.get("text_column") and not columns.get("image_column"):
+                    columns["image_column"] = images
+                try:
+                    return self.evaluate(self.read(path, **columns))
+                except UserError as error:
+                    message = str(error).replace(f"data file {path}", where).replace(str(path), where)
+                    raise UserError(message.replace(folder + "/", "")) from None
+        if isinstance(examples, (str, Path)):
+            examples = self.read(examples, **columns)
+        elif not isinstance(examples, Examples):
+            raise UserError(f"evaluate() takes a file, a folder, a DataFrame or Examples, not {type(examples).__name__}")
         unknown = sorted(set(examples.labels) - set(self.classes))
         if unknown:
             raise UserError(f"{examples.source}: labels {unknown[:5]} are not classes of this model ({self.classes[:10]}): fix them")

@@ -50,11 +50,27 @@ class ImagePaths:
         return ImagePaths([self.paths[i] for i in indices])
 
 
+class DecodedImages:
+    """Images decoded in memory that may differ in size (what a caller holding PIL images passes)."""
+
+    def __init__(self, images: Sequence[np.ndarray]):
+        self.images = list(images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.images[index]
+
+    def subset(self, indices: Sequence[int]) -> "DecodedImages":
+        return DecodedImages([self.images[i] for i in indices])
+
+
 @dataclass
 class Examples:
     """One split: inputs, their labels as strings (None for unlabelled data) and where they came from."""
 
-    inputs: list | ImageArray | ImagePaths
+    inputs: list | ImageArray | ImagePaths | DecodedImages
     labels: list[str] | None
     source: str
     modality: str  # "text" or "image"

@@ -22,6 +22,7 @@ import torch
 from ..backbones.registry import RANDOM_PREFIX, create_backbone
 from ..config import RunConfig
 from ..data.dataset import encode_labels
+from ..data.in_memory import accepts_tables
 from ..data.splits import load_splits, subsample
 from ..engine.checkpoint import atomic_write_text
 from ..engine.cpu_memory import keep_freed_memory_for_reuse
@@ -313,6 +314,7 @@ def rank_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@accepts_tables("rank()")
 def rank(models: list[str], *, sample: int = 1000, validate: int = 0, validate_examples: int | None = None,
          validate_lrs: list[float] | None = None, validate_seeds: int = 1, by: str = "nleep", estimators: list[str] | None = None,
          out: str = "runs/rank", overwrite: bool = False, **fields: Any) -> dict[str, Any]:
@@ -326,6 +328,8 @@ def rank(models: list[str], *, sample: int = 1000, validate: int = 0, validate_e
     Example::
 
         transferkit.rank(["efficientnet-lite0", "efficientnet-lite1"], train="photos/", sample=500)
+
+    As in ``finetune``, ``train`` (``val``, ``test``) may be a DataFrame, a ``datasets.Dataset`` or a dict of columns.
     """
     started = time.time()
     keep_freed_memory_for_reuse()

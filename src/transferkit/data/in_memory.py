@@ -1,0 +1,245 @@
+"""Data that Python callers hold in memory instead of in files.
+
+Two uses. Predicting: ``model.predict("one text")``, a list of texts, image paths, PIL images or a uint8 array
+become the inputs the backbones take. Fine-tuning and evaluating: a pandas DataFrame, a Hugging Face
+``datasets.Dataset`` (anything with ``to_pandas()``) or a dict of equal-length columns is written to a Parquet
+file and read by the same reader as a user's file, so the same checks apply (missing labels, unknown columns,
+mixed label types) and a run directory's ``config.yaml`` names a file that replays and resumes the run. Images
+held in a table (PIL images, ``{"bytes": ...}`` cells as ``datasets`` gives them, uint8 arrays) are written as
+PNG files beside the table and the column becomes their relative paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..errors import UserError
+from .dataset import DecodedImages, ImageArray, ImagePaths
+
+# Run fields that name a data file, and so may be given a table object from Python instead.
+DATA_FIELDS = ("train", "val", "test", "distill_data", "target", "target_test")
+
+
+def is_table(value: Any) -> bool:
+    """A DataFrame, a ``datasets.Dataset`` (or anything with ``to_pandas``) or a dict of columns."""
+    import pandas as pd
+
+    return isinstance(value, (pd.DataFrame, dict)) or callable(getattr(value, "to_pandas", None))
+
+
+def _frame(value: Any, where: str):
+    import pandas as pd
+
+    if isinstance(value, pd.DataFrame):
+        return value
+    if isinstance(value, dict):
+        lengths = {name: len(column) for name, column in value.items() if hasattr(column, "__len__")}
+        if len(lengths) != len(value) or len(set(lengths.values())) > 1:
+            raise UserError(f"{where}: a dict of data must map each column name to a list, all of one length "
+                            f"(got lengths {lengths}): pass equal-length lists")
+        return pd.DataFrame(value)
+    frame = value.to_pandas()
+    if not isinstance(frame, pd.DataFrame):  # an IterableDataset or a dict of splits
+        raise UserError(f"{where}: {type(value).__name__}.to_pandas() did not give one table: pass one split "
+                        "(e.g. dataset['train']) of a map-style dataset")
+    return frame
+
+
+def _is_image(cell: Any) -> bool:
+    from PIL import Image
+
+    return (isinstance(cell, Image.Image) or (isinstance(cell, dict) and cell.get("bytes") is not None)
+            or (isinstance(cell, np.ndarray) and cell.ndim in (2, 3) and cell.dtype == np.uint8))
+
+
+def _save_image(cell: Any, path: Path) -> None:
+    from PIL import Image
+
+    if isinstance(cell, dict):
+        image = Image.open(io.BytesIO(cell["bytes"]))
+    elif isinstance(cell, np.ndarray):
+        image = Image.fromarray(cell)
+    else:
+        image = cell
+    image.save(path, format="PNG")
+
+
+def write_table(value: Any, path: Path, where: str, *, image_column: str | None = None) -> str | None:
+    """Write the table ``value`` to ``path`` (Parquet). Returns the column that holds images: image objects
+    written as files (their paths relative to ``path``), or, with no ``image_column`` given, a column of image
+    file names (made absolute); None when the table holds neither."""
+    frame = _frame(value, where).copy()
+    if len(frame) == 0:
+        raise UserError(f"{where} is empty: it needs at least one example")
+    frame.columns = [str(c) for c in frame.columns]
+    image_columns = [c for c in frame.columns if frame[c].map(_is_image).any()]
+    if image_column is None and not image_columns:
+        # A column of image file names is an image column: the caller holding a DataFrame has no --image-column
+        # habit, and reading the paths as texts would only fail later with a less useful message.
+        image_column = next((c for c in frame.columns if _all_image_paths(frame[c])), None)
+        found_paths = image_column
+    else:
+        found_paths = None
+    if image_column is not None and image_column in frame.columns and image_column not in image_columns:
+        # Paths given in memory are relative to where the caller runs, not to the Parquet file written here.
+        frame[image_column] = [str(Path(p).resolve()) if isinstance(p, (str, Path)) and str(p) else p
+                               for p in frame[image_column]]
+    if image_columns:
+        column = image_column if image_column in image_columns else image_columns[0]
+        folder = path.with_name(path.stem + "_images")
+        folder.mkdir(parents=True, exist_ok=True)
+        names = []
+        for row, cell in enumerate(frame[column]):
+            if not _is_image(cell):
+                raise UserError(f"{where}: column '{column}' holds images, but row {row} holds "
+                                f"{type(cell).__name__}: give every row an image")
+            _save_image(cell, folder / f"{row:06d}.png")
+            names.append(f"{folder.name}/{row:06d}.png")
+        frame[column] = names
+        frame = frame.drop(columns=[c for c in image_columns if c != column])
+    for name in frame.columns:
+        kinds = {type(v) for v in frame[name] if v is not None and not (isinstance(v, float) and np.isnan(v))}
+        if len(kinds) > 1 and not kinds <= {int, float}:
+            # Mixed cells (1 and "x") as text, as a CSV would give them: the reader then names the mix.
+            frame[name] = [None if v is None else str(v) for v in frame[name]]
+    try:
+        frame.to_parquet(path, index=False)
+    except Exception as error:  # pyarrow's ArrowInvalid/ArrowTypeError for a column it cannot type
+        detail = " ".join(str(a) for a in error.args).splitlines()[0]
+        raise UserError(f"{where} could not be stored as a table ({detail}): give each column one type, e.g. "
+                        "frame[column].astype(str)") from None
+    return column if image_columns else found_paths
+
+
+def _all_image_paths(column) -> bool:
+    from .readers import IMAGE_SUFFIXES
+
+    return all(isinstance(v, (str, Path)) and Path(v).suffix.lower() in IMAGE_SUFFIXES for v in column)
+
+
+@contextlib.contextmanager
+def staged_tables(fields: dict[str, Any], caller: str) -> Iterator[tuple[dict[str, Any], Path | None]]:
+    """``fields`` with every table object among the data fields replaced by the path of a Parquet file in a
+    temporary folder (yielded too, None when nothing was staged); the folder is deleted on exit, so a caller
+    that keeps the data moves it out first (``keep_staged``)."""
+    tables = {name: fields[name] for name in DATA_FIELDS if name in fields and is_table(fields[name])}
+    if not tables:
+        yield fields, None
+        return
+    fields = dict(fields)
+    with tempfile.TemporaryDirectory(prefix="transferkit-data-") as folder:
+        for name, value in tables.items():
+            path = Path(folder) / f"{name}.parquet"
+            images = write_table(value, path, f"the {type(value).__name__} passed to {caller} as {name}",
+                                 image_column=fields.get("image_column"))
+            if images and fields.get("image_column") is None and fields.get("text_column") is None:
+                fields["image_column"] = images
+            fields[name] = str(path)
+        try:
+            yield fields, Path(folder)
+        except UserError as error:
+            # The reader names the temporary file; say which object the caller passed instead.
+            message = str(error)
+            for name, value in tables.items():
+                message = message.replace(f"data file {Path(folder) / (name + '.parquet')}",
+                                          f"the {type(value).__name__} passed as {name}")
+                message = message.replace(str(Path(folder) / (name + '.parquet')), f"the {type(value).__name__} passed as {name}")
+            raise UserError(message.replace(folder + "/", "")) from None
+
+
+def accepts_tables(caller: str):
+    """Decorate an entry point taking data fields as keyword arguments, so they may be tables held in memory
+    (staged for the call's duration)."""
+    import functools
+
+    def decorate(function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            with staged_tables(kwargs, caller) as (staged_kwargs, _):
+                return function(*args, **staged_kwargs)
+        return wrapper
+    return decorate
+
+
+def keep_staged(config, staged: Path | None, run_dir: Path):
+    """Copy staged tables into ``run_dir/data`` and point ``config`` at them, so the run can be replayed and
+    resumed from its directory alone."""
+    if staged is None:
+        return config
+    target = run_dir / "data"
+    target.mkdir(parents=True, exist_ok=True)
+    changes = {}
+    for item in sorted(staged.iterdir()):
+        destination = target / item.name
+        if destination.exists():  # a resumed run given its data again: the new copy replaces the old
+            shutil.rmtree(destination) if destination.is_dir() else destination.unlink()
+        # Copied, not moved: images are decoded lazily from the staged files while the run trains.
+        (shutil.copytree if item.is_dir() else shutil.copy2)(item, destination)
+    for name in DATA_FIELDS:
+        value = getattr(config, name, None)
+        if value and Path(value).parent == staged:
+            changes[name] = str(target / Path(value).name)
+    return config.replace(**changes)
+
+
+def model_inputs(inputs: Any, modality: str, where: str = "predict()"):
+    """What ``FineTunedModel.predict`` and friends accept, as the inputs a backbone prepares.
+
+    Texts: one string, or a sequence of strings (list, tuple, pandas Series, numpy array). Images: one path, PIL
+    image or (H, W[, C]) array... in a list, a list of paths or of PIL images, a uint8 array (N, H, W[, C]),
+    or the ImageArray/ImagePaths the readers give.
+    """
+    if modality == "text":
+        if isinstance(inputs, str):
+            return [inputs]
+        if isinstance(inputs, (ImageArray, ImagePaths, DecodedImages)) or not hasattr(inputs, "__iter__"):
+            raise UserError(f"{where}: this model takes texts: pass a string or a list of strings")
+        texts = list(inputs)
+        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise UserError(f"{where}: input {bad} is a {type(texts[bad]).__name__}, not a text: pass strings")
+        return texts
+    return _image_inputs(inputs, where)
+
+
+def _image_inputs(inputs: Any, where: str):
+    from PIL import Image
+
+    if isinstance(inputs, (ImageArray, ImagePaths, DecodedImages)):
+        return inputs
+    if isinstance(inputs, (str, Path, Image.Image)):
+        inputs = [inputs]
+    if isinstance(inputs, np.ndarray):
+        if inputs.dtype != np.uint8:
+            raise UserError(f"{where}: the image array is {inputs.dtype}, not uint8: pass pixel values 0-255, "
+                            "e.g. (array * 255).astype('uint8')")
+        if inputs.ndim not in (3, 4):
+            raise UserError(f"{where}: the image array has shape {inputs.shape}: pass (N, H, W) or (N, H, W, C), "
+                            "or a list of one image")
+        return ImageArray(inputs)
+    if not hasattr(inputs, "__iter__"):
+        raise UserError(f"{where}: this model takes images: pass paths, PIL images or a uint8 array")
+    items = list(inputs)
+    if items and all(isinstance(i, (str, Path)) for i in items):
+        paths = [Path(i) for i in items]
+        missing = next((p for p in paths if not p.is_file()), None)
+        if missing is not None:
+            raise UserError(f"{where}: image {missing} does not exist: fix the path")
+        return ImagePaths(paths)
+    arrays = []
+    for index, item in enumerate(items):
+        if isinstance(item, Image.Image):
+            arrays.append(np.array(item.convert("RGB")))  # a writable copy: torch refuses read-only arrays
+        elif isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim in (2, 3):
+            arrays.append(item)
+        else:
+            raise UserError(f"{where}: input {index} is a {type(item).__name__}: pass image paths, PIL images or "
+                            "uint8 arrays (H, W[, C]), not a mix")
+    return DecodedImages(arrays)
