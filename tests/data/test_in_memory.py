@@ -25,10 +25,12 @@ def _sentences(n: int = 200) -> pd.DataFrame:
 
 
 class _DatasetLike:
-    """What a Hugging Face `datasets.Dataset` offers transferkit: ``to_pandas()``."""
+    """What a Hugging Face `datasets.Dataset` offers transferkit: ``to_pandas()``, and ``features`` where a
+    ClassLabel column keeps the class names of its integers."""
 
-    def __init__(self, frame: pd.DataFrame):
+    def __init__(self, frame: pd.DataFrame, class_names: dict[str, list[str]] | None = None):
         self.frame = frame
+        self.features = {column: type("ClassLabel", (), {"names": names})() for column, names in (class_names or {}).items()}
 
     def to_pandas(self) -> pd.DataFrame:
         return self.frame
@@ -90,6 +92,17 @@ def test_images_held_in_a_table_are_stored_as_files_and_every_input_kind_predict
     # A column of image file names is read as images, relative to where the caller runs.
     table = pd.DataFrame({"file": [str(p) for p in paths], "label": labels[:6]})
     assert model.evaluate(table)["accuracy"] == model.evaluate(_DatasetLike(table))["accuracy"]
+
+
+def test_a_datasets_class_label_column_keeps_its_class_names(tiny_bert_dir, tmp_path):
+    frame = _sentences(120)
+    coded = frame.assign(label=(frame.label == "pos").astype(int))
+    metrics = transferkit.finetune(model=str(tiny_bert_dir), train=_DatasetLike(coded, {"label": ["negative", "positive"]}),
+                                   strategy="linear-probe", epochs=1, baseline=False, out=str(tmp_path / "run"))
+    assert metrics["data"]["classes"] == ["negative", "positive"]
+    with pytest.raises(UserError, match="holds several splits \\(train, test\\): pass one, e.g. dataset\\['train'\\]"):
+        transferkit.finetune(model=str(tiny_bert_dir), train={"train": _DatasetLike(frame), "test": _DatasetLike(frame)},
+                             out=str(tmp_path / "splits"))
 
 
 def test_predict_takes_one_text_as_one_example(tiny_bert_dir, text_data, tmp_path):

@@ -40,15 +40,25 @@ def _frame(value: Any, where: str):
     if isinstance(value, pd.DataFrame):
         return value
     if isinstance(value, dict):
+        if any(callable(getattr(column, "to_pandas", None)) for column in value.values()):  # a DatasetDict
+            raise UserError(f"{where} holds several splits ({', '.join(map(str, value))}): pass one, e.g. "
+                            f"dataset['{next(iter(value))}'], and the others as val/test")
         lengths = {name: len(column) for name, column in value.items() if hasattr(column, "__len__")}
         if len(lengths) != len(value) or len(set(lengths.values())) > 1:
             raise UserError(f"{where}: a dict of data must map each column name to a list, all of one length "
                             f"(got lengths {lengths}): pass equal-length lists")
         return pd.DataFrame(value)
     frame = value.to_pandas()
-    if not isinstance(frame, pd.DataFrame):  # an IterableDataset or a dict of splits
+    if not isinstance(frame, pd.DataFrame):  # e.g. batched output
         raise UserError(f"{where}: {type(value).__name__}.to_pandas() did not give one table: pass one split "
                         "(e.g. dataset['train']) of a map-style dataset")
+    # `datasets` stores class labels as integers with their names in the features (ClassLabel): keep the names,
+    # so the run's classes, reports and predictions say 'cat', not 0.
+    for name, feature in (getattr(value, "features", None) or {}).items():
+        names = getattr(feature, "names", None)
+        if name in frame.columns and isinstance(names, list) and names:
+            frame[name] = [names[i] if isinstance(i, (int, np.integer)) and 0 <= i < len(names) else i
+                           for i in frame[name]]
     return frame
 
 
