@@ -29,6 +29,16 @@ def test_text_column_is_guessed_when_obvious(tmp_path):
     assert read_examples(tmp_path / "d.csv").inputs == ["hello there", "bye now"]
 
 
+def test_many_classes_are_read_but_many_fractional_numbers_are_a_continuous_target(tmp_path):
+    (tmp_path / "classes.csv").write_text("text,label\n" + "".join(f"film {i},{i % 30}\n" for i in range(60)))
+    assert len(set(read_examples(tmp_path / "classes.csv").labels)) == 30
+    (tmp_path / "few.csv").write_text("text,label\n" + "".join(f"film {i},{i % 3 + 0.5}\n" for i in range(60)))
+    assert set(read_examples(tmp_path / "few.csv").labels) == {"0.5", "1.5", "2.5"}  # a few grades are classes
+    (tmp_path / "scores.csv").write_text("text,label\n" + "".join(f"film {i},{i / 7:.3f}\n" for i in range(60)))
+    with pytest.raises(UserError, match="column 'label' holds 60 distinct numbers .* continuous target"):
+        read_examples(tmp_path / "scores.csv")
+
+
 def test_integer_labels_sort_numerically_and_strings_alphabetically():
     assert sort_classes(["10", "2", "1"]) == ["1", "2", "10"]
     assert sort_classes(["pos", "neg", "mixed"]) == ["mixed", "neg", "pos"]

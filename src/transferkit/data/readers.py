@@ -170,6 +170,24 @@ def _check_label_types(path: Path, column: str, labels: list[str]) -> None:
         )
 
 
+def _check_not_continuous(path: Path, column: str, labels: list[str]) -> None:
+    """Many distinct fractional numbers are a regression target, which a classifier would turn into one class per
+    value (and then fail on the split, or predict only values it saw)."""
+    distinct = set(labels)
+    if len(distinct) <= 20:
+        return
+    try:
+        numbers = [float(label) for label in distinct]
+    except ValueError:
+        return
+    fractional = next((label for label, number in zip(distinct, numbers) if not number.is_integer()), None)
+    if fractional is not None:
+        raise UserError(
+            f"data file {path}: column '{column}' holds {len(distinct)} distinct numbers such as {fractional!r}, a "
+            f"continuous target; transferkit fine-tunes classifiers: bin the values into classes (e.g. pandas.cut) "
+            f"or name the column of class labels with --label-column")
+
+
 def _row_name(path: Path, index: int) -> str:
     # CSV/TSV have a header line, so data row i sits on line i + 2; JSONL line i + 1.
     if path.suffix.lower() in (".csv", ".tsv", ".txt"):
@@ -262,6 +280,7 @@ def read_table(path: Path, *, label_column: str | None, text_column: str | None,
         if missing:
             raise _missing_error(path, label_column, missing, "missing labels")
         _check_label_types(path, label_column, labels)
+        _check_not_continuous(path, label_column, labels)
 
     if image_column is not None:
         base = path.parent
