@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from transferkit.cli import main
+from transferkit.errors import UserError
 
 from .conftest import make_sentences, write_table
 
@@ -37,7 +38,8 @@ CASES = {
     "single class": (["--train", "{single}", "--model", "minilm-l6"], "at least two classes"),
     "unreadable image": (["--train", "{images}", "--model", "efficientnet-lite0"], "broken.png"),
     "non-UTF-8 text": (["--train", "{latin1}", "--model", "minilm-l6"], "not UTF-8"),
-    "unknown model": (["--train", "{train}", "--model", "bert-huge"], "packaged model (minilm-l6, efficientnet-lite0"),
+    "unknown model": (["--train", "{train}", "--model", "minilm-l12"], "did you mean 'minilm-l6'? (packaged: minilm-l6, efficientnet-lite0"),
+    "missing model folder": (["--train", "{train}", "--model", "./no-such-folder"], "model folder no-such-folder does not exist"),
     "unknown strategy": (["--train", "{train}", "--model", "minilm-l6", "--strategy", "lorra"], "choose one of bitfit, discriminative-lr, freeze-bottom, full"),
     "val file and fraction": (["--train", "{train}", "--val", "{train}", "--val-fraction", "0.2", "--model", "minilm-l6"], "not both"),
     "freeze layers without freeze-bottom": (["--train", "{train}", "--model", "minilm-l6", "--freeze-layers", "2"], "--strategy freeze-bottom"),
@@ -112,3 +114,14 @@ def test_package_names_stay_the_functions_after_their_modules_load():
     import transferkit.lr_find  # noqa: F401
 
     assert callable(transferkit.finetune) and callable(transferkit.lr_find)
+
+
+def test_hub_ids_with_and_without_an_organisation_are_hub_names_and_near_misses_are_typos():
+    from transferkit.backbones.registry import is_hub_name
+
+    for name in ("google-bert/bert-base-uncased", "bert-base-uncased", "roberta-base", "distilbert-base-uncased"):
+        assert is_hub_name(name), name
+    for name in ("./models/bert", "/abs/path", "two words", "a/b/c"):
+        assert not is_hub_name(name), name
+    with pytest.raises(UserError, match="did you mean 'efficientnet-lite0'"):
+        is_hub_name("efficientnet_lite0")

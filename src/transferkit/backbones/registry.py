@@ -31,6 +31,22 @@ _UNREACHABLE = ("couldn't connect", "offline mode", "name or service not known",
                 "max retries exceeded", "connection error", "failed to resolve")
 
 
+def is_hub_name(name: str) -> bool:
+    """A Hugging Face hub id: ``org/name``, or a legacy one-word id such as ``bert-base-uncased`` or
+    ``roberta-base`` that the hub still resolves. A near miss of a packaged name is the user's typo, not a hub id."""
+    import difflib
+    import re
+
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name):
+        return True
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
+        return False
+    close = difflib.get_close_matches(name.lower(), PACKAGED, n=1, cutoff=0.75)
+    if close:
+        raise UserError(f"unknown model '{name}': did you mean '{close[0]}'? (packaged: {', '.join(PACKAGED)})")
+    return True
+
+
 def _hub_unreachable(error: BaseException) -> bool:
     return any(phrase in str(error).lower() for phrase in _UNREACHABLE)
 
@@ -111,7 +127,7 @@ def text_model_source(name: str) -> str:
             raise UserError(f"model {local} is an image model (it has preprocessor_config.json) and has no token embeddings: "
                             f"choose a text model")
         return str(local)
-    if "/" in name and not name.startswith((".", "/")) and name.count("/") == 1:
+    if is_hub_name(name):
         return name
     raise UserError(f"unknown model '{name}': use minilm-l6, a local transformers checkpoint folder, or a hub name org/name")
 
@@ -145,12 +161,14 @@ def create_backbone(name: str, *, image_size: int | None = None, max_length: int
             raise UserError(f"model directory {local} has no config.json: point --model at a transformers checkpoint folder")
         source = str(local)
         vision = _is_vision_source(source)
-    elif "/" in name and not name.startswith((".", "/")) and name.count("/") == 1:
+    elif is_hub_name(name):
         source = name  # a hub name such as "bert-base-uncased" or "google/vit-base-patch16-224"
         vision = None
+    elif name.startswith((".", "/", "~")):
+        raise UserError(f"model folder {local} does not exist: check the path, or use a packaged model ({known})")
     else:
         raise UserError(f"unknown model '{name}': use a packaged model ({known}), a local checkpoint folder, or a "
-                        f"Hugging Face hub name of the form org/name (e.g. google-bert/bert-base-uncased)")
+                        f"Hugging Face hub name (e.g. google-bert/bert-base-uncased)")
     try:
         if vision is None:
             try:
