@@ -22,7 +22,7 @@ from torch import nn
 
 from .backbones.registry import create_backbone
 from .config import RunConfig
-from .data.dataset import ImageArray, ImagePaths, encode_labels
+from .data.dataset import ImageArray, ImagePaths, encode_labels, typical_image_side
 from .data.in_memory import keep_staged, staged_tables
 from .data.readers import read_examples
 from .data.splits import Splits, load_splits
@@ -152,6 +152,24 @@ def check_augmentation(config: RunConfig, modality: str) -> None:
                         "use token_mask or mixup for text")
     if modality == "image" and config.token_mask:
         raise UserError("'token_mask' applies to texts, but this run's data are images: use image_augment, noise or mixup")
+
+
+def image_size_note(inputs, backbone, config: RunConfig) -> str | None:
+    """A note when small images are upsampled a lot to the weights' own input size (the default), which costs
+    compute with the square of the factor: 28 px digits at 224 px cost 64x what they cost at 28 px."""
+    if backbone.modality != "image" or config.image_size is not None:
+        return None
+    side, size = typical_image_side(inputs), getattr(backbone, "image_size", None)
+    if not side or not size or side * 4 > size:
+        return None
+    small = max(32, 1 << (side - 1).bit_length())  # the next power of two, at least 32
+    options = [s for s in (small, 2 * small) if s < size]
+    if not options:
+        return None
+    other = f" ({options[1]}: ~1/{(size / options[1]) ** 2:.0f})" if len(options) > 1 else ""
+    return (f"the images are about {side} px and {config.model} takes {size} px (its weights' own size), so each is "
+            f"upsampled {size / side:.0f}x: --image-size {options[0]} needs ~1/{(size / options[0]) ** 2:.0f} of the "
+            f"compute per image{other}; compare their accuracy on validation")
 
 
 def describe_classes(labels: list[str], classes: list[str], config: RunConfig) -> str | None:
@@ -424,6 +442,8 @@ def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bo
         warning = describe_classes(splits.train.labels, splits.classes, config)
         if warning:
             print(f"transferkit: warning: {warning}", file=sys.stderr)
+        if note := image_size_note(splits.train.inputs, backbone, config):
+            print(f"transferkit: note: {note}", file=sys.stderr)
     distributed.barrier()
     log = JsonlLog(run_dir / "log.jsonl" if main else None)
     device = default_device()

@@ -150,3 +150,4 @@ def test_rank_takes_a_dataframe(tiny_bert_dir, tmp_path):
     result = transferkit.rank([str(tiny_bert_dir), f"random:{tiny_bert_dir}"], train=_sentences(80), sample=40,
                               out=str(tmp_path / "rank"))
     assert len(result["candidates"]) == 2 and all("error" not in row for row in result["candidates"])
+

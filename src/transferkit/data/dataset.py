@@ -66,6 +66,25 @@ class DecodedImages:
         return DecodedImages([self.images[i] for i in indices])
 
 
+def typical_image_side(images, sample: int = 64) -> int | None:
+    """The median longer side, in pixels, of up to ``sample`` evenly spaced images (headers only for files);
+    None for inputs that are not images."""
+    if isinstance(images, ImageArray):
+        return int(max(images.pixels.shape[1:3]))
+    if isinstance(images, DecodedImages):
+        sides = [max(i.shape[:2]) for i in images.images[:: max(1, len(images) // sample)]]
+    elif isinstance(images, ImagePaths):
+        from PIL import Image
+
+        sides = []
+        for path in images.paths[:: max(1, len(images) // sample)]:
+            with Image.open(path) as image:  # reads the header, not the pixels
+                sides.append(max(image.size))
+    else:
+        return None
+    return int(np.median(sides)) if sides else None
+
+
 @dataclass
 class Examples:
     """One split: inputs, their labels as strings (None for unlabelled data) and where they came from."""
