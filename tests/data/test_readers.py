@@ -39,6 +39,19 @@ def test_many_classes_are_read_but_many_fractional_numbers_are_a_continuous_targ
         read_examples(tmp_path / "scores.csv")
 
 
+def test_16_bit_grey_images_keep_their_contrast(tmp_path):
+    from PIL import Image
+
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65,520
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    pixels = ImagePaths([tmp_path / "deep.png"])[0]
+    assert pixels.shape == (64, 64, 3) and pixels.dtype == np.uint8
+    # Full range kept (PIL's own conversion makes 99.6% of these pixels 255).
+    assert pixels.min() == 0 and pixels.max() == 255 and (pixels == 255).mean() < 0.01
+    assert np.array_equal(pixels[..., 0], np.round(ramp / 65535 * 255).astype(np.uint8))
+
+
 def test_integer_labels_sort_numerically_and_strings_alphabetically():
     assert sort_classes(["10", "2", "1"]) == ["1", "2", "10"]
     assert sort_classes(["pos", "neg", "mixed"]) == ["mixed", "neg", "pos"]

@@ -27,6 +27,20 @@ class ImageArray:
         return ImageArray(self.pixels[np.asarray(indices, dtype=np.int64)])
 
 
+def to_rgb_array(image) -> np.ndarray:
+    """A PIL image as an (H, W, 3) uint8 array. 16-bit and 32-bit grey images (microscopy, medical, depth) are
+    scaled from their full range: PIL's own conversion clips every value above 255 to white, which turns a
+    16-bit image into a nearly blank one."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or pixels.max(initial=0) > 255 else 255.0
+        if image.mode == "F" and pixels.max(initial=0) <= 1.0:
+            top = 1.0  # floats in [0, 1]
+        grey = np.clip(pixels / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.array(image.convert("RGB"))
+
+
 class ImagePaths:
     """Images on disk, decoded lazily so that large folders need not fit in memory."""
 
@@ -42,7 +56,7 @@ class ImagePaths:
         path = self.paths[index]
         try:
             with Image.open(path) as image:
-                return np.array(image.convert("RGB"))
+                return to_rgb_array(image)
         except (OSError, UnidentifiedImageError, ValueError) as error:
             raise UserError(f"image {path} could not be decoded ({error}): replace or remove the file") from None
 

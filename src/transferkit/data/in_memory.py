@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import UserError
-from .dataset import DecodedImages, ImageArray, ImagePaths
+from .dataset import DecodedImages, ImageArray, ImagePaths, to_rgb_array
 
 # Run fields that name a data file, and so may be given a table object from Python instead.
 DATA_FIELDS = ("train", "val", "test", "distill_data", "target", "target_test")
@@ -246,7 +246,7 @@ def _image_inputs(inputs: Any, where: str):
     arrays = []
     for index, item in enumerate(items):
         if isinstance(item, Image.Image):
-            arrays.append(np.array(item.convert("RGB")))  # a writable copy: torch refuses read-only arrays
+            arrays.append(to_rgb_array(item))
         elif isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim in (2, 3):
             arrays.append(item)
         else:

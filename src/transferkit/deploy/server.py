@@ -24,6 +24,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..data.dataset import to_rgb_array
 from ..errors import UserError
 from .batching import MicroBatcher
 from .predictors import Predictor, load_predictor
@@ -181,7 +182,7 @@ def create_app(predictor: Predictor, *, run: str | Path = ".", max_batch_size: i
                     if image.width * image.height > limits.max_image_pixels:
                         reject(f"images[{i}] has {image.width}x{image.height} pixels, over the limit of "
                                f"{limits.max_image_pixels}: resize it first")
-                    decoded.append(np.array(image.convert("RGB")))
+                    decoded.append(to_rgb_array(image))
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
                 reject(f"images[{i}] is not a readable image file (PNG, JPEG, BMP, ...)")
         return decoded
