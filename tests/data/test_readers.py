@@ -52,6 +52,17 @@ def test_16_bit_grey_images_keep_their_contrast(tmp_path):
     assert np.array_equal(pixels[..., 0], np.round(ramp / 65535 * 255).astype(np.uint8))
 
 
+def test_a_folder_of_splits_is_not_read_as_classes(image_folder):
+    import shutil
+
+    root = image_folder.parent / "dataset"
+    for split in ("train", "test"):
+        shutil.copytree(image_folder, root / split)
+    with pytest.raises(UserError, match=f"holds splits \\(test, train\\).*--test {root / 'test'} --train {root / 'train'}"):
+        read_examples(root)
+    assert set(read_examples(root / "train").labels) == {"horizontal", "vertical"}
+
+
 def test_integer_labels_sort_numerically_and_strings_alphabetically():
     assert sort_classes(["10", "2", "1"]) == ["1", "2", "10"]
     assert sort_classes(["pos", "neg", "mixed"]) == ["mixed", "neg", "pos"]

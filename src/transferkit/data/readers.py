@@ -19,6 +19,9 @@ from .dataset import Examples, ImageArray, ImagePaths
 
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": "\t", ".jsonl": None, ".json": None, ".parquet": None}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# Folder names of a dataset already split (root/train/<class>/...), mapped to the option that takes each.
+SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val",
+                 "test": "test", "testing": "test"}
 TEXT_COLUMN_GUESSES = ("text", "sentence", "review", "content", "document")
 # How spreadsheets and pandas spell a missing value; as a label these mean "no label", never a class.
 MISSING_LABELS = {"nan", "none", "null", "na", "n/a", "#n/a"}
@@ -312,6 +315,12 @@ def read_image_folder(root: Path) -> Examples:
     stray = [p.name for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
     if stray:
         raise UserError(f"image folder {root} has files outside class sub-folders ({stray[:3]}): move them into a class folder")
+    names = {d.name.lower() for d in class_dirs}
+    if names <= set(SPLIT_FOLDERS) and all(any(c.is_dir() for c in d.iterdir()) for d in class_dirs):
+        # root/train/<class>/..., root/test/<class>/...: read as it stands, the splits would become the classes.
+        flags = " ".join(f"--{SPLIT_FOLDERS[d.name.lower()]} {d}" for d in class_dirs)
+        raise UserError(f"image folder {root} holds splits ({', '.join(d.name for d in class_dirs)}), each with class "
+                        f"folders, not classes: pass them one by one, {flags}")
     paths, labels = [], []
     for class_dir in class_dirs:
         for p in sorted(class_dir.rglob("*")):
