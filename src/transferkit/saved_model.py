@@ -8,10 +8,11 @@ or remote code is needed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -114,7 +115,11 @@ class FineTunedModel:
     @torch.no_grad()
     def predict_logits(self, inputs, progress: str | None = None) -> torch.Tensor:
         """Logits, shape (N, classes), in the order of ``inputs``: a text or a list of texts; image paths, PIL
-        images or a uint8 array (N, H, W[, C]); or the ImageArray/ImagePaths the readers give."""
+        images or a uint8 array (N, H, W[, C]); the ImageArray/ImagePaths the readers give; or a table (DataFrame,
+        ``datasets.Dataset``, dict of columns) whose input column is read as ``read`` reads a file."""
+        if is_table(inputs):  # a DataFrame: its input column, as `transferkit predict` reads a file
+            with self._table(inputs, "predict()", False, {}) as read:
+                return self.predict_logits(read.inputs, progress)
         backbone = self.model.backbone
         prepared = backbone.prepare(model_inputs(inputs, self.modality))
         batches = Batches(prepared, None, backbone.collate, self.eval_batch_size, lengths=backbone.lengths(prepared))
@@ -128,6 +133,22 @@ class FineTunedModel:
         """The predicted class of each input (a list, also for one text or image); ``inputs`` as for
         ``predict_logits``."""
         return [self.classes[i] for i in self.predict_proba(inputs).argmax(1)]
+
+    @contextlib.contextmanager
+    def _table(self, table: Any, caller: str, require_labels: bool, columns: dict) -> Iterator[Examples]:
+        """A table held in memory, read as a file of it would be; its images stay on disk until the block ends."""
+        with tempfile.TemporaryDirectory(prefix="transferkit-data-") as folder:
+            path = Path(folder) / "table.parquet"
+            where = f"the {type(table).__name__} passed to {caller}"
+            images = write_table(table, path, where, image_column=columns.get("image_column"),
+                                 text_column=columns.get("text_column"))
+            if images and not columns.get("text_column") and not columns.get("image_column"):
+                columns = {**columns, "image_column": images}
+            try:
+                yield self.read(path, require_labels=require_labels, **columns)
+            except UserError as error:
+                message = str(error).replace(f"data file {path}", where).replace(str(path), where)
+                raise UserError(message.replace(folder + "/", "")) from None
 
     def read(self, path: str | Path, *, text_column: str | None = None, image_column: str | None = None,
              label_column: str | None = None, require_labels: bool = True) -> Examples:
@@ -151,17 +172,8 @@ class FineTunedModel:
         folder (read as ``read`` does, ``columns`` naming its columns), or a table held in memory (a DataFrame,
         a ``datasets.Dataset``, a dict of columns)."""
         if is_table(examples):
-            with tempfile.TemporaryDirectory(prefix="transferkit-data-") as folder:
-                path = Path(folder) / "evaluate.parquet"
-                where = f"the {type(examples).__name__} passed to evaluate()"
-                images = write_table(examples, path, where, image_column=columns.get("image_column"))
-                if images and not columns.get("text_column") and not columns.get("image_column"):
-                    columns["image_column"] = images
-                try:
-                    return self.evaluate(self.read(path, **columns))
-                except UserError as error:
-                    message = str(error).replace(f"data file {path}", where).replace(str(path), where)
-                    raise UserError(message.replace(folder + "/", "")) from None
+            with self._table(examples, "evaluate()", True, columns) as read:
+                return self.evaluate(read)
         if isinstance(examples, (str, Path)):
             examples = self.read(examples, **columns)
         elif not isinstance(examples, Examples):

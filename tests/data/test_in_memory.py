@@ -114,6 +114,9 @@ def test_predict_takes_one_text_as_one_example(tiny_bert_dir, text_data, tmp_pat
     assert model.predict(text) == model.predict([text]) and len(model.predict(text)) == 1
     assert model.predict(pd.Series([text, "awful film"])) == model.predict([text, "awful film"])
     assert model.predict_proba(text).shape == (1, 2)
+    # A DataFrame predicts on its text column, not on its column names.
+    frame = pd.DataFrame({"text": [text, "awful film"], "label": ["pos", "neg"]})
+    assert model.predict(frame) == model.predict([text, "awful film"])
     assert model.evaluate(text_data["test"])["accuracy"] == model.evaluate(pd.read_csv(text_data["test"]))["accuracy"]
 
 

@@ -63,6 +63,15 @@ def test_a_folder_of_splits_is_not_read_as_classes(image_folder):
     assert set(read_examples(root / "train").labels) == {"horizontal", "vertical"}
 
 
+def test_a_missing_label_column_suggests_the_one_named_like_labels(tmp_path):
+    (tmp_path / "d.csv").write_text("text,sentiment\nnice,pos\nbad,neg\n")
+    with pytest.raises(UserError, match="no label column 'label'.*: pass --label-column sentiment$"):
+        read_examples(tmp_path / "d.csv")
+    (tmp_path / "two.csv").write_text("text,sentiment,topic\nnice,pos,a\nbad,neg,b\n")
+    with pytest.raises(UserError, match="pass --label-column NAME$"):
+        read_examples(tmp_path / "two.csv")
+
+
 def test_integer_labels_sort_numerically_and_strings_alphabetically():
     assert sort_classes(["10", "2", "1"]) == ["1", "2", "10"]
     assert sort_classes(["pos", "neg", "mixed"]) == ["mixed", "neg", "pos"]

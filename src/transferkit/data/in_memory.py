@@ -81,7 +81,8 @@ def _save_image(cell: Any, path: Path) -> None:
     image.save(path, format="PNG")
 
 
-def write_table(value: Any, path: Path, where: str, *, image_column: str | None = None) -> str | None:
+def write_table(value: Any, path: Path, where: str, *, image_column: str | None = None,
+                text_column: str | None = None) -> str | None:
     """Write the table ``value`` to ``path`` (Parquet). Returns the column that holds images: image objects
     written as files (their paths relative to ``path``), or, with no ``image_column`` given, a column of image
     file names (made absolute); None when the table holds neither."""
@@ -90,7 +91,7 @@ def write_table(value: Any, path: Path, where: str, *, image_column: str | None 
         raise UserError(f"{where} is empty: it needs at least one example")
     frame.columns = [str(c) for c in frame.columns]
     image_columns = [c for c in frame.columns if frame[c].map(_is_image).any()]
-    if image_column is None and not image_columns:
+    if image_column is None and text_column is None and not image_columns:
         # A column of image file names is an image column: the caller holding a DataFrame has no --image-column
         # habit, and reading the paths as texts would only fail later with a less useful message.
         image_column = next((c for c in frame.columns if _all_image_paths(frame[c])), None)
@@ -148,7 +149,7 @@ def staged_tables(fields: dict[str, Any], caller: str) -> Iterator[tuple[dict[st
         for name, value in tables.items():
             path = Path(folder) / f"{name}.parquet"
             images = write_table(value, path, f"the {type(value).__name__} passed to {caller} as {name}",
-                                 image_column=fields.get("image_column"))
+                                 image_column=fields.get("image_column"), text_column=fields.get("text_column"))
             if images and fields.get("image_column") is None and fields.get("text_column") is None:
                 fields["image_column"] = images
             fields[name] = str(path)

@@ -22,6 +22,10 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 # Folder names of a dataset already split (root/train/<class>/...), mapped to the option that takes each.
 SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val",
                  "test": "test", "testing": "test"}
+# Names a label column often has; one of them in a table without 'label' is named in the error's fix (never
+# used unasked: a column called 'class' may hold something else).
+LABEL_COLUMN_GUESSES = {"labels", "target", "targets", "class", "classes", "category", "categories", "sentiment",
+                        "polarity", "y", "tag", "intent", "topic", "rating", "stars"}
 TEXT_COLUMN_GUESSES = ("text", "sentence", "review", "content", "document")
 # How spreadsheets and pandas spell a missing value; as a label these mean "no label", never a class.
 MISSING_LABELS = {"nan", "none", "null", "na", "n/a", "#n/a"}
@@ -242,9 +246,9 @@ def read_table(path: Path, *, label_column: str | None, text_column: str | None,
                 f"data file {path} has no label column '{label_column}' and its first line looks like an example, not "
                 f"a header (columns read: {[_clip(c) for c in columns]}): add a header line naming the columns, e.g. "
                 + ("'text,label'" if TABLE_SUFFIXES[path.suffix.lower()] == "," else "'text<TAB>label'"))
-        raise UserError(
-            f"data file {path} has no label column '{label_column}'; available columns: {columns}: pass --label-column NAME"
-        )
+        likely = [c for c in columns if str(c).strip().lower() in LABEL_COLUMN_GUESSES]
+        fix = f"pass --label-column {likely[0]}" if len(likely) == 1 else "pass --label-column NAME"
+        raise UserError(f"data file {path} has no label column '{label_column}'; available columns: {columns}: {fix}")
 
     if image_column is not None:
         input_column = image_column
