@@ -126,6 +126,7 @@ def test_predict_takes_one_text_as_one_example(tiny_bert_dir, text_data, tmp_pat
     ({"text": ["good film", "bad film"], "label": ["pos", None]}, "missing labels at row 1"),
     ({"review": ["good film", "bad film"], "stars": ["pos", "neg"]}, "no label column 'label'"),
     ({"text": [], "label": []}, "is empty"),
+    ({"text": ["good film", "bad film"], "label": [1, pd.NA]}, "missing labels at row 1"),
 ])
 def test_bad_tables_are_refused_naming_the_object_not_a_temporary_file(table, message, tiny_bert_dir, tmp_path):
     with pytest.raises(UserError, match=message) as error:

@@ -72,6 +72,13 @@ def test_a_missing_label_column_suggests_the_one_named_like_labels(tmp_path):
         read_examples(tmp_path / "two.csv")
 
 
+@pytest.mark.parametrize("labels", [pd.array([1, 0, None], dtype="Int64"), pd.array(["pos", "neg", None], dtype="string")])
+def test_pandas_missing_values_in_a_parquet_file_are_missing_labels_not_a_class(tmp_path, labels):
+    pd.DataFrame({"text": ["nice", "bad", "meh"], "label": labels}).to_parquet(tmp_path / "d.parquet")
+    with pytest.raises(UserError, match="missing labels at row 2"):
+        read_examples(tmp_path / "d.parquet")
+
+
 def test_integer_labels_sort_numerically_and_strings_alphabetically():
     assert sort_classes(["10", "2", "1"]) == ["1", "2", "10"]
     assert sort_classes(["pos", "neg", "mixed"]) == ["mixed", "neg", "pos"]

@@ -116,10 +116,10 @@ def write_table(value: Any, path: Path, where: str, *, image_column: str | None 
         frame[column] = names
         frame = frame.drop(columns=[c for c in image_columns if c != column])
     for name in frame.columns:
-        kinds = {type(v) for v in frame[name] if v is not None and not (isinstance(v, float) and np.isnan(v))}
+        kinds = {type(v) for v in frame[name] if not _missing(v)}
         if len(kinds) > 1 and not kinds <= {int, float}:
             # Mixed cells (1 and "x") as text, as a CSV would give them: the reader then names the mix.
-            frame[name] = [None if v is None else str(v) for v in frame[name]]
+            frame[name] = [None if _missing(v) else str(v) for v in frame[name]]
     try:
         frame.to_parquet(path, index=False)
     except Exception as error:  # pyarrow's ArrowInvalid/ArrowTypeError for a column it cannot type
@@ -127,6 +127,14 @@ def write_table(value: Any, path: Path, where: str, *, image_column: str | None 
         raise UserError(f"{where} could not be stored as a table ({detail}): give each column one type, e.g. "
                         "frame[column].astype(str)") from None
     return column if image_columns else found_paths
+
+
+def _missing(value: Any) -> bool:
+    """None, NaN, and pandas' NA and NaT (what nullable columns hold for a missing cell)."""
+    import pandas as pd
+
+    return (value is None or value is pd.NA or value is pd.NaT
+            or (isinstance(value, (float, np.floating)) and bool(np.isnan(value))))
 
 
 def _all_image_paths(column) -> bool:

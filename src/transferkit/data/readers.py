@@ -137,9 +137,10 @@ def _duplicated_header(path: Path, delimiter: str) -> list[str]:
 
 def _cell_to_text(value) -> str | None:
     """A cell as a string, or None when it is missing."""
-    if value is None:
+    if value is None or type(value).__name__ in ("NAType", "NaTType"):  # pandas' NA in nullable columns (Parquet)
         return None
-    if isinstance(value, float):
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
         if math.isnan(value):
             return None
         if value.is_integer():
