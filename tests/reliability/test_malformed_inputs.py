@@ -101,6 +101,8 @@ CORPUS: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "missing field in a row": (lambda t: _text_args(_csv(t, "text,label\n" + GOOD_ROWS + "lonely\n")), "missing labels at line 42"),
     "mixed label types": (lambda t: _text_args(_csv(t, "text,label\n" + GOOD_ROWS + "fine film,pos\n")), "mixes numbers"),
     "continuous target as label": (lambda t: _text_args(_csv(t, "text,label\n" + "".join(f"film {i},{i * 0.37:.2f}\n" for i in range(40)))), "continuous target"),
+    "multi-label lists in JSONL": (lambda t: _text_args(_csv(t, '{"text": "a", "label": ["x", "y"]}\n{"text": "b", "label": ["x"]}\n', "d.jsonl")), "holds a list at line 1"),
+    "nested record as text in JSONL": (lambda t: _text_args(_csv(t, '{"text": {"title": "a"}, "label": 1}\n{"text": {"title": "b"}, "label": 0}\n', "d.jsonl")), "holds a dict at line 1"),
     "NaN label spelled out": (lambda t: _text_args(_csv(t, "text,label\n" + GOOD_ROWS + "odd film,NaN\n")), "missing labels at line 42"),
     "null label in JSONL": (lambda t: _text_args(_csv(t, '{"text": "a", "label": null}\n{"text": "b", "label": 1}\n', "d.jsonl")), "missing labels at line 1"),
     "empty text cell": (lambda t: _text_args(_csv(t, "text,label\n" + GOOD_ROWS + ",1\n")), "empty values at line 42"),

@@ -275,6 +275,10 @@ def read_table(path: Path, *, label_column: str | None, text_column: str | None,
             f"data file {path}: its first line looks like an example, not a header (column name read: "
             f"'{_clip(input_column)}'): add a header line naming the columns, e.g. 'text', so no example is lost")
 
+    _check_scalar_cells(path, frame, input_column, "a text or an image path per row (join the parts into one string)")
+    if has_labels:
+        _check_scalar_cells(path, frame, label_column, "one label per row: transferkit trains single-label "
+                                                       "classifiers, not multi-label ones")
     inputs = [_cell_to_text(v) for v in frame[input_column].tolist()]
     missing = [i for i, v in enumerate(inputs) if v is None]
     if missing:
@@ -296,6 +300,15 @@ def read_table(path: Path, *, label_column: str | None, text_column: str | None,
         _check_images(paths, f"data file {path}, column '{image_column}'")
         return Examples(ImagePaths(paths), labels, str(path), "image")
     return Examples(inputs, labels, str(path), "text")
+
+
+def _check_scalar_cells(path: Path, frame, column: str, fix: str) -> None:
+    """JSONL and Parquet cells may hold lists or records; written out as text they would train on their repr
+    ("['pos', 'funny']" as a class of its own)."""
+    for index, value in enumerate(frame[column].tolist()):
+        if isinstance(value, (list, tuple, dict, set, np.ndarray)):
+            raise UserError(f"data file {path}: column '{column}' holds a {type(value).__name__} at {_row_name(path, index)} "
+                            f"({_clip(value, 40)}): give {fix}")
 
 
 def _check_images(paths: list[Path], where: str) -> None:
