@@ -81,6 +81,11 @@ def test_an_ensemble_is_a_run_directory_that_evaluates_and_predicts(runs, tmp_pa
     assert isinstance(model, EnsembleModel) and model.classes == ["neg", "pos"]
     assert main(["evaluate", str(moved), "--test", str(runs / "test.csv")]) == 0
     assert f"accuracy {metrics['test']['accuracy']:.4f}" in capsys.readouterr().out
+    # From Python too, on the file or on the same rows held in a DataFrame.
+    import pandas as pd
+
+    assert model.evaluate(runs / "test.csv")["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+    assert model.evaluate(pd.read_csv(runs / "test.csv"))["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
     assert main(["predict", str(moved), "--input", str(runs / "test.csv"), "--output", str(tmp_path / "p.csv")]) == 0
     assert (out / "README.md").is_file()
     assert main(["export", str(moved)]) == 2 and "ensemble" in capsys.readouterr().err

@@ -50,6 +50,24 @@ def save_classifier(model: Classifier, classes: Sequence[str], directory: Path, 
     atomic_write_text(directory / "transferkit.json", json.dumps(meta, indent=1))
 
 
+@contextlib.contextmanager
+def _read_table(model, table: Any, caller: str, require_labels: bool, columns: dict) -> Iterator[Examples]:
+    """A table held in memory, read by ``model.read`` as a file of it would be; its images stay on disk until the
+    block ends. Errors name the object passed, not the temporary file."""
+    with tempfile.TemporaryDirectory(prefix="transferkit-data-") as folder:
+        path = Path(folder) / "table.parquet"
+        where = f"the {type(table).__name__} passed to {caller}"
+        images = write_table(table, path, where, image_column=columns.get("image_column"),
+                             text_column=columns.get("text_column"))
+        if images and not columns.get("text_column") and not columns.get("image_column"):
+            columns = {**columns, "image_column": images}
+        try:
+            yield model.read(path, require_labels=require_labels, **columns)
+        except UserError as error:
+            message = str(error).replace(f"data file {path}", where).replace(str(path), where)
+            raise UserError(message.replace(folder + "/", "")) from None
+
+
 class FineTunedModel:
     """A loaded run: ``predict`` texts or images, ``evaluate`` a labelled file."""
 
@@ -118,7 +136,7 @@ class FineTunedModel:
         images or a uint8 array (N, H, W[, C]); the ImageArray/ImagePaths the readers give; or a table (DataFrame,
         ``datasets.Dataset``, dict of columns) whose input column is read as ``read`` reads a file."""
         if is_table(inputs):  # a DataFrame: its input column, as `transferkit predict` reads a file
-            with self._table(inputs, "predict()", False, {}) as read:
+            with _read_table(self, inputs, "predict()", False, {}) as read:
                 return self.predict_logits(read.inputs, progress)
         backbone = self.model.backbone
         prepared = backbone.prepare(model_inputs(inputs, self.modality))
@@ -133,22 +151,6 @@ class FineTunedModel:
         """The predicted class of each input (a list, also for one text or image); ``inputs`` as for
         ``predict_logits``."""
         return [self.classes[i] for i in self.predict_proba(inputs).argmax(1)]
-
-    @contextlib.contextmanager
-    def _table(self, table: Any, caller: str, require_labels: bool, columns: dict) -> Iterator[Examples]:
-        """A table held in memory, read as a file of it would be; its images stay on disk until the block ends."""
-        with tempfile.TemporaryDirectory(prefix="transferkit-data-") as folder:
-            path = Path(folder) / "table.parquet"
-            where = f"the {type(table).__name__} passed to {caller}"
-            images = write_table(table, path, where, image_column=columns.get("image_column"),
-                                 text_column=columns.get("text_column"))
-            if images and not columns.get("text_column") and not columns.get("image_column"):
-                columns = {**columns, "image_column": images}
-            try:
-                yield self.read(path, require_labels=require_labels, **columns)
-            except UserError as error:
-                message = str(error).replace(f"data file {path}", where).replace(str(path), where)
-                raise UserError(message.replace(folder + "/", "")) from None
 
     def read(self, path: str | Path, *, text_column: str | None = None, image_column: str | None = None,
              label_column: str | None = None, require_labels: bool = True) -> Examples:
@@ -172,7 +174,7 @@ class FineTunedModel:
         folder (read as ``read`` does, ``columns`` naming its columns), or a table held in memory (a DataFrame,
         a ``datasets.Dataset``, a dict of columns)."""
         if is_table(examples):
-            with self._table(examples, "evaluate()", True, columns) as read:
+            with _read_table(self, examples, "evaluate()", True, columns) as read:
                 return self.evaluate(read)
         if isinstance(examples, (str, Path)):
             examples = self.read(examples, **columns)
