@@ -125,3 +125,13 @@ def test_hub_ids_with_and_without_an_organisation_are_hub_names_and_near_misses_
         assert not is_hub_name(name), name
     with pytest.raises(UserError, match="did you mean 'efficientnet-lite0'"):
         is_hub_name("efficientnet_lite0")
+
+
+def test_every_command_that_reads_data_takes_data_as_well_as_its_own_flag():
+    from transferkit.cli import build_parser
+
+    parser = build_parser()
+    for command in ("fit", "distill", "lr-find", "rank"):
+        extra = ["--models", "minilm-l6"] if command == "rank" else []
+        assert parser.parse_args([command, "--data", "d.csv", *extra]).train == "d.csv", command
+    assert parser.parse_args(["pretrain", "--model", "minilm-l6", "--data", "t.txt", "--out", "o"]).text_data == "t.txt"

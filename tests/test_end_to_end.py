@@ -157,6 +157,11 @@ def test_predict_on_a_flat_folder_of_unlabelled_images(tiny_vit_dir, image_folde
     assert main(["predict", str(run), "--input", str(flat), "--output", str(tmp_path / "p.csv")]) == 0
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))
     assert len(rows) == 5 and rows[0]["input"].endswith(".png")
+    # One image file is one prediction, the same as in the folder.
+    first = sorted(flat.iterdir())[0]
+    assert main(["predict", str(run), "--input", str(first), "--output", str(tmp_path / "one.csv")]) == 0
+    one = list(csv.DictReader(open(tmp_path / "one.csv")))
+    assert len(one) == 1 and one[0]["label"] == rows[0]["label"] and one[0]["input"] == rows[0]["input"]
 
 
 def test_evaluate_and_predict_read_the_columns_the_run_trained_on(tiny_bert_dir, tmp_path):

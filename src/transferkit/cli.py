@@ -453,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     finder = commands.add_parser("lr-find", help="LR range test: plot loss vs learning rate and suggest one")
     _add_fit_arguments(finder)
+    finder.add_argument("--data", dest="train", default=None, help="the labelled training data (same as --train)")
     finder.add_argument("--steps", type=int, default=100, help="training steps of the range test")
     finder.set_defaults(func=_cmd_lr_find)
 
@@ -465,7 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       ("predict", "predict labels and class probabilities for a file", "--input")):
         sub = commands.add_parser(name, help=helptext)
         sub.add_argument("run", help="a finished run directory")
-        sub.add_argument(file_flag, required=True, help="a table, image folder or IDX file")
+        sub.add_argument(file_flag, required=True, help="a table, image folder or IDX file" + (
+            "; or one image file, or a flat folder of images" if name == "predict" else ""))
         sub.add_argument("--text-column", help="default: the run's training text column, when the file has it")
         sub.add_argument("--image-column", help="default: the run's training image column, when the file has it")
         sub.add_argument("--label-column", help="default: the run's training label column, else 'label'")
@@ -513,7 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pretrainer = commands.add_parser("pretrain", help="continue masked-LM pre-training of a text encoder on unlabelled domain text")
     pretrainer.add_argument("--model", required=True, help="a text encoder: minilm-l6, a local checkpoint folder or a hub name")
-    pretrainer.add_argument("--text-data", required=True, help="unlabelled text: a .txt file (one text per line) or a table")
+    pretrainer.add_argument("--text-data", "--data", dest="text_data", required=True,
+                            help="unlabelled text: a .txt file (one text per line) or a table (--data is the same)")
     pretrainer.add_argument("--text-column", help="the text column of a table")
     pretrainer.add_argument("--out", required=True, help="folder for the adapted encoder (a transformers checkpoint)")
     pretrainer.add_argument("--epochs", type=int, default=1)

@@ -50,12 +50,16 @@ def read_examples(
             return read_unlabelled_images(path)
         return read_image_folder(path)
     name = path.name.lower()
+    if path.suffix.lower() in IMAGE_SUFFIXES and not require_labels:  # `predict --input photo.jpg`: one image
+        _check_images([path], f"image {path}")
+        return Examples(ImagePaths([path]), None, str(path), "image")
     if "idx" in name or name.endswith("-ubyte") or name.endswith("-ubyte.gz"):
         return read_idx(path)
     suffix = path.suffix.lower()
     if suffix not in TABLE_SUFFIXES:
         raise UserError(
             f"data file {path} has an unsupported type '{suffix}': use .csv, .tsv, .jsonl, .parquet, an IDX file or an image folder"
+            + (" (one image file is taken by predict, not as labelled data)" if suffix in IMAGE_SUFFIXES else "")
         )
     return read_table(path, label_column=label_column, text_column=text_column, image_column=image_column,
                       require_labels=require_labels)
