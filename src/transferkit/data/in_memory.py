@@ -78,7 +78,7 @@ def _save_image(cell: Any, path: Path) -> None:
         image = Image.fromarray(cell)
     else:
         image = cell
-    image.save(path, format="PNG")
+    image.save(path, format="PNG", compress_level=1)  # lossless either way; ~2x faster than the default level
 
 
 def write_table(value: Any, path: Path, where: str, *, image_column: str | None = None,
@@ -107,7 +107,13 @@ def write_table(value: Any, path: Path, where: str, *, image_column: str | None 
         folder = path.with_name(path.stem + "_images")
         folder.mkdir(parents=True, exist_ok=True)
         names = []
-        for row, cell in enumerate(frame[column]):
+        cells = frame[column]
+        if len(cells) >= 1000:  # tens of thousands of images take a minute or more to write
+            from tqdm.auto import tqdm
+
+            cells = tqdm(cells, desc=f"writing the images of {path.stem}", unit="image", mininterval=1.0,
+                         dynamic_ncols=True)
+        for row, cell in enumerate(cells):
             if not _is_image(cell):
                 raise UserError(f"{where}: column '{column}' holds images, but row {row} holds "
                                 f"{type(cell).__name__}: give every row an image")
