@@ -135,3 +135,12 @@ def test_ensemble_errors(runs, tiny_bert_dir, tmp_path, capsys):
         assert main(["ensemble", *members, *flags, "--test", str(runs / "test.csv"), "--out", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_without_a_method_the_ensemble_averages_the_members_probabilities(runs, tmp_path):
+    members = [str(runs / f"run{s}") for s in (0, 1, 2)]
+    out = tmp_path / "average"
+    assert main(["ensemble", *members, "--test", str(runs / "test.csv"), "--out", str(out)]) == 0
+    texts = [t for t, _ in make_sentences(20, seed=11)]
+    mean = np.mean([load_run(m).predict_proba(texts) for m in members], axis=0)
+    np.testing.assert_allclose(load_run(out).predict_proba(texts), mean, atol=1e-6)

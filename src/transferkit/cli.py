@@ -501,8 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     ensembler.add_argument("runs", nargs="+", help="two or more finished run directories with the same classes")
     # The method list comes from the combiner registry when the command runs (importing it here would make
     # every `transferkit --help` load torch).
-    ensembler.add_argument("--method", required=True,
-                           help="vote (hard voting), average (probabilities), weighted (weights fitted on --val), "
+    ensembler.add_argument("--method", default="average",
+                           help="vote (hard voting), average (probabilities; the default, it needs no --val), weighted (weights fitted on --val), "
                                 "stack (a meta-learner fitted on --val) or soup (greedy weight soup, one backbone)")
     ensembler.add_argument("--val", help="labelled validation file: what weighted, stack and soup learn from")
     ensembler.add_argument("--test", required=True, help="labelled test file, predicted once to report")

@@ -274,7 +274,7 @@ def _cast_like(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor
     return {k: (v.round() if not reference[k].is_floating_point() else v).to(reference[k].dtype) for k, v in state.items()}
 
 
-def build_ensemble(runs: list[str], *, method: str, test: str, out: str, val: str | None = None,
+def build_ensemble(runs: list[str], *, test: str, out: str, method: str = "average", val: str | None = None,
                    text_column: str | None = None, image_column: str | None = None, label_column: str | None = None,
                    overwrite: bool = False) -> dict:
     """Combine finished runs; write ``out`` as a run directory; return its metrics (also ``metrics.json``)."""
