@@ -89,6 +89,7 @@ def test_images_held_in_a_table_are_stored_as_files_and_every_input_kind_predict
     assert model.predict([Image.open(p) for p in paths]) == expected
     assert model.predict(images[:6]) == expected
     assert model.predict(str(paths[0])) == expected[:1]
+    assert model.predict(run / "data" / "train_images")[:6] == expected  # a folder: its images in name order
     # A column of image file names is read as images, relative to where the caller runs.
     table = pd.DataFrame({"file": [str(p) for p in paths], "label": labels[:6]})
     assert model.evaluate(table)["accuracy"] == model.evaluate(_DatasetLike(table))["accuracy"]

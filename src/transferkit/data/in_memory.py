@@ -217,9 +217,9 @@ def keep_staged(config, staged: Path | None, run_dir: Path):
 def model_inputs(inputs: Any, modality: str, where: str = "predict()"):
     """What ``FineTunedModel.predict`` and friends accept, as the inputs a backbone prepares.
 
-    Texts: one string, or a sequence of strings (list, tuple, pandas Series, numpy array). Images: one path, PIL
-    image or (H, W[, C]) array... in a list, a list of paths or of PIL images, a uint8 array (N, H, W[, C]),
-    or the ImageArray/ImagePaths the readers give.
+    Texts: one string, or a sequence of strings (list, tuple, pandas Series, numpy array). Images: one path or
+    PIL image, a folder, a list of paths, of PIL images or of (H, W[, C]) uint8 arrays, a uint8 array
+    (N, H, W[, C]), or the ImageArray/ImagePaths the readers give.
     """
     if modality == "text":
         if isinstance(inputs, str):
@@ -239,6 +239,10 @@ def _image_inputs(inputs: Any, where: str):
 
     if isinstance(inputs, (ImageArray, ImagePaths, DecodedImages)):
         return inputs
+    if isinstance(inputs, (str, Path)) and Path(inputs).is_dir():  # a folder: its images (class folders or flat)
+        from .readers import read_examples
+
+        return read_examples(inputs, require_labels=False).inputs
     if isinstance(inputs, (str, Path, Image.Image)):
         inputs = [inputs]
     if isinstance(inputs, np.ndarray):
