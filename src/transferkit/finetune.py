@@ -172,6 +172,23 @@ def image_size_note(inputs, backbone, config: RunConfig) -> str | None:
             f"compute per image{other}; compare their accuracy on validation")
 
 
+def below_probe_warning(baseline: dict, history: list[dict], best_epoch: int, strategy: str) -> str | None:
+    """A warning when the fine-tuned model's best validation accuracy is below the linear probe's (validation only:
+    the test set chooses nothing). Too few epochs for a large LR-sensitive update, or too high an LR, are the
+    usual causes; the probe already shows what the frozen features give."""
+    def best(records: list[dict], epoch: int | None) -> float | None:
+        if not records or not epoch:
+            return None
+        return records[epoch - 1].get("val_accuracy")
+
+    probe, tuned = best(baseline.get("history", []), baseline.get("best_epoch")), best(history, best_epoch)
+    if probe is None or tuned is None or tuned >= probe:
+        return None
+    return (f"fine-tuned ({strategy}) validation accuracy {tuned:.4f} is below the linear probe's {probe:.4f}: the saved "
+            f"model is the fine-tuned one; try more --epochs, another --lr (transferkit lr-find), --head-init probe, "
+            f"or --strategy linear-probe")
+
+
 def describe_classes(labels: list[str], classes: list[str], config: RunConfig) -> str | None:
     """Print the class counts; return a warning when imbalance is strong and nothing handles it."""
     counts = {c: 0 for c in classes}
@@ -573,6 +590,9 @@ def _finetune(config: RunConfig | str | Path | None, resume: bool, overwrite: bo
     }
     if baseline is not None:
         metrics["baseline"] = baseline
+        if main and (warning := below_probe_warning(baseline, engine.history, engine.best_epoch, strategy.name)):
+            metrics["warnings"] = [warning]
+            print(f"transferkit: warning: {warning}", file=sys.stderr)
     if teacher is not None:
         metrics["distillation"] = _compare_with_teacher(config, teacher, model, classes, splits)
     if domains_before is not None and main:
