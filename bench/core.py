@@ -59,7 +59,11 @@ EXPERIMENTS = {
         # An exponential moving average of the weights (validated and kept instead of the last step's), over about
         # the last 100 steps (0.4 epoch). A longer window buys little here: the warm-up (1+t)/(10+t) caps the
         # decay below 0.99 for the first 890 of the 1,250 steps, and at 0.993 by the end.
-        {"lr": 5e-5, "head_init": "probe", "rows": "sentences", "epochs": 5, "ema_decay": 0.99}]}),
+        {"lr": 5e-5, "head_init": "probe", "rows": "sentences", "epochs": 5, "ema_decay": 0.99},
+        # Layer-wise LR decay (as BERT's GLUE recipes use it) on the best data and head recipe: the top layer at
+        # 1e-4, each lower one 0.8x, so the embeddings move least.
+        {"strategy": "discriminative-lr", "lr": 1e-4, "lr_decay": 0.8, "head_init": "probe", "rows": "sentences",
+         "epochs": 5}]}),
     # The full set is too large for a grid here: it takes the recipe that won sst2-8k's validation (its epochs
     # excepted: passes over 52k phrases are more steps than over 8k). Three epochs, the best one chosen on
     # validation: a 2-epoch run's validation accuracy was still rising at its end (0.8784, 0.8842).
