@@ -153,7 +153,7 @@ def _all_image_paths(column) -> bool:
 def staged_tables(fields: dict[str, Any], caller: str) -> Iterator[tuple[dict[str, Any], Path | None]]:
     """``fields`` with every table object among the data fields replaced by the path of a Parquet file in a
     temporary folder (yielded too, None when nothing was staged); the folder is deleted on exit, so a caller
-    that keeps the data moves it out first (``keep_staged``)."""
+    that keeps the data copies it out first (``keep_staged``)."""
     tables = {name: fields[name] for name in DATA_FIELDS if name in fields and is_table(fields[name])}
     if not tables:
         yield fields, None
