@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -19,7 +18,7 @@ import torch
 
 from .backbones.registry import rebuild_backbone
 from .data.dataset import Examples, encode_labels
-from .data.in_memory import is_table, model_inputs, write_table
+from .data.in_memory import is_table, model_inputs, staged_table
 from .data.readers import read_examples, table_columns
 from .engine.batches import Batches, map_in_order
 from .engine.checkpoint import atomic_write_text, load_weights, save_weights
@@ -53,19 +52,9 @@ def save_classifier(model: Classifier, classes: Sequence[str], directory: Path, 
 @contextlib.contextmanager
 def _read_table(model, table: Any, caller: str, require_labels: bool, columns: dict) -> Iterator[Examples]:
     """A table held in memory, read by ``model.read`` as a file of it would be; its images stay on disk until the
-    block ends. Errors name the object passed, not the temporary file."""
-    with tempfile.TemporaryDirectory(prefix="transferkit-data-") as folder:
-        path = Path(folder) / "table.parquet"
-        where = f"the {type(table).__name__} passed to {caller}"
-        images = write_table(table, path, where, image_column=columns.get("image_column"),
-                             text_column=columns.get("text_column"))
-        if images and not columns.get("text_column") and not columns.get("image_column"):
-            columns = {**columns, "image_column": images}
-        try:
-            yield model.read(path, require_labels=require_labels, **columns)
-        except UserError as error:
-            message = str(error).replace(f"data file {path}", where).replace(str(path), where)
-            raise UserError(message.replace(folder + "/", "")) from None
+    block ends."""
+    with staged_table(table, caller, columns) as (path, columns):
+        yield model.read(path, require_labels=require_labels, **columns)
 
 
 class FineTunedModel:

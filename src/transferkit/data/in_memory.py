@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import UserError
 from .dataset import DecodedImages, ImageArray, ImagePaths, to_rgb_array
+from .readers import IMAGE_SUFFIXES, is_missing, read_examples
 
 # Run fields that name a data file, and so may be given a table object from Python instead.
 DATA_FIELDS = ("train", "val", "test", "distill_data", "target", "target_test")
@@ -91,13 +92,11 @@ def write_table(value: Any, path: Path, where: str, *, image_column: str | None 
         raise UserError(f"{where} is empty: it needs at least one example")
     frame.columns = [str(c) for c in frame.columns]
     image_columns = [c for c in frame.columns if frame[c].map(_is_image).any()]
+    found_paths = None
     if image_column is None and text_column is None and not image_columns:
         # A column of image file names is an image column: the caller holding a DataFrame has no --image-column
         # habit, and reading the paths as texts would only fail later with a less useful message.
-        image_column = next((c for c in frame.columns if _all_image_paths(frame[c])), None)
-        found_paths = image_column
-    else:
-        found_paths = None
+        found_paths = image_column = next((c for c in frame.columns if _all_image_paths(frame[c])), None)
     if image_column is not None and image_column in frame.columns and image_column not in image_columns:
         # Paths given in memory are relative to where the caller runs, not to the Parquet file written here.
         frame[image_column] = [str(Path(p).resolve()) if isinstance(p, (str, Path)) and str(p) else p
@@ -122,10 +121,10 @@ def write_table(value: Any, path: Path, where: str, *, image_column: str | None 
         frame[column] = names
         frame = frame.drop(columns=[c for c in image_columns if c != column])
     for name in frame.columns:
-        kinds = {type(v) for v in frame[name] if not _missing(v)}
+        kinds = {type(v) for v in frame[name] if not is_missing(v)}
         if len(kinds) > 1 and not kinds <= {int, float}:
             # Mixed cells (1 and "x") as text, as a CSV would give them: the reader then names the mix.
-            frame[name] = [None if _missing(v) else str(v) for v in frame[name]]
+            frame[name] = [None if is_missing(v) else str(v) for v in frame[name]]
     try:
         frame.to_parquet(path, index=False)
     except Exception as error:  # pyarrow's ArrowInvalid/ArrowTypeError for a column it cannot type
@@ -135,18 +134,30 @@ def write_table(value: Any, path: Path, where: str, *, image_column: str | None 
     return column if image_columns else found_paths
 
 
-def _missing(value: Any) -> bool:
-    """None, NaN, and pandas' NA and NaT (what nullable columns hold for a missing cell)."""
-    import pandas as pd
-
-    return (value is None or value is pd.NA or value is pd.NaT
-            or (isinstance(value, (float, np.floating)) and bool(np.isnan(value))))
-
-
 def _all_image_paths(column) -> bool:
-    from .readers import IMAGE_SUFFIXES
-
     return all(isinstance(v, (str, Path)) and Path(v).suffix.lower() in IMAGE_SUFFIXES for v in column)
+
+
+def _stage(value: Any, path: Path, where: str, columns: dict[str, Any]) -> dict[str, Any]:
+    """Write one table to ``path``; ``columns`` with the image column set when the table's images were found
+    and no input column was named."""
+    images = write_table(value, path, where, image_column=columns.get("image_column"),
+                         text_column=columns.get("text_column"))
+    if images and columns.get("image_column") is None and columns.get("text_column") is None:
+        return {**columns, "image_column": images}
+    return columns
+
+
+@contextlib.contextmanager
+def _naming_the_objects(folder: str, objects: dict[Path, str]) -> Iterator[None]:
+    """The reader names the temporary files; errors say which object the caller passed instead."""
+    try:
+        yield
+    except UserError as error:
+        message = str(error)
+        for path, where in objects.items():
+            message = message.replace(f"data file {path}", where).replace(str(path), where)
+        raise UserError(message.replace(folder + "/", "")) from None
 
 
 @contextlib.contextmanager
@@ -160,23 +171,24 @@ def staged_tables(fields: dict[str, Any], caller: str) -> Iterator[tuple[dict[st
         return
     fields = dict(fields)
     with tempfile.TemporaryDirectory(prefix="transferkit-data-") as folder:
+        objects = {}
         for name, value in tables.items():
             path = Path(folder) / f"{name}.parquet"
-            images = write_table(value, path, f"the {type(value).__name__} passed to {caller} as {name}",
-                                 image_column=fields.get("image_column"), text_column=fields.get("text_column"))
-            if images and fields.get("image_column") is None and fields.get("text_column") is None:
-                fields["image_column"] = images
-            fields[name] = str(path)
-        try:
+            objects[path] = f"the {type(value).__name__} passed to {caller} as {name}"
+            fields = {**_stage(value, path, objects[path], fields), name: str(path)}
+        with _naming_the_objects(folder, objects):
             yield fields, Path(folder)
-        except UserError as error:
-            # The reader names the temporary file; say which object the caller passed instead.
-            message = str(error)
-            for name, value in tables.items():
-                message = message.replace(f"data file {Path(folder) / (name + '.parquet')}",
-                                          f"the {type(value).__name__} passed as {name}")
-                message = message.replace(str(Path(folder) / (name + '.parquet')), f"the {type(value).__name__} passed as {name}")
-            raise UserError(message.replace(folder + "/", "")) from None
+
+
+@contextlib.contextmanager
+def staged_table(value: Any, caller: str, columns: dict[str, Any]) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """One table object as a temporary Parquet file, with the columns to read it by; errors name the object."""
+    with tempfile.TemporaryDirectory(prefix="transferkit-data-") as folder:
+        path = Path(folder) / "table.parquet"
+        where = f"the {type(value).__name__} passed to {caller}"
+        columns = _stage(value, path, where, columns)
+        with _naming_the_objects(folder, {path: where}):
+            yield path, columns
 
 
 def accepts_tables(caller: str):
@@ -240,8 +252,6 @@ def _image_inputs(inputs: Any, where: str):
     if isinstance(inputs, (ImageArray, ImagePaths, DecodedImages)):
         return inputs
     if isinstance(inputs, (str, Path)) and Path(inputs).is_dir():  # a folder: its images (class folders or flat)
-        from .readers import read_examples
-
         return read_examples(inputs, require_labels=False).inputs
     if isinstance(inputs, (str, Path, Image.Image)):
         inputs = [inputs]

@@ -139,14 +139,21 @@ def _duplicated_header(path: Path, delimiter: str) -> list[str]:
     return sorted({n for n in names if names.count(n) > 1})
 
 
+def is_missing(value) -> bool:
+    """None, NaN, and pandas' NA and NaT (what nullable columns, e.g. a Parquet file's Int64 or string labels,
+    hold for a missing cell)."""
+    import pandas as pd
+
+    return (value is None or value is pd.NA or value is pd.NaT
+            or (isinstance(value, (float, np.floating)) and math.isnan(value)))
+
+
 def _cell_to_text(value) -> str | None:
     """A cell as a string, or None when it is missing."""
-    if value is None or type(value).__name__ in ("NAType", "NaTType"):  # pandas' NA in nullable columns (Parquet)
+    if is_missing(value):
         return None
     if isinstance(value, (float, np.floating)):
         value = float(value)
-        if math.isnan(value):
-            return None
         if value.is_integer():
             return str(int(value))
     if isinstance(value, (bool, np.bool_)):
