@@ -77,6 +77,8 @@ def test_a_partition_that_leaves_a_client_almost_empty_is_a_clear_error():
     ({"model": "m", "data": {"train": "a.csv"}, "personal": "encoder"}, "'personal' is 'encoder': choose one of none, head"),
     ({"model": "m", "data": {"train": "a.csv"}, "client_optimizer_state": "carry"},
      "'client_optimizer_state' is 'carry': choose one of reset, keep"),
+    ({"model": "m", "data": {"train": "a.csv"}, "round_schedule": "step"},
+     "'round_schedule' is 'step': choose one of linear, cosine, exponential, constant"),
 ])
 def test_bad_federated_configs_are_clear_errors(values, message):
     with pytest.raises(UserError, match=message):
@@ -287,6 +289,41 @@ def test_local_training_started_from_kept_moments_goes_on_counting_adams_steps(t
     assert {float(m["step"]) for m in second.values()} == {2 * float(m["step"]) for m in first.values()}
     reset = local_train(local, split, ["neg", "pos"], 1, seed=2)["optimizer_state"]
     assert {float(m["step"]) for m in reset.values()} == {float(m["step"]) for m in first.values()}
+
+
+def test_the_clients_lr_decays_across_rounds_as_one_schedule_over_max_rounds():
+    def factors(**options):
+        config = FederatedConfig.from_dict({"model": "m", "data": {"train": "a.csv"}, "max_rounds": 5, **options}, source="t")
+        return [round(config.round_lr_factor(r), 4) for r in range(1, 6)]
+
+    assert factors() == [0.9, 0.7, 0.5, 0.3, 0.1]  # linear by default: each round at the middle of its share
+    assert factors(round_schedule="cosine") == [0.9755, 0.7939, 0.5, 0.2061, 0.0245]
+    assert factors(round_schedule="constant") == [1.0] * 5
+    assert FederatedConfig.from_dict({"model": "m", "data": {"train": "a.csv"}}, source="t").recipe["schedule"] == "constant"
+
+
+def test_local_training_scales_the_recipes_lrs_by_the_rounds_factor(tiny_bert_dir, tmp_path, monkeypatch):
+    from transferkit.data.readers import read_examples
+    from transferkit.federated import local as local_module
+
+    data = write_table(tmp_path / "d.csv", make_sentences(40, seed=7))
+    config = FederatedConfig.from_dict({"model": str(tiny_bert_dir), "strategy": "lora", "lr": 4e-3, "head_lr": 8e-3,
+                                        "batch_size": 8, "data": {"train": str(data)}}, source="t")
+    split = local_module.held_out_split(read_examples(str(data), text_column="text"), 0.2, 0.0, seed=0)
+    seen = []
+
+    class Recording(local_module.Engine):
+        def __init__(self, model, groups, *args, **kwargs):
+            seen.append((sorted({g["lr"] for g in groups}), args[3].schedule))
+            super().__init__(model, groups, *args, **kwargs)
+
+    monkeypatch.setattr(local_module, "Engine", Recording)
+    local = local_module.local_model(config, ["neg", "pos"])
+    local_module.load_exchanged(local, None)
+    local_module.local_train(local, split, ["neg", "pos"], 1, seed=1, lr_factor=0.25)
+    local_module.local_train(local, split, ["neg", "pos"], 1, seed=1, schedule="cosine")
+    assert [schedule for _, schedule in seen] == ["constant", "cosine"]
+    assert seen[0][0] == pytest.approx([1e-3, 2e-3]) and seen[1][0] == pytest.approx([4e-3, 8e-3])
 
 
 def test_a_clients_loss_takes_balanced_weights_from_its_own_label_counts(tiny_bert_dir, tmp_path, monkeypatch):

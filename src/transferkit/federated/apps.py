@@ -105,7 +105,8 @@ def add_client_handlers(app, setup: Callable, state_folder: Callable[[FederatedC
         split = round_share(split, config.round_parts, round_number, local.run_config.seed, index)
         kept_moments = optimizer_state.kept(context.state) if config.client_optimizer_state == "keep" else None
         result = local_train(local, split, classes, config.epochs_per_round, mu, description=f"client {index} round {round_number}",
-                             seed=training_seed(local.run_config.seed, index, round_number), optimizer_state=kept_moments)
+                             seed=training_seed(local.run_config.seed, index, round_number), optimizer_state=kept_moments,
+                             lr_factor=config.round_lr_factor(round_number))
         if config.client_optimizer_state == "keep":
             optimizer_state.keep(context.state, result["optimizer_state"])
         update = exchanged_state(local)
@@ -156,8 +157,9 @@ def add_client_handlers(app, setup: Callable, state_folder: Callable[[FederatedC
             scores["personalisation_kept"] = int(kept)
         if int(settings["local-only-epochs"]) > 0:
             load_exchanged(local, None)  # from the pretrained weights, its own data only
+            # Its LR decays over its epochs as the federation's did over its rounds.
             local_train(local, split, classes, int(settings["local-only-epochs"]), description=f"client {index} local-only",
-                        seed=training_seed(local.run_config.seed, index, LOCAL_ONLY_PHASE))
+                        seed=training_seed(local.run_config.seed, index, LOCAL_ONLY_PHASE), schedule=config.round_schedule)
             scores["local_only"] = local_evaluate(local, split["test"], classes)["accuracy"]
         return Message(RecordDict({"metrics": MetricRecord(scores)}), reply_to=message)
 

@@ -19,7 +19,8 @@ or one dataset per client (each client a different domain)::
 and for both: ``aggregator`` (fedavg, fedprox, fedadam, fedmedian, fedtrimmedavg, krum), ``max_rounds``,
 ``local_epochs``, ``patience``/``min_delta`` over rounds, ``personal`` (none, head: FedPer, batchnorm: FedBN),
 ``personalise_epochs``, ``client_optimizer_state`` (reset: a fresh AdamW each round; keep: each client keeps its
-AdamW moments between rounds).
+AdamW moments between rounds), ``round_schedule`` (how the clients' LR decays across rounds: linear, cosine,
+exponential or constant).
 """
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ from typing import Any
 import yaml
 
 from ..config import RunConfig, read_yaml
+from ..engine.schedules import schedule_factor
 from ..errors import UserError
 from .aggregators import AGGREGATORS
 from .partition import PARTITIONERS
 from .optimizer_state import CHOICES as OPTIMIZER_STATE_CHOICES
 from .personal import PERSONAL_PARTS
 
+ROUND_SCHEDULES = ("linear", "cosine", "exponential", "constant")
 DATA_FIELDS = ("train", "test", "text_column", "image_column", "label_column", "max_train_examples")
 UNSUPPORTED = {"teacher": "distil the federated model afterwards", "target": "adapt separately",
                "distill_data": "distil the federated model afterwards", "val": "each client holds out val_fraction",
@@ -71,6 +74,7 @@ class FederatedConfig:
     personal: str = "none"  # what each client keeps to itself between rounds (federated/personal.py)
     personalise_epochs: int = 1
     client_optimizer_state: str = "reset"  # reset each round, or keep the moments on the client (optimizer_state.py)
+    round_schedule: str = "linear"  # how the clients' LR decays across rounds (``round_lr_factor``)
     local_only: bool = True
     client_cpus: float = 1.0
     poisoned_clients: list[int] = field(default_factory=list)  # attack simulation (benchmarks, tests)
@@ -85,7 +89,7 @@ class FederatedConfig:
 
     OPTIONS = ("partitioner", "num_clients", "alpha", "classes_per_client", "aggregator", "proximal_mu", "trimmed_beta",
                "krum_malicious", "server_lr", "server_momentum", "max_rounds", "local_epochs", "min_delta", "round_patience",
-               "fraction_train", "min_clients", "personal", "personalise_epochs", "client_optimizer_state", "local_only", "client_cpus", "poisoned_clients",
+               "fraction_train", "min_clients", "personal", "personalise_epochs", "client_optimizer_state", "round_schedule", "local_only", "client_cpus", "poisoned_clients",
                "poison_scale", "round_timeout_s", "dp_clipping_norm", "dp_epsilon", "dp_delta", "dp_sensitivity")
 
     def __post_init__(self) -> None:
@@ -109,6 +113,15 @@ class FederatedConfig:
         """Epochs of the local-only baseline a client trains in its final report: as many passes over its data
         as the federation made (0 without ``local_only``)."""
         return math.ceil(self.local_epochs * rounds_done) if self.local_only else 0
+
+    def round_lr_factor(self, round_number: int) -> float:
+        """The multiple of the recipe's LR that the clients train at in round ``round_number`` (1-based): the
+        whole federation follows one decay over ``max_rounds``, as a centralised run's LR decays over its epochs,
+        and each round takes the value at its middle. Inside a round the recipe's own ``schedule`` applies
+        (constant by default): a decay inside every round would restart with each round."""
+        rounds = max(1, int(self.max_rounds))
+        step = 2 * min(max(int(round_number), 1), rounds) - 1  # the middle of round r, in half-rounds
+        return schedule_factor(self.round_schedule, step, 2 * rounds, 0)
 
     def report_timeout_s(self, rounds_done: int) -> float:
         """How long the server waits for the clients' final reports. A report trains ``personalise_epochs`` and
@@ -148,6 +161,8 @@ class FederatedConfig:
         if self.client_optimizer_state not in OPTIMIZER_STATE_CHOICES:
             raise UserError(f"{source}: 'client_optimizer_state' is '{self.client_optimizer_state}': choose one of "
                             f"{', '.join(OPTIMIZER_STATE_CHOICES)}")
+        if self.round_schedule not in ROUND_SCHEDULES:
+            raise UserError(f"{source}: 'round_schedule' is '{self.round_schedule}': choose one of {', '.join(ROUND_SCHEDULES)}")
         if self.personalise_epochs < 0:
             raise UserError(f"{source}: 'personalise_epochs' is {self.personalise_epochs}: it must be >= 0")
         if not 0 < self.fraction_train <= 1:

@@ -256,11 +256,15 @@ def _batches(local: LocalModel, examples: Examples, classes: list[str], train: b
 
 def local_train(local: LocalModel, split: dict[str, Examples], classes: list[str], epochs: int,
                 proximal_mu: float = 0.0, description: str = "local", seed: int | None = None,
-                optimizer_state: dict | None = None) -> dict[str, Any]:
+                optimizer_state: dict | None = None, lr_factor: float = 1.0, schedule: str | None = None) -> dict[str, Any]:
     """Fine-tune the loaded weights on this client's data (best epoch on its validation split). ``seed`` fixes
     the batch order, dropout and augmentation of this call (``training_seed``), whatever ran before it.
-    ``optimizer_state`` (a previous call's ``result["optimizer_state"]``) starts the optimiser from those moments."""
+    ``optimizer_state`` (a previous call's ``result["optimizer_state"]``) starts the optimiser from those moments.
+    ``lr_factor`` scales the recipe's LRs (this round's place in the federation's decay); ``schedule`` replaces
+    the recipe's schedule over this call's epochs."""
     config = local.run_config
+    if schedule is not None:
+        config = config.replace(schedule=schedule)
     if seed is not None:
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
@@ -274,7 +278,8 @@ def local_train(local: LocalModel, split: dict[str, Examples], classes: list[str
     objective = CrossEntropyObjective(label_smoothing=config.label_smoothing, weight=weight)
     if proximal_mu > 0:
         objective = RegularisedObjective(objective, [ProximalPenalty(local.model, proximal_mu)])
-    groups = local.strategy.param_groups(local.model, config.lr, config.head_lr, config.weight_decay)
+    head_lr = None if config.head_lr is None else config.head_lr * lr_factor
+    groups = local.strategy.param_groups(local.model, config.lr * lr_factor, head_lr, config.weight_decay)
     engine = Engine(local.model, groups, objective, _batches(local, split["train"], classes, True, seed),
                     _batches(local, split["val"], classes, False), engine_settings(config, epochs),
                     set_train_mode=local.strategy.set_train_mode, description=description)
