@@ -78,6 +78,7 @@ def run_setting(name: str, recipe: dict, folder: Path, args, **options) -> dict:
            "bytes_per_round": metrics["bytes"]["per_round"][0], "exchanged_fraction": metrics["bytes"]["exchanged_fraction"],
            "full_model_bytes": metrics["bytes"]["full_model"], "seconds": time.time() - started,
            "server_lr": options.get("server_lr"), "batch_size": recipe["batch_size"], "lr": recipe["lr"],
+           "round_schedule": metrics.get("round_schedule", "constant"),
            "best_val_accuracy": max(h["val_accuracy"] for h in metrics["history"])}
     print(f"{name}: test {row['test_accuracy']:.4f}", flush=True)
     return row
@@ -176,37 +177,49 @@ def run_pair(args, folder: Path, name: str, recipe: dict, previous: dict | None 
     _, central, central_sweep = _choose_on_validation(candidates, lambda c: centralised(
         f"centralised-{tag(c)}", {**recipe, "batch_size": c[0], "lr": c[1]}, folder, args), name_of)
     if previous is not None:  # --centralised-only: the federated rows stay as recorded
-        if set(central_sweep) != set(previous["rows"]["iid"]["batch_sweep"]):
-            raise SystemExit(f"{name}: the recorded federated rows tried {sorted(previous['rows']['iid']['batch_sweep'])}: "
+        recorded = {key.split(", ")[0] for key in previous["rows"]["iid"]["batch_sweep"]}
+        if set(central_sweep) != recorded:
+            raise SystemExit(f"{name}: the recorded federated rows tried {sorted(recorded)}: "
                              f"pass the --batch-divisors and --lr-multipliers they were run with")
         return {**previous, "rows": {"centralised": {**central, "batch_sweep": central_sweep, "date": time.strftime("%Y-%m-%d")},
                                      **{k: v for k, v in previous["rows"].items() if k != "centralised"}}}
     rows = {"centralised": {**central, "batch_sweep": central_sweep}}
+    # The federation may also decay its clients' LR across rounds (round_schedule), chosen with them; the
+    # centralised run decays over its epochs with the recipe's schedule.
+    schedules = args.round_schedules
+    federated_candidates = [(bs, lr, schedule) for bs, lr in candidates for schedule in schedules]
+    federated_name = name_of if len(schedules) == 1 else (lambda c: f"{name_of(c)}, {c[2]} over rounds")
+    federated_tag = tag if len(schedules) == 1 else (lambda c: f"{tag(c)}-{c[2]}")
+    round_schedule = schedules[0]
     if "iid" in args.partitions:
-        (batch_size, lr), iid, iid_sweep = _choose_on_validation(candidates, lambda c: run_setting(
-            f"iid-{tag(c)}", {**recipe, "batch_size": c[0], "lr": c[1]}, folder, args), name_of)
+        (batch_size, lr, round_schedule), iid, iid_sweep = _choose_on_validation(federated_candidates, lambda c: run_setting(
+            f"iid-{federated_tag(c)}", {**recipe, "batch_size": c[0], "lr": c[1]}, folder, args, round_schedule=c[2]),
+            federated_name)
         rows["iid"] = {**iid, "batch_sweep": iid_sweep}
         recipe = {**recipe, "batch_size": batch_size, "lr": lr}
     if "dirichlet" in args.partitions:
-        rows["dirichlet"] = run_setting("dirichlet", recipe, folder, args, partitioner="dirichlet", alpha=0.5)
+        rows["dirichlet"] = run_setting("dirichlet", recipe, folder, args, partitioner="dirichlet", alpha=0.5,
+                                        round_schedule=round_schedule)
     if args.server_lrs and "iid" in args.partitions:
         # FedAvgM: the server's learning rate chosen on the clients' validation splits (best round's mean
         # client validation accuracy), on the IID split; the Dirichlet split takes the chosen one.
         server_lr, fedavgm, lr_sweep = _choose_on_validation(args.server_lrs, lambda lr: run_setting(
-            f"iid-fedavgm-{lr:g}", recipe, folder, args, aggregator="fedavgm", server_lr=lr))
+            f"iid-fedavgm-{lr:g}", recipe, folder, args, aggregator="fedavgm", server_lr=lr, round_schedule=round_schedule))
         rows["iid-fedavgm"] = {**fedavgm, "server_lr_sweep": lr_sweep}
         if "dirichlet" in args.partitions:
             rows["dirichlet-fedavgm"] = run_setting("dirichlet-fedavgm", recipe, folder, args, partitioner="dirichlet",
-                                                    alpha=0.5, aggregator="fedavgm", server_lr=server_lr)
+                                                    alpha=0.5, aggregator="fedavgm", server_lr=server_lr,
+                                                    round_schedule=round_schedule)
     if name == "text" and not args.no_attack:
         for aggregator in ("fedavg", "fedmedian"):
             rows[f"poisoned-{aggregator}"] = run_setting(f"poisoned-{aggregator}", recipe, folder, args,
                                                          aggregator=aggregator, poisoned_clients=[0],
-                                                         personalise_epochs=0, local_only=False)
+                                                         personalise_epochs=0, local_only=False,
+                                                         round_schedule=round_schedule)
     return {"model": recipe["model"], "strategy": recipe["strategy"], "clients": args.clients, "rounds": args.rounds,
             "local_epochs": args.local_epochs,
             "examples": args.examples, "federated_batch_size": recipe["batch_size"], "federated_lr": recipe["lr"],
-            "rows": rows}
+            "federated_round_schedule": round_schedule, "rows": rows}
 
 
 def run_domains(args, folder: Path, personal: str = "none") -> dict:
@@ -259,7 +272,9 @@ def table(results: dict) -> str:
             clients = (" / ".join(f"{row[k]:.4f}" if row.get(k) is not None else "-" for k in
                                   ("mean_client_local_only", "mean_client_global", "mean_client_personalised")))
             server = f" (server LR {row['server_lr']:g}, momentum 0.9)" if row.get("server_lr") else ""
-            label = {"iid": "FedAvg, IID", "dirichlet": "FedAvg, Dirichlet(0.5)", "iid-fedavgm": f"FedAvgM{server}, IID",
+            if row.get("round_schedule", "constant") != "constant" and not key.startswith("poisoned"):
+                server += f", client LR {row['round_schedule']} over rounds"
+            label = {"iid": f"FedAvg{server}, IID", "dirichlet": f"FedAvg{server}, Dirichlet(0.5)", "iid-fedavgm": f"FedAvgM{server}, IID",
                      "dirichlet-fedavgm": f"FedAvgM{server}, Dirichlet(0.5)"}.get(
                 key, f"{row['aggregator']}, IID, client 0 sends -10 x its update")
             lines.append(f"| {label} | {row['test_accuracy']:.4f} | {100 * (row['test_accuracy'] - central['test_accuracy']):+.2f} pts | "
@@ -267,9 +282,15 @@ def table(results: dict) -> str:
                          f"{row['seconds']:.0f} |")
         if central.get("batch_sweep") and rows.get("iid", {}).get("batch_sweep"):
             with_lr = any("@" in key for key in central["batch_sweep"])
+            with_schedule = any("over rounds" in key for key in rows["iid"]["batch_sweep"])
             chosen = (f"{pair['federated_batch_size']} @ lr {pair['federated_lr']:g}" if with_lr
                       else f"{pair['federated_batch_size']}")
-            lines += ["", f"{'Batch size and client LR' if with_lr else 'Batch size'}, chosen by validation accuracy "
+            if with_schedule:
+                chosen += f", {pair['federated_round_schedule']} over rounds"
+            what = "Batch size and client LR" if with_lr else "Batch size"
+            if with_schedule:
+                what += " (federated: and the decay of the clients' LR across rounds, `round_schedule`)"
+            lines += ["", f"{what}, chosen by validation accuracy "
                       f"(centralised: pooled validation split; federated: the "
                       f"best round's mean client validation accuracy on the IID split, then used by every federated row, "
                       f"{chosen}): centralised "
@@ -354,6 +375,9 @@ def main() -> None:
     parser.add_argument("--lr-multipliers", nargs="+", type=float, default=[1.0],
                         help="learning rates to try, as the recipe's LR times each (chosen on validation with the batch "
                              "size, centralised and federated separately)")
+    parser.add_argument("--round-schedules", nargs="+", choices=["constant", "linear", "cosine", "exponential"],
+                        default=["constant"], help="federated: how the clients' LR decays across rounds, tried with each "
+                                                   "batch size and LR (chosen on the clients' IID validation splits)")
     parser.add_argument("--domain-batch-size", type=int, default=8,
                         help="domains: the clients' batch size (default 8, the one the IID text sweep chose)")
     parser.add_argument("--personal", nargs="+", choices=["none", "head"], default=["none", "head"],

@@ -121,13 +121,13 @@ def test_federated_benchmark_runs_on_a_tiny_model(tiny_bert_dir, tmp_path):
     process = subprocess.run(
         [sys.executable, str(BENCH / "federated.py"), "--tiny", "--model", str(tiny_bert_dir), "--only", "text",
          "--clients", "2", "--rounds", "1", "--partitions", "iid", "--server-lrs", "2", "--no-attack",
-         "--batch-divisors", "1", "--lr-multipliers", "1", "2", "--results", str(results),
+         "--batch-divisors", "1", "--lr-multipliers", "1", "2", "--round-schedules", "cosine", "--results", str(results),
          "--no-doc"],
         capture_output=True, text=True, timeout=900)
     assert process.returncode == 0, process.stderr[-3000:] + process.stdout[-3000:]
     saved = json.loads(results.read_text())["text"]
     central = saved["rows"]["centralised"]
-    assert "| FedAvg, IID |" in process.stdout
+    assert "| FedAvg, client LR cosine over rounds, IID |" in process.stdout
     assert f"| centralised, pooled data (84 examples), 1 epochs, batch {central['batch_size']}, lr {central['lr']:g} |" in process.stdout
     # ... as many as the two clients train on together: each holds out 15% for validation and 15% for its test
     assert central["train_examples"] == 84
@@ -137,10 +137,31 @@ def test_federated_benchmark_runs_on_a_tiny_model(tiny_bert_dir, tmp_path):
     assert saved["federated_batch_size"] == saved["rows"]["iid"]["batch_size"] == 16
     assert saved["federated_lr"] == saved["rows"]["iid"]["lr"] == saved["rows"]["iid-fedavgm"]["lr"]
     assert "Batch size and client LR, chosen by validation" in process.stdout
-    assert "| FedAvgM (server LR 2, momentum 0.9), IID |" in process.stdout
+    assert "| FedAvgM (server LR 2, momentum 0.9), client LR cosine over rounds, IID |" in process.stdout
     rows = json.loads(results.read_text())["text"]["rows"]
     assert set(rows) == {"centralised", "iid", "iid-fedavgm"} and rows["iid-fedavgm"]["aggregator"] == "fedavgm"
     assert all(0 <= r["test_accuracy"] <= 1 for r in rows.values())
+    # The federations ran with the clients' LR decayed across rounds (the run's metrics record it).
+    assert saved["federated_round_schedule"] == rows["iid"]["round_schedule"] == rows["iid-fedavgm"]["round_schedule"] == "cosine"
+
+
+def test_federated_benchmark_table_names_the_chosen_round_schedule():
+    sys.path.insert(0, str(BENCH))
+    import federated
+
+    row = {"test_accuracy": 0.8, "personalisation_gain_per_client": {}, "bytes_per_round": 1e6, "exchanged_fraction": 0.01,
+           "seconds": 10, "aggregator": "fedavg", "round_schedule": "cosine"}
+    pair = {"model": "m", "strategy": "full", "examples": 100, "clients": 2, "rounds": 3, "federated_batch_size": 16,
+            "federated_lr": 0.003, "federated_round_schedule": "cosine",
+            "rows": {"centralised": {"test_accuracy": 0.81, "seconds": 5, "batch_sweep": {"16 @ lr 0.001": 0.7, "16 @ lr 0.003": 0.6}},
+                     "iid": {**row, "batch_sweep": {"16 @ lr 0.001, constant over rounds": 0.5,
+                                                    "16 @ lr 0.003, cosine over rounds": 0.75}}}}
+    table = federated.table({"machine": "here", "date": "today", "image": pair})
+    assert "| FedAvg, client LR cosine over rounds, IID | 0.8000 | -1.00 pts |" in table
+    assert ("Batch size and client LR (federated: and the decay of the clients' LR across rounds, `round_schedule`), "
+            "chosen by validation accuracy") in table
+    assert "used by every federated row, 16 @ lr 0.003, cosine over rounds)" in table
+    assert "federated 16 @ lr 0.001, constant over rounds: 0.5000, 16 @ lr 0.003, cosine over rounds: 0.7500." in table
 
 
 def test_federated_benchmark_ablation_reuses_the_recorded_pair(tmp_path, monkeypatch):

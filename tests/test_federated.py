@@ -296,9 +296,9 @@ def test_the_clients_lr_decays_across_rounds_as_one_schedule_over_max_rounds():
         config = FederatedConfig.from_dict({"model": "m", "data": {"train": "a.csv"}, "max_rounds": 5, **options}, source="t")
         return [round(config.round_lr_factor(r), 4) for r in range(1, 6)]
 
-    assert factors() == [0.9, 0.7, 0.5, 0.3, 0.1]  # linear by default: each round at the middle of its share
+    assert factors() == [1.0] * 5  # constant by default
+    assert factors(round_schedule="linear") == [0.9, 0.7, 0.5, 0.3, 0.1]  # each round at the middle of its share
     assert factors(round_schedule="cosine") == [0.9755, 0.7939, 0.5, 0.2061, 0.0245]
-    assert factors(round_schedule="constant") == [1.0] * 5
     assert FederatedConfig.from_dict({"model": "m", "data": {"train": "a.csv"}}, source="t").recipe["schedule"] == "constant"
 
 

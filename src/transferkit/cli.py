@@ -386,7 +386,7 @@ FEDERATED_HELP = {
     "client_optimizer_state": "reset: each round's local training starts a fresh AdamW; keep: each client keeps its "
                               "AdamW moments and step count between rounds, on the client (default reset)",
     "round_schedule": "how the clients' LR decays across rounds, over --max-rounds: linear, cosine, exponential or "
-                      "constant (default linear); inside a round the recipe's --schedule applies (default constant)",
+                      "constant (default constant); inside a round the recipe's --schedule applies (default constant)",
     "local_only": "also train a model on each client's data alone, for the report (default true)",
     "client_cpus": "CPUs Ray reserves per simulated client (default 1)",
     "poisoned_clients": "attack simulation: comma-separated client indices that send scaled updates (robustness checks)",

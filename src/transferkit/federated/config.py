@@ -74,7 +74,7 @@ class FederatedConfig:
     personal: str = "none"  # what each client keeps to itself between rounds (federated/personal.py)
     personalise_epochs: int = 1
     client_optimizer_state: str = "reset"  # reset each round, or keep the moments on the client (optimizer_state.py)
-    round_schedule: str = "linear"  # how the clients' LR decays across rounds (``round_lr_factor``)
+    round_schedule: str = "constant"  # how the clients' LR decays across rounds (``round_lr_factor``)
     local_only: bool = True
     client_cpus: float = 1.0
     poisoned_clients: list[int] = field(default_factory=list)  # attack simulation (benchmarks, tests)

@@ -182,7 +182,7 @@ def write_federated_run(config: FederatedConfig, local, classes: list[str], resu
         per_client[config.client_names[index]] = {k: v for k, v in report.items() if k != "global_confusion"}
     metrics: dict[str, Any] = {
         "kind": "federated", "model": config.run_config.model, "strategy": config.run_config.strategy,
-        "aggregator": config.aggregator, "clients": config.num_clients,
+        "aggregator": config.aggregator, "round_schedule": config.round_schedule, "clients": config.num_clients,
         "partitioner": config.partitioner if config.data is not None else "per-client datasets",
         "engine": results.get("engine", "simulation"),
         "rounds": len(history), "best_round": results["best_round"], "seconds": seconds,
