@@ -478,10 +478,11 @@ def test_federated_lora_run_reports_clients_and_saves_a_usable_global_model(tiny
     metrics = transferkit.federate(FederatedConfig.from_dict({
         "model": str(tiny_bert_dir), "strategy": "lora", "lr": 5e-3, "batch_size": 16, "out": str(tmp_path / "run"),
         "data": {"train": str(data)}, "partitioner": "dirichlet", "alpha": 1.0, "num_clients": 3,
-        "aggregator": "fedprox", "max_rounds": 2, "round_patience": None, "client_optimizer_state": "keep"},
-        source="test"))
+        "aggregator": "fedprox", "max_rounds": 2, "round_patience": None, "client_optimizer_state": "keep",
+        "round_schedule": "linear"}, source="test"))
     run = tmp_path / "run"
     assert metrics["rounds"] == 2 and all(h["clients_trained"] == 3 and not h["failures"] for h in metrics["history"])
+    assert metrics["round_schedule"] == "linear" and [h["client_lr_factor"] for h in metrics["history"]] == [0.75, 0.25]
     assert metrics["bytes"]["exchanged_fraction"] < 0.5
     assert metrics["bytes"]["total"] == sum(h["bytes_down"] + h["bytes_up"] for h in metrics["history"])
     assert set(metrics["per_client"]) == {"client-0", "client-1", "client-2"}
