@@ -157,9 +157,10 @@ def add_client_handlers(app, setup: Callable, state_folder: Callable[[FederatedC
             scores["personalisation_kept"] = int(kept)
         if int(settings["local-only-epochs"]) > 0:
             load_exchanged(local, None)  # from the pretrained weights, its own data only
-            # Its LR decays over its epochs as the federation's did over its rounds.
+            # Its LR decays over its epochs as the federation's did over its rounds (if it did).
+            decay = None if config.round_schedule == "constant" else config.round_schedule
             local_train(local, split, classes, int(settings["local-only-epochs"]), description=f"client {index} local-only",
-                        seed=training_seed(local.run_config.seed, index, LOCAL_ONLY_PHASE), schedule=config.round_schedule)
+                        seed=training_seed(local.run_config.seed, index, LOCAL_ONLY_PHASE), schedule=decay)
             scores["local_only"] = local_evaluate(local, split["test"], classes)["accuracy"]
         return Message(RecordDict({"metrics": MetricRecord(scores)}), reply_to=message)
 
