@@ -11,7 +11,8 @@ second of training (validation and test excluded), from the sum of the epochs' w
 
 Sections: trainer (MiniLM-L6 on SST-2 vs HF Trainer + PEFT: full, lora, linear-probe; fp32, bf16),
 vision (EfficientNet-Lite0 on Fashion-MNIST vs a plain PyTorch loop), features (each speed feature
-switched off alone), scaling (1k-60k sentences; sequence lengths 64/128/256), progress (bar on vs off).
+switched off alone), scaling (1k-60k sentences; sequence lengths 64/128/256), progress (bar on vs off),
+ddp (2 processes), agreement (full and LoRA against the Trainer once per seed: test accuracy mean ± sd).
 The device is chosen automatically (CUDA when present); the same script runs unchanged on a GPU.
 """
 
@@ -149,7 +150,7 @@ def worker_transferkit(p: dict) -> dict:
     config = dict(model=p["model"], train=p["train"], val=p["val"], test=p["test"], strategy=p["strategy"],
                   epochs=p["epochs"], batch_size=p["batch_size"], eval_batch_size=128, lr=p["lr"], warmup_ratio=0.06,
                   schedule="linear", weight_decay=0.01, precision=p["precision"], patience=None, baseline=False,
-                  seed=0, compile=p.get("compile", False))
+                  seed=p.get("seed", 0), compile=p.get("compile", False))
     if p["strategy"] == "freeze-bottom":
         config.update(freeze_layers=p["freeze_layers"], cache_frozen=p.get("cache_frozen", True))
     if p["modality"] == "text":
@@ -198,7 +199,7 @@ def worker_trainer(p: dict) -> dict:
             loss = None if labels is None else torch.nn.functional.cross_entropy(logits, labels)
             return SequenceClassifierOutput(loss=loss, logits=logits)
 
-    torch.manual_seed(0)
+    torch.manual_seed(p.get("seed", 0))
     tokenizer = AutoTokenizer.from_pretrained(p["model_dir"])
     encoder = AutoModel.from_pretrained(p["model_dir"], add_pooling_layer=False)
     if p["strategy"] == "lora":
@@ -241,7 +242,7 @@ def worker_trainer(p: dict) -> dict:
             num_train_epochs=p["epochs"], learning_rate=p["lr"], warmup_steps=int(0.06 * steps),
             lr_scheduler_type="linear", weight_decay=0.01, max_grad_norm=1.0, bf16=p["precision"] == "bf16",
             train_sampling_strategy="group_by_length", logging_steps=50, save_strategy="no", eval_strategy="no", report_to=[],
-            dataloader_num_workers=0, seed=0, disable_tqdm=False, use_cpu=not torch.cuda.is_available())
+            dataloader_num_workers=0, seed=p.get("seed", 0), disable_tqdm=False, use_cpu=not torch.cuda.is_available())
         trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tokenizer),
                           callbacks=[timer])
         trainer.train()
@@ -509,8 +510,50 @@ def section_ddp(args, folder: Path, peaks: dict) -> list[dict]:
     return rows
 
 
+def section_agreement(args, folder: Path, peaks: dict) -> list[dict]:
+    """transferkit and the Trainer trained alike once per seed (the seed draws the head, dropout and batch
+    order on either side): does their test accuracy agree beyond what one seed says, and what is the speed
+    ratio over several runs?"""
+    data = text_data(args, folder, args.examples)
+    rows = []
+    for strategy in args.agreement_strategies:
+        common = {**data, "modality": "text", "strategy": strategy, "precision": "fp32", "lr": LR[strategy],
+                  "epochs": EPOCHS[strategy], "batch_size": 32, "max_length": 128}
+        runs = []
+        for seed in args.seeds:
+            ours = spawn({**common, "seed": seed, "worker": "transferkit", "model": args.model,
+                          "label": f"transferkit {strategy} seed {seed}"})
+            theirs = spawn({**common, "seed": seed, "worker": "trainer", "model_dir": args.model_dir,
+                            "label": f"HF Trainer {strategy} seed {seed}"})
+            runs.append({"seed": seed, "ours_accuracy": ours["test_accuracy"], "trainer_accuracy": theirs["test_accuracy"],
+                         "ours_per_s": per_second(ours), "trainer_per_s": per_second(theirs)})
+        rows.append({"strategy": strategy, "runs": runs, "date": time.strftime("%Y-%m-%d"), "machine": args.machine_name})
+    return rows
+
+
+def agreement_table(rows: list[dict]) -> list[str]:
+    import statistics
+
+    def spread(values: list[float]) -> str:
+        return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
+
+    seeds = rows[0]["runs"]
+    lines = [f"### Accuracy and speed over seeds: transferkit vs HF Trainer, fp32 ({len(seeds)} seeds, the same sample)", "",
+             "| strategy | test acc transferkit (mean ± sd) | test acc Trainer (mean ± sd) | difference of means | "
+             "per seed: transferkit / Trainer | ex/s ratio (mean of runs) | measured |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        ours = [r["ours_accuracy"] for r in row["runs"]]
+        theirs = [r["trainer_accuracy"] for r in row["runs"]]
+        each = ", ".join(f"{r['ours_accuracy']:.4f} / {r['trainer_accuracy']:.4f}" for r in row["runs"])
+        ratio = statistics.mean(r["ours_per_s"] / r["trainer_per_s"] for r in row["runs"])
+        lines.append(f"| {row['strategy']} | {spread(ours)} | {spread(theirs)} | "
+                     f"{100 * (statistics.mean(ours) - statistics.mean(theirs)):+.2f} pts | {each} | {ratio:.2f}x | "
+                     f"{row['date']}, {row['machine']} |")
+    return lines + [""]
+
+
 SECTIONS = {"trainer": section_trainer, "vision": section_vision, "features": section_features,
-            "scaling": section_scaling, "progress": section_progress, "ddp": section_ddp}
+            "scaling": section_scaling, "progress": section_progress, "ddp": section_ddp, "agreement": section_agreement}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -545,6 +588,8 @@ def tables(results: dict) -> str:
                              f"({r['cache_speedup_later_epochs']:.2f}x); test accuracy {r['ours']['test_accuracy']:.4f} / "
                              f"{r['uncached']['test_accuracy']:.4f}.")
         lines.append("")
+    if results.get("agreement"):
+        lines += agreement_table(results["agreement"])
     if results.get("vision"):
         lines += ["### EfficientNet-Lite0 on Fashion-MNIST (32x32, batch 64): transferkit vs a plain PyTorch loop", "",
                   "| precision | transferkit ex/s | plain loop ex/s | ratio | test acc transferkit / plain | peak RSS MiB | MFU |",
@@ -645,6 +690,9 @@ def main() -> None:
     parser.add_argument("--freeze-layers", type=int, default=3,
                         help="freeze-bottom: layer groups frozen (MiniLM-L6: embeddings + 2 of 6 blocks, the default half)")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--agreement-strategies", nargs="+", default=["full", "lora"],
+                        help="agreement: strategies trained once per --seeds on both sides")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="agreement: seeds (default 0 1 2)")
     parser.add_argument("--scaling-sizes", nargs="+", type=int, default=[1000, 4000, 16000, 60614])
     parser.add_argument("--lengths", nargs="+", type=int, default=[64, 128, 256])
     parser.add_argument("--model", default="minilm-l6", help="text model (packaged name or directory)")

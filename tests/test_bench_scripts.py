@@ -20,6 +20,7 @@ def test_throughput_benchmark_runs_on_a_tiny_model(tiny_bert_dir, tmp_path):
     results = tmp_path / "throughput.json"
     process = subprocess.run(
         [sys.executable, str(BENCH / "throughput.py"), "--tiny", "--model", str(tiny_bert_dir), "--only", "trainer", "ddp",
+         "agreement", "--agreement-strategies", "lora", "--seeds", "3",
          "--strategies", "full", "freeze-bottom", "--freeze-layers", "2", "--precisions", "fp32",
          "--results", str(results), "--no-doc"],
         capture_output=True, text=True, timeout=900)
@@ -33,6 +34,8 @@ def test_throughput_benchmark_runs_on_a_tiny_model(tiny_bert_dir, tmp_path):
     assert "ratio_later_epochs" in frozen and frozen["cache_speedup_later_epochs"] > 0
     assert [r["processes"] for r in saved["ddp"]] == [1, 2]
     assert saved["machine"]["peak_gflops"]["fp32"] > 0
+    assert [r["seed"] for r in saved["agreement"][0]["runs"]] == [3]
+    assert "| lora | " in process.stdout and "Accuracy and speed over seeds" in process.stdout
 
 
 def test_serve_benchmark_runs_on_a_tiny_model(tiny_bert_dir, tmp_path):
