@@ -483,6 +483,7 @@ def test_federated_lora_run_reports_clients_and_saves_a_usable_global_model(tiny
     run = tmp_path / "run"
     assert metrics["rounds"] == 2 and all(h["clients_trained"] == 3 and not h["failures"] for h in metrics["history"])
     assert metrics["round_schedule"] == "linear" and [h["client_lr_factor"] for h in metrics["history"]] == [0.75, 0.25]
+    assert "fedprox, 3 clients; client LR linear over rounds" in (run / "report.md").read_text()
     assert metrics["bytes"]["exchanged_fraction"] < 0.5
     assert metrics["bytes"]["total"] == sum(h["bytes_down"] + h["bytes_up"] for h in metrics["history"])
     assert set(metrics["per_client"]) == {"client-0", "client-1", "client-2"}

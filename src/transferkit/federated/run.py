@@ -245,7 +245,8 @@ def federated_table(metrics: dict[str, Any]) -> str:
     b = metrics["bytes"]
     lines += ["", f"global model test accuracy {metrics['test']['accuracy']:.4f} (best of {metrics['rounds']} rounds: "
               f"round {metrics['best_round']}); {metrics['aggregator']}, {metrics['clients']} clients"
-              + (f" ({', '.join(metrics['dropped_clients'])} dropped out)" if metrics.get("dropped_clients") else ""),
+              + (f" ({', '.join(metrics['dropped_clients'])} dropped out)" if metrics.get("dropped_clients") else "")
+              + (f"; client LR {metrics['round_schedule']} over rounds" if metrics.get("round_schedule", "constant") != "constant" else ""),
               f"sent per client per direction {b['exchanged_per_client_per_direction'] / 1e6:.2f} MB = "
               f"{100 * b['exchanged_fraction']:.2f}% of the model; {b['total'] / 1e6:.1f} MB in all"]
     if metrics.get("personal"):
