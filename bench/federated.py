@@ -13,6 +13,10 @@ Engine (Ray), 1 CPU per client.
     python bench/federated.py                       # about 55 min on 2 CPU cores
     python bench/federated.py --only domains        # three clients, three sentiment domains
     python bench/federated.py --tiny --model DIR    # a smoke run on a tiny local model (tests)
+
+The recorded image rows (2026-12-07) ran with the LR and the clients' LR decay across rounds swept too:
+
+    python bench/federated.py --only image --batch-divisors 4 --lr-multipliers 1 3 --round-schedules constant cosine
 """
 
 from __future__ import annotations
