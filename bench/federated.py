@@ -17,6 +17,7 @@ Engine (Ray), 1 CPU per client.
 The recorded image rows (2026-12-07) ran with the LR and the clients' LR decay across rounds swept too:
 
     python bench/federated.py --only image --batch-divisors 4 --lr-multipliers 1 3 --round-schedules constant cosine
+    python bench/federated.py --only image --round-schedule-seeds 0 1 2   # the two recipes it chose between, per seed
 """
 
 from __future__ import annotations
@@ -161,6 +162,48 @@ def optimizer_state_table(results: dict) -> list[str]:
             cells = [f"{r['test_accuracy']:.4f} / {r['best_val_accuracy']:.4f}" for r in runs[mode]]
             mean = sum(r["test_accuracy"] for r in runs[mode]) / len(runs[mode])
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {mean:.4f} |")
+        lines.append("")
+    return lines
+
+
+def run_round_schedule_seeds(args, folder: Path, name: str, recipe: dict, pair: dict) -> dict:
+    """FedAvg on the IID split at the recorded pair's batch size, each ``--schedule-candidates`` entry (round schedule
+    @ a multiple of the recipe's LR) once per seed: what one seed's validation choice between them is worth."""
+    candidates = []
+    for entry in args.schedule_candidates:
+        schedule, _, multiple = entry.partition("@")
+        candidates.append((schedule, recipe["lr"] * float(multiple or 1)))
+    runs: dict[str, list[dict]] = {}
+    for seed in args.round_schedule_seeds:
+        for schedule, lr in candidates:
+            row = run_setting(f"iid-{schedule}-lr{lr:g}-seed{seed}",
+                              {**recipe, "batch_size": pair["federated_batch_size"], "lr": lr, "seed": seed}, folder, args,
+                              partitioner="iid", round_schedule=schedule)
+            runs.setdefault(f"{schedule} over rounds @ lr {lr:g}", []).append(
+                {"seed": seed, "test_accuracy": row["test_accuracy"], "best_val_accuracy": row["best_val_accuracy"]})
+    return {"batch_size": pair["federated_batch_size"], "runs": runs, "date": time.strftime("%Y-%m-%d")}
+
+
+def round_schedule_table(results: dict) -> list[str]:
+    lines = []
+    for name in ("text", "image"):
+        ablation = results.get(f"{name}-round-schedule")
+        if not ablation:
+            continue
+        runs = ablation["runs"]
+        seeds = [r["seed"] for r in next(iter(runs.values()))]
+        central = results.get(name, {}).get("rows", {}).get("centralised")
+        lines += [f"### {name}: the clients' LR across rounds, once per seed (FedAvg, IID, batch {ablation['batch_size']}; "
+                  f"{results['machine']}, {ablation['date']})", "",
+                  "| clients' LR | " + " | ".join(f"seed {s}: test / best val" for s in seeds) + " | mean test | mean val |"
+                  + (" mean test vs centralised |" if central else ""),
+                  "|---|" + "---|" * (len(seeds) + 2 + bool(central))]
+        for label, each in runs.items():
+            cells = [f"{r['test_accuracy']:.4f} / {r['best_val_accuracy']:.4f}" for r in each]
+            test = sum(r["test_accuracy"] for r in each) / len(each)
+            val = sum(r["best_val_accuracy"] for r in each) / len(each)
+            gap = f" {100 * (test - central['test_accuracy']):+.2f} pts |" if central else ""
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {test:.4f} | {val:.4f} |" + gap)
         lines.append("")
     return lines
 
@@ -330,6 +373,7 @@ def table(results: dict) -> str:
         lines += ["", f"Union of the clients' test splits, each scored with its own head: {fedper['test_accuracy']:.4f} "
                   f"(FedAvg's global model: {domains['test_accuracy']:.4f}); {fedper['seconds']:.0f} s.", ""]
     lines += optimizer_state_table(results)
+    lines += round_schedule_table(results)
     return "\n".join(lines).rstrip()
 
 
@@ -391,6 +435,12 @@ def main() -> None:
     parser.add_argument("--optimizer-state-seeds", nargs="+", type=int, default=None,
                         help="instead of the pairs: FedAvg IID at the recorded pair's batch and LR with the clients' "
                              "AdamW reset vs kept between rounds, once per seed (text, image)")
+    parser.add_argument("--round-schedule-seeds", nargs="+", type=int, default=None,
+                        help="instead of the pairs: FedAvg IID at the recorded pair's batch size, each "
+                             "--schedule-candidates entry once per seed (text, image)")
+    parser.add_argument("--schedule-candidates", nargs="+", default=["constant@1", "cosine@3"],
+                        help="with --round-schedule-seeds: SCHEDULE@M, the clients' LR decay across rounds at M x the "
+                             "recipe's LR (default constant@1 cosine@3)")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--no-doc", action="store_true")
@@ -409,6 +459,13 @@ def main() -> None:
                         results[key]["date"] = results["date"]
                         save_results(args.results, results)
                 if name not in available:
+                    continue
+                if args.round_schedule_seeds:
+                    if name not in results:
+                        raise SystemExit(f"--round-schedule-seeds: no recorded {name} pair in {args.results}")
+                    results[f"{name}-round-schedule"] = run_round_schedule_seeds(
+                        args, Path(tmp) / f"{name}-schedule", name, available[name], results[name])
+                    save_results(args.results, results)
                     continue
                 if args.optimizer_state_seeds:
                     if name not in results:

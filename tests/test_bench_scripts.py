@@ -196,6 +196,32 @@ def test_federated_benchmark_ablation_reuses_the_recorded_pair(tmp_path, monkeyp
     assert "batch 8, lr 0.01" in table
 
 
+def test_federated_benchmark_runs_each_round_schedule_candidate_once_per_seed(tmp_path, monkeypatch):
+    """--round-schedule-seeds: FedAvg IID at the recorded batch size, each SCHEDULE@M candidate per seed (recorded
+    instead of run, as above)."""
+    import argparse
+
+    import federated
+
+    calls = []
+
+    def run_setting(name, recipe, folder, args, **options):
+        calls.append((recipe["batch_size"], recipe["lr"], recipe["seed"], options))
+        return {"test_accuracy": 0.7 + 0.1 * (options["round_schedule"] == "cosine"), "best_val_accuracy": 0.8,
+                "seconds": 1.0}
+
+    monkeypatch.setattr(federated, "run_setting", run_setting)
+    args = argparse.Namespace(round_schedule_seeds=[0, 2], schedule_candidates=["constant", "cosine@3"])
+    ablation = federated.run_round_schedule_seeds(args, tmp_path, "image", {"batch_size": 64, "lr": 1e-3},
+                                                  {"federated_batch_size": 16})
+    assert calls == [(16, lr, seed, {"partitioner": "iid", "round_schedule": schedule})
+                     for seed in (0, 2) for schedule, lr in (("constant", 1e-3), ("cosine", 3e-3))]
+    results = {"machine": "here", "image-round-schedule": ablation, "image": {"rows": {"centralised": {"test_accuracy": 0.85}}}}
+    table = "\n".join(federated.round_schedule_table(results))
+    assert "| cosine over rounds @ lr 0.003 | 0.8000 / 0.8000 | 0.8000 / 0.8000 | 0.8000 | 0.8000 | -5.00 pts |" in table
+    assert "| constant over rounds @ lr 0.001 | 0.7000 / 0.8000 | 0.7000 / 0.8000 | 0.7000 | 0.8000 | -15.00 pts |" in table
+
+
 def test_core_benchmark_says_when_an_inherited_recipe_no_longer_wins_the_grid():
     import core
 
