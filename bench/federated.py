@@ -155,7 +155,7 @@ def optimizer_state_table(results: dict) -> list[str]:
         runs = ablation["runs"]
         seeds = [r["seed"] for r in runs["reset"]]
         lines += [f"### {name}: the clients' AdamW reset every round vs kept between rounds (FedAvg, IID, batch "
-                  f"{ablation['batch_size']}, lr {ablation['lr']:g}; {results['machine']}, {ablation['date']})", "",
+                  f"{ablation['batch_size']}, lr {ablation['lr']:g}; {ablation.get('machine', results['machine'])}, {ablation['date']})", "",
                   "| client optimiser | " + " | ".join(f"seed {s}: test / best val" for s in seeds) + " | mean test |",
                   "|---|" + "---|" * (len(seeds) + 1)]
         for mode, label in (("reset", "reset each round (default)"), ("keep", "kept (`client_optimizer_state: keep`)")):
@@ -194,7 +194,7 @@ def round_schedule_table(results: dict) -> list[str]:
         seeds = [r["seed"] for r in next(iter(runs.values()))]
         central = results.get(name, {}).get("rows", {}).get("centralised")
         lines += [f"### {name}: the clients' LR across rounds, once per seed (FedAvg, IID, batch {ablation['batch_size']}; "
-                  f"{results['machine']}, {ablation['date']})", "",
+                  f"{ablation.get('machine', results['machine'])}, {ablation['date']})", "",
                   "| clients' LR | " + " | ".join(f"seed {s}: test / best val" for s in seeds) + " | mean test | mean val |"
                   + (" mean test vs centralised |" if central else ""),
                   "|---|" + "---|" * (len(seeds) + 2 + bool(central))]
@@ -304,7 +304,7 @@ def table(results: dict) -> str:
         central = rows["centralised"]
         lines += [f"### {name}: {pair['model']} + {pair['strategy']}, {pair['examples']} training examples, "
                   f"{pair['clients']} clients, {pair['rounds']} rounds x {_epochs_text(pair.get('local_epochs', 1))} "
-                  f"({results['machine']}, "
+                  f"({pair.get('machine', results['machine'])}, "
                   f"{pair.get('date', results['date'])})", "",
                   "| setting | global test acc | vs centralised | client mean: local-only / global / personalised | "
                   "clients gaining >= 1 pt from personalisation | sent per round (% of model) | time (s) |",
@@ -352,7 +352,7 @@ def table(results: dict) -> str:
     if domains:
         lines += [f"### domains: three clients, each its own domain (UCI amazon, UCI imdb, 1,000 SST-2 phrases), "
                   f"{domains['model']} + lora, FedAvg, {domains['rounds']} rounds x 1 local epoch, batch "
-                  f"{domains.get('batch_size', 32)} ({results['machine']}, "
+                  f"{domains.get('batch_size', 32)} ({domains.get('machine', results['machine'])}, "
                   f"{domains.get('date', results['date'])})", "",
                   "| client | local-only | global | personalised | personalised - global |", "|---|---|---|---|---|"]
         for name, r in domains["per_client"].items():
@@ -456,7 +456,7 @@ def main() -> None:
                     for personal in args.personal:
                         key = "domains" if personal == "none" else f"domains-{personal}"
                         results[key] = run_domains(args, Path(tmp) / "domains", personal)
-                        results[key]["date"] = results["date"]
+                        results[key].update(date=results["date"], machine=results["machine"])
                         save_results(args.results, results)
                 if name not in available:
                     continue
@@ -465,6 +465,7 @@ def main() -> None:
                         raise SystemExit(f"--round-schedule-seeds: no recorded {name} pair in {args.results}")
                     results[f"{name}-round-schedule"] = run_round_schedule_seeds(
                         args, Path(tmp) / f"{name}-schedule", name, available[name], results[name])
+                    results[f"{name}-round-schedule"]["machine"] = results["machine"]
                     save_results(args.results, results)
                     continue
                 if args.optimizer_state_seeds:
@@ -472,6 +473,7 @@ def main() -> None:
                         raise SystemExit(f"--optimizer-state-seeds: no recorded {name} pair in {args.results}")
                     results[f"{name}-optimizer-state"] = run_optimizer_state_ablation(
                         args, Path(tmp) / f"{name}-optimizer", name, available[name], results[name])
+                    results[f"{name}-optimizer-state"]["machine"] = results["machine"]
                     save_results(args.results, results)
                     continue
                 if args.centralised_only:
@@ -480,7 +482,7 @@ def main() -> None:
                     results[name] = run_pair(args, Path(tmp) / name, name, available[name], previous=results[name])
                 else:
                     results[name] = run_pair(args, Path(tmp) / name, name, available[name])
-                    results[name]["date"] = results["date"]
+                    results[name].update(date=results["date"], machine=results["machine"])
                 save_results(args.results, results)
         print(table(results))
     if not args.no_doc:
