@@ -460,20 +460,17 @@ def main() -> None:
                         save_results(args.results, results)
                 if name not in available:
                     continue
-                if args.round_schedule_seeds:
+                # The ablations rerun FedAvg IID around the recorded pair's choice, once per seed.
+                ablation = next(((flag, key, run) for flag, key, run in (
+                    ("--round-schedule-seeds", "round-schedule", run_round_schedule_seeds),
+                    ("--optimizer-state-seeds", "optimizer-state", run_optimizer_state_ablation))
+                    if getattr(args, flag[2:].replace("-", "_"))), None)
+                if ablation:
+                    flag, key, run = ablation
                     if name not in results:
-                        raise SystemExit(f"--round-schedule-seeds: no recorded {name} pair in {args.results}")
-                    results[f"{name}-round-schedule"] = run_round_schedule_seeds(
-                        args, Path(tmp) / f"{name}-schedule", name, available[name], results[name])
-                    results[f"{name}-round-schedule"]["machine"] = results["machine"]
-                    save_results(args.results, results)
-                    continue
-                if args.optimizer_state_seeds:
-                    if name not in results:
-                        raise SystemExit(f"--optimizer-state-seeds: no recorded {name} pair in {args.results}")
-                    results[f"{name}-optimizer-state"] = run_optimizer_state_ablation(
-                        args, Path(tmp) / f"{name}-optimizer", name, available[name], results[name])
-                    results[f"{name}-optimizer-state"]["machine"] = results["machine"]
+                        raise SystemExit(f"{flag}: no recorded {name} pair in {args.results}")
+                    results[f"{name}-{key}"] = run(args, Path(tmp) / f"{name}-{key}", name, available[name], results[name])
+                    results[f"{name}-{key}"]["machine"] = results["machine"]
                     save_results(args.results, results)
                     continue
                 if args.centralised_only:
