@@ -168,13 +168,21 @@ def optimizer_state_table(results: dict) -> list[str]:
 
 def run_round_schedule_seeds(args, folder: Path, name: str, recipe: dict, pair: dict) -> dict:
     """FedAvg on the IID split at the recorded pair's batch size, each ``--schedule-candidates`` entry (round schedule
-    @ a multiple of the recipe's LR) once per seed: what one seed's validation choice between them is worth."""
+    @ a multiple of the recipe's LR) once per seed: what one seed's validation choice between them is worth; and the
+    pair's centralised recipe once per seed, the reference of the means."""
     candidates = []
     for entry in args.schedule_candidates:
         schedule, _, multiple = entry.partition("@")
         candidates.append((schedule, recipe["lr"] * float(multiple or 1)))
     runs: dict[str, list[dict]] = {}
+    central = pair["rows"]["centralised"]
+    central_label = f"centralised, pooled data, batch {central['batch_size']} @ lr {central['lr']:g}"
     for seed in args.round_schedule_seeds:
+        # The centralised reference varies with the seed too: the gap is between means.
+        row = centralised(f"centralised-seed{seed}", {**recipe, "batch_size": central["batch_size"], "lr": central["lr"],
+                                                      "seed": seed}, folder, args)
+        runs.setdefault(central_label, []).append(
+            {"seed": seed, "test_accuracy": row["test_accuracy"], "best_val_accuracy": row["best_val_accuracy"]})
         for schedule, lr in candidates:
             row = run_setting(f"iid-{schedule}-lr{lr:g}-seed{seed}",
                               {**recipe, "batch_size": pair["federated_batch_size"], "lr": lr, "seed": seed}, folder, args,
@@ -192,7 +200,9 @@ def round_schedule_table(results: dict) -> list[str]:
             continue
         runs = ablation["runs"]
         seeds = [r["seed"] for r in next(iter(runs.values()))]
-        central = results.get(name, {}).get("rows", {}).get("centralised")
+        central_runs = next((each for label, each in runs.items() if label.startswith("centralised")), None)
+        central = ({"test_accuracy": sum(r["test_accuracy"] for r in central_runs) / len(central_runs)} if central_runs
+                   else results.get(name, {}).get("rows", {}).get("centralised"))
         lines += [f"### {name}: the clients' LR across rounds, once per seed (FedAvg, IID, batch {ablation['batch_size']}; "
                   f"{ablation.get('machine', results['machine'])}, {ablation['date']})", "",
                   "| clients' LR | " + " | ".join(f"seed {s}: test / best val" for s in seeds) + " | mean test | mean val |"
@@ -202,7 +212,8 @@ def round_schedule_table(results: dict) -> list[str]:
             cells = [f"{r['test_accuracy']:.4f} / {r['best_val_accuracy']:.4f}" for r in each]
             test = sum(r["test_accuracy"] for r in each) / len(each)
             val = sum(r["best_val_accuracy"] for r in each) / len(each)
-            gap = f" {100 * (test - central['test_accuracy']):+.2f} pts |" if central else ""
+            gap = "" if not central else (" - |" if label.startswith("centralised") else
+                                          f" {100 * (test - central['test_accuracy']):+.2f} pts |")
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {test:.4f} | {val:.4f} |" + gap)
         lines.append("")
     return lines

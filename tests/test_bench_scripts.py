@@ -210,14 +210,23 @@ def test_federated_benchmark_runs_each_round_schedule_candidate_once_per_seed(tm
         return {"test_accuracy": 0.7 + 0.1 * (options["round_schedule"] == "cosine"), "best_val_accuracy": 0.8,
                 "seconds": 1.0}
 
+    def centralised(name, recipe, folder, args):
+        calls.append(("centralised", recipe["batch_size"], recipe["lr"], recipe["seed"]))
+        return {"test_accuracy": 0.84 + 0.02 * (recipe["seed"] == 2), "best_val_accuracy": 0.9}
+
     monkeypatch.setattr(federated, "run_setting", run_setting)
+    monkeypatch.setattr(federated, "centralised", centralised)
     args = argparse.Namespace(round_schedule_seeds=[0, 2], schedule_candidates=["constant", "cosine@3"])
-    ablation = federated.run_round_schedule_seeds(args, tmp_path, "image", {"batch_size": 64, "lr": 1e-3},
-                                                  {"federated_batch_size": 16})
-    assert calls == [(16, lr, seed, {"partitioner": "iid", "round_schedule": schedule})
-                     for seed in (0, 2) for schedule, lr in (("constant", 1e-3), ("cosine", 3e-3))]
-    results = {"machine": "here", "image-round-schedule": ablation, "image": {"rows": {"centralised": {"test_accuracy": 0.85}}}}
+    pair = {"federated_batch_size": 16, "rows": {"centralised": {"batch_size": 16, "lr": 3e-3, "test_accuracy": 0.9}}}
+    ablation = federated.run_round_schedule_seeds(args, tmp_path, "image", {"batch_size": 64, "lr": 1e-3}, pair)
+    assert calls == [call for seed in (0, 2) for call in (
+        ("centralised", 16, 3e-3, seed),
+        *[(16, lr, seed, {"partitioner": "iid", "round_schedule": schedule})
+          for schedule, lr in (("constant", 1e-3), ("cosine", 3e-3))])]
+    results = {"machine": "here", "image-round-schedule": ablation, "image": pair}
     table = "\n".join(federated.round_schedule_table(results))
+    # The gaps are to the centralised runs' mean over the same seeds (0.85), not to the pair's one run (0.9).
+    assert "| centralised, pooled data, batch 16 @ lr 0.003 | 0.8400 / 0.9000 | 0.8600 / 0.9000 | 0.8500 | 0.9000 | - |" in table
     assert "| cosine over rounds @ lr 0.003 | 0.8000 / 0.8000 | 0.8000 / 0.8000 | 0.8000 | 0.8000 | -5.00 pts |" in table
     assert "| constant over rounds @ lr 0.001 | 0.7000 / 0.8000 | 0.7000 / 0.8000 | 0.7000 | 0.8000 | -15.00 pts |" in table
 
