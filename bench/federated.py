@@ -132,6 +132,11 @@ def _choose_on_validation(values: list, run, name=lambda value: f"{value:g}") ->
     return chosen, runs[chosen], {name(value): r["best_val_accuracy"] for value, r in runs.items()}
 
 
+def _seed_result(seed: int, row: dict) -> dict:
+    """What a per-seed ablation keeps of one run."""
+    return {"seed": seed, **{k: row[k] for k in ("test_accuracy", "best_val_accuracy", "seconds") if k in row}}
+
+
 def run_optimizer_state_ablation(args, folder: Path, name: str, recipe: dict, pair: dict) -> dict:
     """FedAvg on the IID split with the batch size and LR the recorded pair chose, each client's AdamW reset every
     round (the default) vs kept between rounds, once per seed (the seed also draws the partition)."""
@@ -141,8 +146,7 @@ def run_optimizer_state_ablation(args, folder: Path, name: str, recipe: dict, pa
         for mode in runs:
             row = run_setting(f"iid-optimizer-{mode}-seed{seed}", {**chosen, "seed": seed}, folder, args,
                               partitioner="iid", client_optimizer_state=mode)
-            runs[mode].append({"seed": seed, "test_accuracy": row["test_accuracy"],
-                               "best_val_accuracy": row["best_val_accuracy"], "seconds": row["seconds"]})
+            runs[mode].append(_seed_result(seed, row))
     return {"batch_size": chosen["batch_size"], "lr": chosen["lr"], "runs": runs, "date": time.strftime("%Y-%m-%d")}
 
 
@@ -181,14 +185,12 @@ def run_round_schedule_seeds(args, folder: Path, name: str, recipe: dict, pair: 
         # The centralised reference varies with the seed too: the gap is between means.
         row = centralised(f"centralised-seed{seed}", {**recipe, "batch_size": central["batch_size"], "lr": central["lr"],
                                                       "seed": seed}, folder, args)
-        runs.setdefault(central_label, []).append(
-            {"seed": seed, "test_accuracy": row["test_accuracy"], "best_val_accuracy": row["best_val_accuracy"]})
+        runs.setdefault(central_label, []).append(_seed_result(seed, row))
         for schedule, lr in candidates:
             row = run_setting(f"iid-{schedule}-lr{lr:g}-seed{seed}",
                               {**recipe, "batch_size": pair["federated_batch_size"], "lr": lr, "seed": seed}, folder, args,
                               partitioner="iid", round_schedule=schedule)
-            runs.setdefault(f"{schedule} over rounds @ lr {lr:g}", []).append(
-                {"seed": seed, "test_accuracy": row["test_accuracy"], "best_val_accuracy": row["best_val_accuracy"]})
+            runs.setdefault(f"{schedule} over rounds @ lr {lr:g}", []).append(_seed_result(seed, row))
     return {"batch_size": pair["federated_batch_size"], "runs": runs, "date": time.strftime("%Y-%m-%d")}
 
 

@@ -327,17 +327,18 @@ def server_loop(grid, config: FederatedConfig, classes: list[str], initial: dict
             state.update(best_round=round_number, best_accuracy=accuracy, bad_rounds=0)
         else:
             state["bad_rounds"] += 1
+        lr_factor = config.round_lr_factor(round_number)
         record = {"round": round_number, "val_accuracy": accuracy, "val_loss": loss, "clients_sent": len(messages),
                   "clients_trained": len(answered), "failures": failures, "bytes_down": bytes_down, "bytes_up": bytes_up,
                   "client_val_accuracy": {str(c): a for c, a in sorted(per_client.items())}, "seconds": time.time() - started,
-                  "client_lr_factor": config.round_lr_factor(round_number)}
+                  "client_lr_factor": lr_factor}
         state["history"].append(record)
         checkpoint.save(arrays.to_torch_state_dict(), state, server_state(strategy, list(arrays.keys())))
         progress.update(1)
         progress.set_postfix(val_accuracy=f"{accuracy:.4f}", clients=f"{len(answered)}/{len(messages)}")
         progress.write(f"round {round_number}/{config.max_rounds}: {len(answered)}/{len(messages)} clients trained, "
                        f"mean client val accuracy {accuracy:.4f}{' (best)' if improved else ''}"
-                       + (f"; client LR x{config.round_lr_factor(round_number):.3g}" if config.round_schedule != "constant" else "")
+                       + (f"; client LR x{lr_factor:.3g}" if config.round_schedule != "constant" else "")
                        + (f"; dropped: {', '.join(f'{n} ({why})' for n, why in failures.items())}" if failures else ""))
     best, _ = checkpoint.load("best")
     # The clients' reports on the best round's global weights.
