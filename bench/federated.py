@@ -176,8 +176,11 @@ def run_round_schedule_seeds(args, folder: Path, name: str, recipe: dict, pair: 
     pair's centralised recipe once per seed, the reference of the means."""
     candidates = []
     for entry in args.schedule_candidates:
+        entry, _, optimizer = entry.partition("+")
         schedule, _, multiple = entry.partition("@")
-        candidates.append((schedule, recipe["lr"] * float(multiple or 1)))
+        if optimizer not in ("", "keep"):
+            raise SystemExit(f"--schedule-candidates {entry}+{optimizer}: the only suffix is +keep")
+        candidates.append((schedule, recipe["lr"] * float(multiple or 1), optimizer or "reset"))
     runs: dict[str, list[dict]] = {}
     central = pair["rows"]["centralised"]
     central_label = f"centralised, pooled data, batch {central['batch_size']} @ lr {central['lr']:g}"
@@ -186,11 +189,12 @@ def run_round_schedule_seeds(args, folder: Path, name: str, recipe: dict, pair: 
         row = centralised(f"centralised-seed{seed}", {**recipe, "batch_size": central["batch_size"], "lr": central["lr"],
                                                       "seed": seed}, folder, args)
         runs.setdefault(central_label, []).append(_seed_result(seed, row))
-        for schedule, lr in candidates:
-            row = run_setting(f"iid-{schedule}-lr{lr:g}-seed{seed}",
+        for schedule, lr, optimizer in candidates:
+            row = run_setting(f"iid-{schedule}-lr{lr:g}-{optimizer}-seed{seed}",
                               {**recipe, "batch_size": pair["federated_batch_size"], "lr": lr, "seed": seed}, folder, args,
-                              partitioner="iid", round_schedule=schedule)
-            runs.setdefault(f"{schedule} over rounds @ lr {lr:g}", []).append(_seed_result(seed, row))
+                              partitioner="iid", round_schedule=schedule, client_optimizer_state=optimizer)
+            label = f"{schedule} over rounds @ lr {lr:g}" + (", AdamW kept between rounds" if optimizer == "keep" else "")
+            runs.setdefault(label, []).append(_seed_result(seed, row))
     return {"batch_size": pair["federated_batch_size"], "runs": runs, "date": time.strftime("%Y-%m-%d")}
 
 
@@ -452,8 +456,8 @@ def main() -> None:
                         help="instead of the pairs: FedAvg IID at the recorded pair's batch size, each "
                              "--schedule-candidates entry once per seed (text, image)")
     parser.add_argument("--schedule-candidates", nargs="+", default=["constant@1", "cosine@3"],
-                        help="with --round-schedule-seeds: SCHEDULE@M, the clients' LR decay across rounds at M x the "
-                             "recipe's LR (default constant@1 cosine@3)")
+                        help="with --round-schedule-seeds: SCHEDULE@M[+keep], the clients' LR decay across rounds at "
+                             "M x the recipe's LR, +keep: their AdamW moments kept between rounds (default constant@1 cosine@3)")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--no-doc", action="store_true")

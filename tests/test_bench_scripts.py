@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from .conftest import make_stripes
 
@@ -216,19 +217,23 @@ def test_federated_benchmark_runs_each_round_schedule_candidate_once_per_seed(tm
 
     monkeypatch.setattr(federated, "run_setting", run_setting)
     monkeypatch.setattr(federated, "centralised", centralised)
-    args = argparse.Namespace(round_schedule_seeds=[0, 2], schedule_candidates=["constant", "cosine@3"])
+    args = argparse.Namespace(round_schedule_seeds=[0, 2], schedule_candidates=["constant", "cosine@3", "cosine@3+keep"])
     pair = {"federated_batch_size": 16, "rows": {"centralised": {"batch_size": 16, "lr": 3e-3, "test_accuracy": 0.9}}}
     ablation = federated.run_round_schedule_seeds(args, tmp_path, "image", {"batch_size": 64, "lr": 1e-3}, pair)
     assert calls == [call for seed in (0, 2) for call in (
         ("centralised", 16, 3e-3, seed),
-        *[(16, lr, seed, {"partitioner": "iid", "round_schedule": schedule})
-          for schedule, lr in (("constant", 1e-3), ("cosine", 3e-3))])]
+        *[(16, lr, seed, {"partitioner": "iid", "round_schedule": schedule, "client_optimizer_state": optimizer})
+          for schedule, lr, optimizer in (("constant", 1e-3, "reset"), ("cosine", 3e-3, "reset"), ("cosine", 3e-3, "keep"))])]
     results = {"machine": "here", "image-round-schedule": ablation, "image": pair}
     table = "\n".join(federated.round_schedule_table(results))
     # The gaps are to the centralised runs' mean over the same seeds (0.85), not to the pair's one run (0.9).
     assert "| centralised, pooled data, batch 16 @ lr 0.003 | 0.8400 / 0.9000 | 0.8600 / 0.9000 | 0.8500 | 0.9000 | - |" in table
     assert "| cosine over rounds @ lr 0.003 | 0.8000 / 0.8000 | 0.8000 / 0.8000 | 0.8000 | 0.8000 | -5.00 pts |" in table
     assert "| constant over rounds @ lr 0.001 | 0.7000 / 0.8000 | 0.7000 / 0.8000 | 0.7000 | 0.8000 | -15.00 pts |" in table
+    assert "| cosine over rounds @ lr 0.003, AdamW kept between rounds | 0.8000 / 0.8000 |" in table
+    args.schedule_candidates = ["cosine@3+momentum"]
+    with pytest.raises(SystemExit, match=r"the only suffix is \+keep"):
+        federated.run_round_schedule_seeds(args, tmp_path, "image", {"batch_size": 64, "lr": 1e-3}, pair)
 
 
 def test_core_benchmark_says_when_an_inherited_recipe_no_longer_wins_the_grid():

@@ -246,6 +246,10 @@ def _failures(sent: list, replies: list, names: dict[int, str], timeout: float) 
     return failures
 
 
+def _reply_client(reply) -> int:
+    return int(reply.content["metrics"]["client"])
+
+
 def wait_for_nodes(grid, count: int, timeout: float) -> list[int]:
     """The connected nodes, once ``count`` of them are there (every client, before round 1: later rounds go on
     with fewer when a client drops out)."""
@@ -300,7 +304,10 @@ def server_loop(grid, config: FederatedConfig, classes: list[str], initial: dict
         started = time.time()
         messages = list(strategy.configure_train(round_number, arrays, ConfigRecord(classes_record(classes)), grid))
         replies = list(grid.send_and_receive(messages, timeout=config.round_timeout_s))
-        answered = [r for r in replies if not r.has_error()]
+        # Replies arrive in the order the clients finish, which varies from run to run; a weighted average summed
+        # in that order differs in its last bits, and training amplifies that over the rounds. In client order
+        # the same seed gives the same run.
+        answered = sorted((r for r in replies if not r.has_error()), key=_reply_client)
         failures = _failures(messages, replies, node_names or {}, config.round_timeout_s)
         bytes_down = _bytes(arrays) * len(messages)
         bytes_up = sum(_bytes(r.content["arrays"]) for r in answered)
@@ -312,11 +319,11 @@ def server_loop(grid, config: FederatedConfig, classes: list[str], initial: dict
         # training still evaluate, so every round's validation covers the same clients.)
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         failed = set(sent_to.values()) - {sent_to.get(r.metadata.reply_to_message_id) for r in answered}
-        evaluations = [r for r in grid.send_and_receive(
+        evaluations = sorted((r for r in grid.send_and_receive(
             [m for m in strategy.configure_evaluate(round_number, arrays, ConfigRecord(classes_record(classes)), grid)
              if m.metadata.dst_node_id not in failed],
             timeout=config.round_timeout_s)
-            if not r.has_error()]
+            if not r.has_error()), key=_reply_client)
         per_client = {int(r.content["metrics"]["client"]): float(r.content["metrics"]["accuracy"]) for r in evaluations}
         examples = {int(r.content["metrics"]["client"]): int(r.content["metrics"]["num-examples"]) for r in evaluations}
         total = sum(examples.values()) or 1
