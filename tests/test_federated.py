@@ -326,6 +326,50 @@ def test_local_training_scales_the_recipes_lrs_by_the_rounds_factor(tiny_bert_di
     assert seen[0][0] == pytest.approx([1e-3, 2e-3]) and seen[1][0] == pytest.approx([4e-3, 8e-3])
 
 
+@pytest.mark.parametrize("round_schedule", ["constant", "cosine"])
+def test_the_reports_personalisation_and_local_only_runs_decay_as_the_rounds_did(tiny_bert_dir, tmp_path, monkeypatch,
+                                                                                round_schedule):
+    """With a decay across rounds the federation ends near LR 0; the report's own fine-tunes (personalisation of the
+    global model, the local-only baseline) then decay over their epochs too, instead of a whole epoch at the peak
+    LR (on Fashion-MNIST under label skew: personalisation kept by 3 of 5 clients instead of none)."""
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    from transferkit.data.readers import read_examples
+    from transferkit.federated import apps
+    from transferkit.federated.local import held_out_split
+
+    data = write_table(tmp_path / "d.csv", make_sentences(60, seed=4))
+    config = FederatedConfig.from_dict({"model": str(tiny_bert_dir), "strategy": "lora", "batch_size": 8,
+                                        "round_schedule": round_schedule, "data": {"train": str(data)}}, source="t")
+    split = held_out_split(read_examples(str(data), text_column="text"), 0.2, 0.2, seed=0)
+    schedules = []
+    real_train = apps.local_train
+
+    def local_train(*args, **kwargs):
+        schedules.append((kwargs["description"].split()[-1], kwargs.get("schedule")))
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(apps, "local_train", local_train)
+
+    class App:  # collects the handlers as Flower's ClientApp decorators do
+        handlers = {}
+
+        def __getattr__(self, kind):
+            return lambda: (lambda handler: self.handlers.setdefault(kind, handler))
+
+    app = App()
+    apps.add_client_handlers(app, lambda message, context: (config, ["neg", "pos"], 0, split), lambda *unused: None)
+    settings = ConfigRecord({"personalise-epochs": 1, "local-only-epochs": 1, **apps.classes_record(["neg", "pos"])})
+    message = Message(RecordDict({"config": settings}), dst_node_id=1, message_type=MessageType.QUERY)
+    message.metadata.__dict__["_message_id"] = "1"
+    reply = app.handlers["query"](message, SimpleNamespace(state=RecordDict()))
+    expected = None if round_schedule == "constant" else round_schedule
+    assert schedules == [("personalise", expected), ("local-only", expected)]
+    assert {"personalised", "local_only", "global"} <= set(reply.content["metrics"])
+
+
 def test_a_clients_loss_takes_balanced_weights_from_its_own_label_counts(tiny_bert_dir, tmp_path, monkeypatch):
     from transferkit.data.readers import read_examples
     from transferkit.federated import local as local_module

@@ -146,19 +146,21 @@ def add_client_handlers(app, setup: Callable, state_folder: Callable[[FederatedC
                   "global": global_scores["accuracy"], "personal_rounds": personal.kept_rounds(context.state),
                   # Rows: true class; summed over clients, the union test set's accuracy and macro-F1 follow exactly.
                   "global_confusion": [int(v) for row in global_scores["confusion"] for v in row]}
+        # With a decay across rounds, the report's own fine-tunes decay the same way over their epochs: a
+        # federation whose LR ended near zero is not then trained a whole epoch at its peak LR.
+        decay = None if config.round_schedule == "constant" else config.round_schedule
         if int(settings["personalise-epochs"]) > 0:
             # Fine-tune the global model on this client's data; keep it only if its validation accuracy
             # improves (model selection on the client's validation split, never its test split).
             before = local_evaluate(local, split["val"], classes)["accuracy"]
             local_train(local, split, classes, int(settings["personalise-epochs"]), description=f"client {index} personalise",
-                        seed=training_seed(local.run_config.seed, index, PERSONALISE_PHASE))
+                        seed=training_seed(local.run_config.seed, index, PERSONALISE_PHASE), schedule=decay)
             kept = local_evaluate(local, split["val"], classes)["accuracy"] >= before
             scores["personalised"] = local_evaluate(local, split["test"], classes)["accuracy"] if kept else scores["global"]
             scores["personalisation_kept"] = int(kept)
         if int(settings["local-only-epochs"]) > 0:
             load_exchanged(local, None)  # from the pretrained weights, its own data only
             # Its LR decays over its epochs as the federation's did over its rounds (if it did).
-            decay = None if config.round_schedule == "constant" else config.round_schedule
             local_train(local, split, classes, int(settings["local-only-epochs"]), description=f"client {index} local-only",
                         seed=training_seed(local.run_config.seed, index, LOCAL_ONLY_PHASE), schedule=decay)
             scores["local_only"] = local_evaluate(local, split["test"], classes)["accuracy"]
