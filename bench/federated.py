@@ -414,7 +414,8 @@ def write_doc(results: dict) -> None:
              "holds out 15% of its share for validation and 15% for its own test, so 70% of the examples train on "
              "either side). Client means: each client's own held-out test split; personalised = "
              "the global model fine-tuned 1 epoch on the client's data, kept only if its validation accuracy does not "
-             "drop. Sent per round: parameters down and up for all clients. Reference points (other data, from "
+             "drop (where the clients' LR decayed across rounds, its LR decays over that epoch the same way: the "
+             "image rows since 2026-12-07). Sent per round: parameters down and up for all clients. Reference points (other data, from "
              "scratch): Flower niid_bench FedAvg CIFAR-10 IID 71.3 vs Dirichlet(0.5) 62.5; FedPEFT sends ~0.2% of the "
              "model per round.\n\n")
     replace_section("## Federated fine-tuning (bench/federated.py)", intro + table(results) + "\n")
