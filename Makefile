@@ -26,8 +26,12 @@ data:
 demo: install data
 	$(VENV)/bin/transferkit demo
 
+# Two workers (pytest-xdist): most of the suite's time is short processes starting Python and importing torch and
+# transformers, or waiting on them, so two cores run two tests side by side (16 -> 13 min here). Each test module stays
+# on one worker (--dist loadscope): the module-scoped fixtures (the kill -9 reference run, trained runs) run once.
+TEST_WORKERS ?= 2
 test: install
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -23,6 +23,22 @@ pytest.importorskip("flwr")
 
 
 # -- partitioners ---------------------------------------------------------------------------------------------
+class RecordingProgress:
+    """Stands in for the server's progress bar: keeps the lines written to it."""
+
+    def __init__(self):
+        self.lines = []
+
+    def write(self, line):
+        self.lines.append(line)
+
+    def update(self, n):
+        pass
+
+    def set_postfix(self, **values):
+        pass
+
+
 def test_iid_partition_is_disjoint_complete_and_balanced():
     labels = np.repeat(np.arange(4), 25)
     parts = partition("iid", labels, 4, seed=0)
@@ -802,20 +818,7 @@ def test_a_client_that_failed_training_is_not_asked_to_evaluate_and_the_report_w
                 replies.append(Message(RecordDict(content), reply_to=m))
             return replies
 
-    class Progress:
-        def __init__(self):
-            self.lines = []
-
-        def write(self, line):
-            self.lines.append(line)
-
-        def update(self, n):
-            pass
-
-        def set_postfix(self, **values):
-            pass
-
-    grid, progress = Grid(), Progress()
+    grid, progress = Grid(), RecordingProgress()
     results = server_loop(grid, config, ["neg", "pos"], initial, tmp_path / "run", False, progress,
                           {10: "site0", 11: "site1", 12: "site2"})
     (record,) = results["history"]
@@ -877,20 +880,10 @@ def test_the_server_averages_the_clients_updates_in_client_order_whatever_order_
                 replies.append(Message(RecordDict(content), reply_to=m))
             return [replies[i] for i in self.order(len(replies))]
 
-    class Progress:
-        def write(self, line):
-            pass
-
-        def update(self, n):
-            pass
-
-        def set_postfix(self, **values):
-            pass
-
     arrived = {"in client order": lambda n: range(n), "reversed": lambda n: reversed(range(n)),
                "shuffled": lambda n: [2, 0, 3, 1][:n] if n == 4 else range(n)}
     runs = {name: server_loop(Grid(order), config, ["neg", "pos"], initial, tmp_path / name.replace(" ", "-"), False,
-                              Progress(), {}) for name, order in arrived.items()}
+                              RecordingProgress(), {}) for name, order in arrived.items()}
     reference = runs["in client order"]
     assert reference["best_weights"]["head.weight"].abs().sum() > 0
     for name, run in runs.items():
