@@ -9,7 +9,7 @@ from transferkit.config import RunConfig
 from transferkit.data.augmentation import BatchAugmenter, mask_tokens, small_affine
 from transferkit.engine.batches import Batches, feature_collate
 from transferkit.errors import UserError
-from transferkit.objectives import MixupObjective, balanced_class_weights
+from transferkit.objectives import CrossEntropyObjective, MixupObjective, balanced_class_weights, class_log_prior
 
 from .conftest import make_sentences, write_table
 
@@ -56,7 +56,45 @@ def test_mixup_loss_mixes_two_label_sets():
     assert logits.shape == (16, 2) and torch.isfinite(loss)
 
 
+def test_the_logit_adjusted_loss_is_cross_entropy_on_the_logits_plus_the_scaled_log_prior():
+    labels = [0, 0, 0, 1]  # class 2 never seen: counted as one example, a finite offset
+    offset = class_log_prior(labels, 3, scale=2.0)
+    assert torch.allclose(offset, 2.0 * torch.log(torch.tensor([3 / 4, 1 / 4, 1 / 4])))
+    torch.manual_seed(0)
+    head = torch.nn.Linear(4, 3)
+    batch = {"inputs": {"x": torch.randn(8, 4)}, "labels": torch.tensor([0, 0, 0, 1, 0, 0, 1, 0])}
+    model = lambda x: head(x)  # noqa: E731
+    loss, logits = CrossEntropyObjective(logit_offset=offset, label_smoothing=0.1)(model, batch)
+    assert torch.equal(logits, head(batch["inputs"]["x"]))  # the model's own logits: metrics and predictions
+    expected = torch.nn.functional.cross_entropy(logits + offset, batch["labels"], label_smoothing=0.1)
+    assert torch.isclose(loss, expected) and torch.isfinite(loss)
+    mixed = MixupObjective(alpha=0.4, logit_offset=offset)._loss(logits, batch["labels"])
+    assert torch.isclose(mixed, torch.nn.functional.cross_entropy(logits + offset, batch["labels"]))
+
+
+def test_the_logit_adjusted_loss_barely_pushes_down_a_class_the_data_lacks():
+    """The point of it under label skew: plain cross-entropy on data without class 2 drives class 2's logit
+    down at every step; with the prior added, that class is already explained and its gradient is tiny."""
+    labels = torch.zeros(32, dtype=torch.long)
+    labels[:8] = 1
+    offset = class_log_prior(labels, 3)
+
+    def absent_class_gradient(objective):
+        logits = torch.zeros(32, 3, requires_grad=True)
+        loss, _ = objective(lambda: logits, {"inputs": {}, "labels": labels})
+        loss.backward()
+        return logits.grad[:, 2].sum().item()  # > 0: descent lowers class 2's logit
+
+    plain, adjusted = absent_class_gradient(CrossEntropyObjective()), absent_class_gradient(
+        CrossEntropyObjective(logit_offset=offset))
+    assert plain > 0.3 and 0 < adjusted < plain / 10
+
+
 @pytest.mark.parametrize("overrides, message", [
+    ({"logit_adjustment": 0.0}, "must be a positive number"),
+    ({"logit_adjustment": 1.0, "class_weights": "balanced"}, "both correct for class imbalance"),
+    ({"logit_adjustment": 1.0, "sampler": "oversample"}, "set sampler to 'shuffle'"),
+    ({"logit_adjustment": 1.0, "target": "t.csv"}, "domain adaptation"),
     ({"image_augment": "flip,rotate"}, r"\['rotate'\]"),
     ({"token_mask": 1.5}, r"\(0, 1\)"),
     ({"mixup": 0.0}, "Beta alpha"),
@@ -88,6 +126,9 @@ def test_imbalanced_data_gets_a_warning_and_class_weights_silence_it(tiny_bert_d
                          out=str(tmp_path / "b"))
     assert "imbalanced" not in capsys.readouterr().err
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["history"][0]["train_loss"] > 0
+    transferkit.finetune(**common, logit_adjustment=1.0, out=str(tmp_path / "c"))
+    assert "imbalanced" not in capsys.readouterr().err
+    assert "logit_adjustment: 1.0" in (tmp_path / "c" / "config.yaml").read_text()  # replayed with the run
 
 
 def test_image_run_with_augmentation_and_oversampling(tiny_vit_dir, image_folder, tmp_path):

@@ -342,6 +342,31 @@ def test_local_training_scales_the_recipes_lrs_by_the_rounds_factor(tiny_bert_di
     assert seen[0][0] == pytest.approx([1e-3, 2e-3]) and seen[1][0] == pytest.approx([4e-3, 8e-3])
 
 
+def test_a_client_missing_a_class_pushes_its_logit_down_less_with_logit_adjustment(tiny_bert_dir, tmp_path):
+    """Label skew: a client that holds no 'pos' example. Plain cross-entropy drives the shared head's 'pos' logit
+    down; the logit-adjusted loss (this client's own prior) barely does. The report's personal fine-tunes use
+    plain cross-entropy (adjust_logits=False): a model that stays on the client fits its own class mix."""
+    from transferkit.data.readers import read_examples
+    from transferkit.federated.local import held_out_split, load_exchanged, local_model, local_train
+
+    rows = [r for r in make_sentences(120, seed=5) if r[1] == "neg"]
+    data = write_table(tmp_path / "d.csv", rows)
+    split = held_out_split(read_examples(str(data), text_column="text"), 0.2, 0.0, seed=0)
+
+    def pos_margin(adjust=True, **recipe):
+        config = FederatedConfig.from_dict({"model": str(tiny_bert_dir), "strategy": "linear-probe", "lr": 1e-2,
+                                            "batch_size": 8, "data": {"train": str(data)}, **recipe}, source="t")
+        local = local_model(config, ["neg", "pos"])
+        load_exchanged(local, None)
+        local_train(local, split, ["neg", "pos"], 2, seed=0, adjust_logits=adjust)
+        bias = local.model.head.linear.bias.detach()
+        return float(bias[1] - bias[0])
+
+    plain, adjusted = pos_margin(), pos_margin(logit_adjustment=1.0)
+    assert plain < adjusted and abs(adjusted) < abs(plain) / 4
+    assert pos_margin(logit_adjustment=1.0, adjust=False) == plain
+
+
 @pytest.mark.parametrize("round_schedule", ["constant", "cosine"])
 def test_the_reports_personalisation_and_local_only_runs_decay_as_the_rounds_did(tiny_bert_dir, tmp_path, monkeypatch,
                                                                                 round_schedule):

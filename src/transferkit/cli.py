@@ -45,6 +45,8 @@ FIT_FLAGS_HELP = {
     "distill_alpha": "distillation: weight of the hard-label loss; 1 - alpha weighs the teacher's soft labels",
     "distill_temperature": "distillation: softmax temperature T of the soft labels",
     "class_weights": "none or balanced (loss weights inversely proportional to class frequency)",
+    "logit_adjustment": ("train on logits + tau * log(class frequency) (logit-adjusted loss; 1.0 is usual): the model "
+                         "ranks classes as if they were balanced. In federate, each client's own frequencies (label skew)"),
     "sampler": "shuffle or oversample (draw rare classes as often as common ones)",
     "mixup": "mixup Beta alpha (e.g. 0.2): inputs for images, pooled features for text",
     "noise": "std of Gaussian noise added to normalised image pixels while training",

@@ -89,6 +89,7 @@ class RunConfig:
     distill_alpha: float = 0.5
     distill_temperature: float = 2.0
     class_weights: str = "none"
+    logit_adjustment: float | None = None  # tau of the logit-adjusted loss (1.0 usual); None: plain cross-entropy
     sampler: str = "shuffle"
     mixup: float | None = None
     noise: float | None = None
@@ -145,6 +146,17 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise UserError(f"config field '{name}' is {value}: it must be a positive number")
+        if self.logit_adjustment is not None:
+            if not self.logit_adjustment > 0:
+                raise UserError(f"config field 'logit_adjustment' is {self.logit_adjustment}: it must be a positive "
+                                f"number (1.0 is usual), or absent for plain cross-entropy")
+            # Each of these corrects for the class frequencies already; two together over-correct.
+            for name, value, plain in (("class_weights", self.class_weights, "none"), ("sampler", self.sampler, "shuffle")):
+                if value != plain:
+                    raise UserError(f"'logit_adjustment' and {name} '{value}' both correct for class imbalance: "
+                                    f"keep one (set {name} to '{plain}' or remove logit_adjustment)")
+            if self.target:
+                raise UserError("'logit_adjustment' does not apply to domain adaptation (--target): remove one of them")
         if self.weight_decay < 0:
             raise UserError(f"config field 'weight_decay' is {self.weight_decay}: it must be >= 0")
         if not 0 <= self.warmup_ratio < 1:

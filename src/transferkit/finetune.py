@@ -41,7 +41,7 @@ from .evaluation.report import write_report
 from .model import ClassificationHead, Classifier
 from .data.augmentation import BatchAugmenter
 from .objectives import (CrossEntropyObjective, L1Penalty, L2SPPenalty, MixupObjective, RegularisedObjective,
-                         balanced_class_weights)
+                         balanced_class_weights, class_log_prior)
 from .objectives.distillation import DistillationObjective
 from .deploy.model_card import write_model_card
 from .saved_model import COLUMN_KEYS, FineTunedModel, save_classifier
@@ -117,11 +117,13 @@ def _objective(config: RunConfig, model: Classifier, train_labels: np.ndarray, t
     """Cross-entropy (class-weighted, smoothed, or mixup as asked), distilled from a teacher's logits when
     given, plus L2-SP and L1 penalties."""
     labelled = train_labels[train_labels >= 0]  # transfer examples (label -1) have no class
-    weight = balanced_class_weights(labelled, model.head.linear.out_features) if config.class_weights == "balanced" else None
+    classes = model.head.linear.out_features
+    weight = balanced_class_weights(labelled, classes) if config.class_weights == "balanced" else None
+    offset = None if config.logit_adjustment is None else class_log_prior(labelled, classes, config.logit_adjustment)
     if config.mixup:
-        objective = MixupObjective(config.mixup, weight=weight, label_smoothing=config.label_smoothing)
+        objective = MixupObjective(config.mixup, weight=weight, label_smoothing=config.label_smoothing, logit_offset=offset)
     else:
-        objective = CrossEntropyObjective(label_smoothing=config.label_smoothing, weight=weight)
+        objective = CrossEntropyObjective(label_smoothing=config.label_smoothing, weight=weight, logit_offset=offset)
     if teacher_logits is not None:
         objective = DistillationObjective(objective, teacher_logits, config.distill_alpha, config.distill_temperature)
     penalties = []
@@ -197,9 +199,10 @@ def describe_classes(labels: list[str], classes: list[str], config: RunConfig) -
     shown = ", ".join(f"{c} {n}" for c, n in list(counts.items())[:20]) + (" ..." if len(counts) > 20 else "")
     print(f"training examples per class: {shown}")
     ratio = max(counts.values()) / max(1, min(counts.values()))
-    if ratio >= IMBALANCE_WARNING and config.class_weights == "none" and config.sampler == "shuffle":
+    if (ratio >= IMBALANCE_WARNING and config.class_weights == "none" and config.sampler == "shuffle"
+            and config.logit_adjustment is None):
         return (f"classes are imbalanced (largest/smallest = {ratio:.1f}) and nothing compensates: consider "
-                f"--class-weights balanced or --sampler oversample, and --monitor val_macro_f1")
+                f"--class-weights balanced, --sampler oversample or --logit-adjustment 1, and --monitor val_macro_f1")
     return None
 
 

@@ -154,7 +154,8 @@ def add_client_handlers(app, setup: Callable, state_folder: Callable[[FederatedC
             # improves (model selection on the client's validation split, never its test split).
             before = local_evaluate(local, split["val"], classes)["accuracy"]
             local_train(local, split, classes, int(settings["personalise-epochs"]), description=f"client {index} personalise",
-                        seed=training_seed(local.run_config.seed, index, PERSONALISE_PHASE), schedule=decay)
+                        seed=training_seed(local.run_config.seed, index, PERSONALISE_PHASE), schedule=decay,
+                        adjust_logits=False)
             kept = local_evaluate(local, split["val"], classes)["accuracy"] >= before
             scores["personalised"] = local_evaluate(local, split["test"], classes)["accuracy"] if kept else scores["global"]
             scores["personalisation_kept"] = int(kept)
@@ -162,7 +163,8 @@ def add_client_handlers(app, setup: Callable, state_folder: Callable[[FederatedC
             load_exchanged(local, None)  # from the pretrained weights, its own data only
             # Its LR decays over its epochs as the federation's did over its rounds (if it did).
             local_train(local, split, classes, int(settings["local-only-epochs"]), description=f"client {index} local-only",
-                        seed=training_seed(local.run_config.seed, index, LOCAL_ONLY_PHASE), schedule=decay)
+                        seed=training_seed(local.run_config.seed, index, LOCAL_ONLY_PHASE), schedule=decay,
+                        adjust_logits=False)
             scores["local_only"] = local_evaluate(local, split["test"], classes)["accuracy"]
         return Message(RecordDict({"metrics": MetricRecord(scores)}), reply_to=message)
 

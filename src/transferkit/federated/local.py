@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..evaluation.metrics import summary_metrics
 from ..finetune import DEFAULT_LR, batch_augmenter, engine_settings
 from ..model import Classifier
-from ..objectives import CrossEntropyObjective, RegularisedObjective, balanced_class_weights
+from ..objectives import CrossEntropyObjective, RegularisedObjective, balanced_class_weights, class_log_prior
 from ..strategies.base import check_freeze_batchnorm
 from ..strategies import create_strategy
 from .config import DATA_FIELDS, FederatedConfig
@@ -256,12 +256,14 @@ def _batches(local: LocalModel, examples: Examples, classes: list[str], train: b
 
 def local_train(local: LocalModel, split: dict[str, Examples], classes: list[str], epochs: int,
                 proximal_mu: float = 0.0, description: str = "local", seed: int | None = None,
-                optimizer_state: dict | None = None, lr_factor: float = 1.0, schedule: str | None = None) -> dict[str, Any]:
+                optimizer_state: dict | None = None, lr_factor: float = 1.0, schedule: str | None = None,
+                adjust_logits: bool = True) -> dict[str, Any]:
     """Fine-tune the loaded weights on this client's data (best epoch on its validation split). ``seed`` fixes
     the batch order, dropout and augmentation of this call (``training_seed``), whatever ran before it.
     ``optimizer_state`` (a previous call's ``result["optimizer_state"]``) starts the optimiser from those moments.
     ``lr_factor`` scales the recipe's LRs (this round's place in the federation's decay); ``schedule`` replaces
-    the recipe's schedule over this call's epochs."""
+    the recipe's schedule over this call's epochs. ``adjust_logits`` False trains with plain cross-entropy even
+    when the recipe sets ``logit_adjustment``: a model that stays on this client should fit its own class mix."""
     config = local.run_config
     if schedule is not None:
         config = config.replace(schedule=schedule)
@@ -275,7 +277,11 @@ def local_train(local: LocalModel, split: dict[str, Examples], classes: list[str
     # classes from pulling the shared head towards them every round.
     weight = (balanced_class_weights(encode_labels(split["train"].labels, classes), len(classes))
               if config.class_weights == "balanced" else None)
-    objective = CrossEntropyObjective(label_smoothing=config.label_smoothing, weight=weight)
+    # The logit-adjusted loss uses this client's label counts too (FedLC): a class the client rarely or never
+    # sees is explained by its prior, so its updates stop pushing that class's logit down in the shared head.
+    offset = (class_log_prior(encode_labels(split["train"].labels, classes), len(classes), config.logit_adjustment)
+              if adjust_logits and config.logit_adjustment is not None else None)
+    objective = CrossEntropyObjective(label_smoothing=config.label_smoothing, weight=weight, logit_offset=offset)
     if proximal_mu > 0:
         objective = RegularisedObjective(objective, [ProximalPenalty(local.model, proximal_mu)])
     head_lr = None if config.head_lr is None else config.head_lr * lr_factor

@@ -18,16 +18,20 @@ class MixupObjective:
         alpha: Beta distribution parameter; 0.2-0.4 is usual, larger mixes more.
         weight: optional per-class loss weights.
         label_smoothing: as in ``torch.nn.functional.cross_entropy``.
+        logit_offset: added to the logits for the loss only (the logit-adjusted loss, ``class_log_prior``).
     """
 
-    def __init__(self, alpha: float, weight: torch.Tensor | None = None, label_smoothing: float = 0.0):
+    def __init__(self, alpha: float, weight: torch.Tensor | None = None, label_smoothing: float = 0.0,
+                 logit_offset: torch.Tensor | None = None):
         self.beta = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha)))
         self.weight = weight
         self.label_smoothing = label_smoothing
+        self.logit_offset = logit_offset
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         weight = None if self.weight is None else self.weight.to(logits.device)
-        return F.cross_entropy(logits.float(), labels, weight=weight, label_smoothing=self.label_smoothing)
+        adjusted = logits.float() if self.logit_offset is None else logits.float() + self.logit_offset.to(logits.device)
+        return F.cross_entropy(adjusted, labels, weight=weight, label_smoothing=self.label_smoothing)
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, labels = batch["inputs"], batch["labels"]

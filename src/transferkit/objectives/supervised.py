@@ -8,16 +8,22 @@ from torch import nn
 
 
 class CrossEntropyObjective:
-    """``loss = CE(model(inputs), labels)``, optionally class-weighted and with label smoothing."""
+    """``loss = CE(model(inputs) + logit_offset, labels)``, optionally class-weighted and with label smoothing.
 
-    def __init__(self, label_smoothing: float = 0.0, weight: torch.Tensor | None = None):
+    ``logit_offset`` (see ``class_log_prior``) is added for the loss only: the returned logits, and so the
+    metrics and the saved model's predictions, are the model's own."""
+
+    def __init__(self, label_smoothing: float = 0.0, weight: torch.Tensor | None = None,
+                 logit_offset: torch.Tensor | None = None):
         self.label_smoothing = label_smoothing
         self.weight = weight
+        self.logit_offset = logit_offset
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(**batch["inputs"])
         weight = None if self.weight is None else self.weight.to(logits.device)
-        loss = F.cross_entropy(logits.float(), batch["labels"], weight=weight, label_smoothing=self.label_smoothing)
+        adjusted = logits.float() if self.logit_offset is None else logits.float() + self.logit_offset.to(logits.device)
+        loss = F.cross_entropy(adjusted, batch["labels"], weight=weight, label_smoothing=self.label_smoothing)
         return loss, logits
 
 
@@ -25,3 +31,13 @@ def balanced_class_weights(labels, num_classes: int) -> torch.Tensor:
     """``n / (k * count_c)`` per class (scikit-learn's "balanced"): rare classes weigh more."""
     counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=num_classes).double()
     return (counts.sum() / (num_classes * counts.clamp(min=1))).float()
+
+
+def class_log_prior(labels, num_classes: int, scale: float = 1.0) -> torch.Tensor:
+    """``scale * log(count_c / n)`` per class: the offset of the logit-adjusted loss (Menon et al. 2021, "Long-tail
+    learning via logit adjustment"; under federated label skew, FedLC, Zhang et al. 2022). Training on
+    ``logits + offset`` lets the prior explain the class frequencies, so the logits themselves learn to rank
+    classes as if they were balanced. A class absent from ``labels`` counts as one example: its offset is very
+    negative but finite (an infinite one would make label smoothing's loss infinite)."""
+    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=num_classes).double()
+    return (scale * torch.log(counts.clamp(min=1) / counts.sum())).float()
