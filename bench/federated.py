@@ -170,31 +170,55 @@ def optimizer_state_table(results: dict) -> list[str]:
     return lines
 
 
-def run_round_schedule_seeds(args, folder: Path, name: str, recipe: dict, pair: dict) -> dict:
-    """FedAvg on the IID split at the recorded pair's batch size, each ``--schedule-candidates`` entry (round schedule
-    @ a multiple of the recipe's LR) once per seed: what one seed's validation choice between them is worth; and the
-    pair's centralised recipe once per seed, the reference of the means."""
-    candidates = []
-    for entry in args.schedule_candidates:
-        entry, _, optimizer = entry.partition("+")
-        schedule, _, multiple = entry.partition("@")
-        if optimizer not in ("", "keep"):
-            raise SystemExit(f"--schedule-candidates {entry}+{optimizer}: the only suffix is +keep")
-        candidates.append((schedule, recipe["lr"] * float(multiple or 1), optimizer or "reset"))
+def parse_schedule_candidate(entry: str, base_lr: float) -> tuple[str, float, str, float | None]:
+    """``SCHEDULE@M[+keep][+fedavgm:SERVER_LR]`` -> (round schedule, client LR, client optimiser state, FedAvgM's
+    server LR or None for FedAvg)."""
+    head, *suffixes = entry.split("+")
+    schedule, _, multiple = head.partition("@")
+    optimizer, server_lr = "reset", None
+    for suffix in suffixes:
+        if suffix == "keep":
+            optimizer = "keep"
+        elif suffix.startswith("fedavgm:"):
+            try:
+                server_lr = float(suffix.split(":", 1)[1])
+            except ValueError:
+                raise SystemExit(f"--schedule-candidates {entry}: write the server LR as fedavgm:1.0") from None
+        else:
+            raise SystemExit(f"--schedule-candidates {entry}: the suffixes are +keep and +fedavgm:SERVER_LR")
+    return schedule, base_lr * float(multiple or 1), optimizer, server_lr
+
+
+def run_round_schedule_seeds(args, folder: Path, name: str, recipe: dict, pair: dict, recorded: dict | None = None) -> dict:
+    """IID at the recorded pair's batch size, each ``--schedule-candidates`` entry (round schedule @ a multiple of
+    the recipe's LR, FedAvg or FedAvgM) once per seed: what one seed's validation choice between them is worth; and
+    the pair's centralised recipe once per seed, the reference of the means. With ``recorded`` (a previous table at
+    the same batch size), a row already recorded for the same candidate and seed is taken, not rerun: seeded runs
+    repeat exactly (since the server averages in client order, 2026-12-07)."""
+    candidates = [parse_schedule_candidate(entry, recipe["lr"]) for entry in args.schedule_candidates]
+    kept = recorded["runs"] if recorded and recorded.get("batch_size") == pair["federated_batch_size"] else {}
     runs: dict[str, list[dict]] = {}
+
+    def add(label: str, seed: int, run) -> None:
+        previous = next((r for r in kept.get(label, []) if r["seed"] == seed), None)
+        if previous is not None:
+            print(f"{label}, seed {seed}: recorded test {previous['test_accuracy']:.4f}", flush=True)
+        runs.setdefault(label, []).append(previous or _seed_result(seed, run()))
+
     central = pair["rows"]["centralised"]
     central_label = f"centralised, pooled data, batch {central['batch_size']} @ lr {central['lr']:g}"
     for seed in args.round_schedule_seeds:
         # The centralised reference varies with the seed too: the gap is between means.
-        row = centralised(f"centralised-seed{seed}", {**recipe, "batch_size": central["batch_size"], "lr": central["lr"],
-                                                      "seed": seed}, folder, args)
-        runs.setdefault(central_label, []).append(_seed_result(seed, row))
-        for schedule, lr, optimizer in candidates:
-            row = run_setting(f"iid-{schedule}-lr{lr:g}-{optimizer}-seed{seed}",
-                              {**recipe, "batch_size": pair["federated_batch_size"], "lr": lr, "seed": seed}, folder, args,
-                              partitioner="iid", round_schedule=schedule, client_optimizer_state=optimizer)
-            label = f"{schedule} over rounds @ lr {lr:g}" + (", AdamW kept between rounds" if optimizer == "keep" else "")
-            runs.setdefault(label, []).append(_seed_result(seed, row))
+        add(central_label, seed, lambda: centralised(f"centralised-seed{seed}", {
+            **recipe, "batch_size": central["batch_size"], "lr": central["lr"], "seed": seed}, folder, args))
+        for schedule, lr, optimizer, server_lr in candidates:
+            label = (f"{schedule} over rounds @ lr {lr:g}" + (", AdamW kept between rounds" if optimizer == "keep" else "")
+                     + ("" if server_lr is None else f", FedAvgM (server LR {server_lr:g}, momentum 0.9)"))
+            server = {} if server_lr is None else {"aggregator": "fedavgm", "server_lr": server_lr}
+            add(label, seed, lambda: run_setting(
+                f"iid-{schedule}-lr{lr:g}-{optimizer}-{server_lr or 'fedavg'}-seed{seed}",
+                {**recipe, "batch_size": pair["federated_batch_size"], "lr": lr, "seed": seed}, folder, args,
+                partitioner="iid", round_schedule=schedule, client_optimizer_state=optimizer, **server))
     return {"batch_size": pair["federated_batch_size"], "runs": runs, "date": time.strftime("%Y-%m-%d")}
 
 
@@ -209,7 +233,8 @@ def round_schedule_table(results: dict) -> list[str]:
         central_runs = next((each for label, each in runs.items() if label.startswith("centralised")), None)
         central = ({"test_accuracy": sum(r["test_accuracy"] for r in central_runs) / len(central_runs)} if central_runs
                    else results.get(name, {}).get("rows", {}).get("centralised"))
-        lines += [f"### {name}: the clients' LR across rounds, once per seed (FedAvg, IID, batch {ablation['batch_size']}; "
+        lines += [f"### {name}: the clients' LR across rounds, once per seed (IID, FedAvg unless the row says FedAvgM, "
+                  f"batch {ablation['batch_size']}; "
                   f"{ablation.get('machine', results['machine'])}, {ablation['date']})", "",
                   "| clients' LR | " + " | ".join(f"seed {s}: test / best val" for s in seeds) + " | mean test | mean val |"
                   + (" mean test vs centralised |" if central else ""),
@@ -457,8 +482,12 @@ def main() -> None:
                         help="instead of the pairs: FedAvg IID at the recorded pair's batch size, each "
                              "--schedule-candidates entry once per seed (text, image)")
     parser.add_argument("--schedule-candidates", nargs="+", default=["constant@1", "cosine@3"],
-                        help="with --round-schedule-seeds: SCHEDULE@M[+keep], the clients' LR decay across rounds at "
-                             "M x the recipe's LR, +keep: their AdamW moments kept between rounds (default constant@1 cosine@3)")
+                        help="with --round-schedule-seeds: SCHEDULE@M[+keep][+fedavgm:SERVER_LR], the clients' LR decay "
+                             "across rounds at M x the recipe's LR, +keep: their AdamW moments kept between rounds, "
+                             "+fedavgm:S: FedAvgM with server LR S and momentum 0.9 (default constant@1 cosine@3)")
+    parser.add_argument("--keep-recorded", action="store_true",
+                        help="with --round-schedule-seeds: take the rows already recorded for a candidate and seed "
+                             "(same batch size) instead of rerunning them")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--no-doc", action="store_true")
@@ -487,7 +516,9 @@ def main() -> None:
                     flag, key, run = ablation
                     if name not in results:
                         raise SystemExit(f"{flag}: no recorded {name} pair in {args.results}")
-                    results[f"{name}-{key}"] = run(args, Path(tmp) / f"{name}-{key}", name, available[name], results[name])
+                    reuse = {"recorded": results.get(f"{name}-{key}")} if key == "round-schedule" and args.keep_recorded else {}
+                    results[f"{name}-{key}"] = run(args, Path(tmp) / f"{name}-{key}", name, available[name], results[name],
+                                                   **reuse)
                     results[f"{name}-{key}"]["machine"] = results["machine"]
                     save_results(args.results, results)
                     continue

@@ -231,9 +231,24 @@ def test_federated_benchmark_runs_each_round_schedule_candidate_once_per_seed(tm
     assert "| cosine over rounds @ lr 0.003 | 0.8000 / 0.8000 | 0.8000 / 0.8000 | 0.8000 | 0.8000 | -5.00 pts |" in table
     assert "| constant over rounds @ lr 0.001 | 0.7000 / 0.8000 | 0.7000 / 0.8000 | 0.7000 | 0.8000 | -15.00 pts |" in table
     assert "| cosine over rounds @ lr 0.003, AdamW kept between rounds | 0.8000 / 0.8000 |" in table
-    args.schedule_candidates = ["cosine@3+momentum"]
-    with pytest.raises(SystemExit, match=r"the only suffix is \+keep"):
-        federated.run_round_schedule_seeds(args, tmp_path, "image", {"batch_size": 64, "lr": 1e-3}, pair)
+    # --keep-recorded: a candidate and seed already in the table is taken from it; only the new candidate runs.
+    calls.clear()
+    args.schedule_candidates = ["cosine@3", "cosine@1+fedavgm:3"]
+    again = federated.run_round_schedule_seeds(args, tmp_path, "image", {"batch_size": 64, "lr": 1e-3}, pair,
+                                               recorded=ablation)
+    assert calls == [(16, 1e-3, seed, {"partitioner": "iid", "round_schedule": "cosine", "client_optimizer_state": "reset",
+                                       "aggregator": "fedavgm", "server_lr": 3.0}) for seed in (0, 2)]
+    assert again["runs"]["cosine over rounds @ lr 0.003"] == ablation["runs"]["cosine over rounds @ lr 0.003"]
+    assert "cosine over rounds @ lr 0.001, FedAvgM (server LR 3, momentum 0.9)" in again["runs"]
+    calls.clear()  # a table recorded at another batch size is not reused
+    federated.run_round_schedule_seeds(args, tmp_path, "image", {"batch_size": 64, "lr": 1e-3}, pair,
+                                       recorded={**ablation, "batch_size": 64})
+    assert len(calls) == 6
+    for entry, message in (("cosine@3+momentum", r"the suffixes are \+keep and \+fedavgm"),
+                           ("cosine@3+fedavgm:x", "fedavgm:1.0")):
+        args.schedule_candidates = [entry]
+        with pytest.raises(SystemExit, match=message):
+            federated.run_round_schedule_seeds(args, tmp_path, "image", {"batch_size": 64, "lr": 1e-3}, pair)
 
 
 def test_core_benchmark_says_when_an_inherited_recipe_no_longer_wins_the_grid():
