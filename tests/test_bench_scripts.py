@@ -79,6 +79,25 @@ def test_ensemble_and_distill_benchmarks_run_on_a_tiny_model(tiny_bert_dir, tiny
                 assert row["speedup"] > 0 and 0 <= row["alone_test_accuracy"] <= 1 and 0 <= row["distilled_test_accuracy"] <= 1
 
 
+def test_imbalance_benchmark_runs_on_a_tiny_model(tiny_vit_dir, tmp_path):
+    images, labels = make_stripes(120, size=16)
+    idx = tmp_path / "stripes-images-idx3-ubyte"
+    write_idx(idx, images)
+    write_idx(tmp_path / "stripes-labels-idx1-ubyte", np.array([label == "vertical" for label in labels], dtype=np.uint8))
+    results = tmp_path / "imbalance.json"
+    process = subprocess.run(
+        [sys.executable, str(BENCH / "imbalance.py"), "--image-data", str(idx), "--model", str(tiny_vit_dir),
+         "--image-size", "16", "--n-max", "30", "--ratio", "5", "--epochs", "1", "--methods", "none", "logit-adjusted",
+         "--seeds", "0", "1", "--results", str(results), "--no-doc"], capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0, process.stderr[-3000:] + process.stdout[-3000:]
+    saved = json.loads(results.read_text())["ratio5-n30-1ep"]
+    assert saved["counts"] == [30, 6] and saved["val_counts"] == [4, 1]
+    assert [(r["method"], r["seed"]) for r in saved["rows"]] == [("none", 0), ("logit-adjusted", 0), ("none", 1),
+                                                                  ("logit-adjusted", 1)]
+    assert all(0 <= r["tail_recall"] <= 1 and 0 <= r["worst_recall"] <= r["accuracy"] for r in saved["rows"])
+    assert "| `--logit-adjustment 1` |" in process.stdout and "imbalance ratio 5:" in process.stdout
+
+
 def test_pretrain_benchmark_runs_on_a_tiny_model(tiny_bert_dir, tmp_path):
     results = tmp_path / "pretrain.json"
     process = subprocess.run(

@@ -201,8 +201,9 @@ def describe_classes(labels: list[str], classes: list[str], config: RunConfig) -
     ratio = max(counts.values()) / max(1, min(counts.values()))
     if (ratio >= IMBALANCE_WARNING and config.class_weights == "none" and config.sampler == "shuffle"
             and config.logit_adjustment is None):
+        monitor = "" if config.monitor == "val_macro_f1" else ", and --monitor val_macro_f1"
         return (f"classes are imbalanced (largest/smallest = {ratio:.1f}) and nothing compensates: consider "
-                f"--class-weights balanced, --sampler oversample or --logit-adjustment 1, and --monitor val_macro_f1")
+                f"--class-weights balanced, --sampler oversample or --logit-adjustment 1{monitor}")
     return None
 
 
