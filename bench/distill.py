@@ -69,6 +69,19 @@ def write_idx(path: Path, array) -> None:
     path.write_bytes(header + array.astype("uint8").tobytes())
 
 
+def read_idx_source(image_data: str):
+    """(path, images, labels, official test file or None) of 'fashion-mnist' or an IDX images file."""
+    from transferkit.data.packaged import FASHION_MNIST_FILES, fashion_mnist_dir
+    from transferkit.data.readers import idx_labels_path, parse_idx
+
+    if image_data == "fashion-mnist":
+        base = fashion_mnist_dir()
+        source, test_source = base / FASHION_MNIST_FILES["train"], base / FASHION_MNIST_FILES["test"]
+    else:
+        source, test_source = Path(image_data), None
+    return source, parse_idx(source), parse_idx(idx_labels_path(source)), test_source
+
+
 def image_splits(args, folder: Path) -> dict:
     """Labelled, validation and transfer IDX files cut from one seeded permutation of the training images, so
     the transfer images are none of the labelled or validation ones; their labels are written (the IDX reader
@@ -76,15 +89,7 @@ def image_splits(args, folder: Path) -> dict:
     another IDX file a further 20% of it."""
     import numpy as np
 
-    from transferkit.data.packaged import FASHION_MNIST_FILES, fashion_mnist_dir
-    from transferkit.data.readers import idx_labels_path, parse_idx
-
-    if args.image_data == "fashion-mnist":
-        base = fashion_mnist_dir()
-        source, test_source = base / FASHION_MNIST_FILES["train"], base / FASHION_MNIST_FILES["test"]
-    else:
-        source, test_source = Path(args.image_data), None
-    images, labels = parse_idx(source), parse_idx(idx_labels_path(source))
+    source, images, labels, test_source = read_idx_source(args.image_data)
     order = np.random.default_rng(0).permutation(len(images))
     cuts = {"val": round(0.1 * len(images))}
     if test_source is None:
