@@ -22,7 +22,6 @@ from tests.conftest import make_sentences, write_table
 pytest.importorskip("flwr")
 
 
-# -- partitioners ---------------------------------------------------------------------------------------------
 class RecordingProgress:
     """Stands in for the server's progress bar: keeps the lines written to it."""
 
@@ -39,6 +38,7 @@ class RecordingProgress:
         pass
 
 
+# -- partitioners ---------------------------------------------------------------------------------------------
 def test_iid_partition_is_disjoint_complete_and_balanced():
     labels = np.repeat(np.arange(4), 25)
     parts = partition("iid", labels, 4, seed=0)
