@@ -413,6 +413,75 @@ def test_the_reports_personalisation_and_local_only_runs_decay_as_the_rounds_did
     assert {"personalised", "local_only", "global"} <= set(reply.content["metrics"])
 
 
+@pytest.mark.parametrize("val, kept_factor", [
+    ({1.0: 0.75, 0.1: 0.85}, 0.1),  # the best validation wins, not the first or the best test
+    ({1.0: 0.80, 0.1: 0.78}, 1.0),  # a tie with the global model keeps the personalised one (it does not drop)
+    ({1.0: 0.70, 0.1: 0.78}, None),  # every factor drops validation accuracy: the global model stays
+])
+def test_personalisation_tries_each_lr_factor_from_the_global_model_and_keeps_the_best_on_validation(
+        tiny_bert_dir, tmp_path, monkeypatch, val, kept_factor):
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    from transferkit.data.readers import read_examples
+    from transferkit.federated import apps
+    from transferkit.federated.local import held_out_split
+
+    data = write_table(tmp_path / "d.csv", make_sentences(60, seed=4))
+    config = FederatedConfig.from_dict({"model": str(tiny_bert_dir), "strategy": "lora", "batch_size": 8,
+                                        "personalise_lr_factors": "1,0.1", "data": {"train": str(data)}}, source="t")
+    assert config.personalise_lr_factors == [1.0, 0.1]
+    split = held_out_split(read_examples(str(data), text_column="text"), 0.2, 0.2, seed=0)
+    model_now = {"factor": None}
+    starts = []
+
+    def local_train(local, split, classes, epochs, **kwargs):
+        head = local.model.head.linear.weight
+        starts.append((kwargs.get("lr_factor", 1.0), head.detach().clone()))
+        with torch.no_grad():
+            head.add_(1.0)  # a fine-tune moves the weights: the next factor must start from the global model again
+        model_now["factor"] = "local" if "local-only" in kwargs["description"] else kwargs["lr_factor"]
+        return {}
+
+    tests = {None: 0.70, 1.0: 0.90, 0.1: 0.80, "local": 0.60}
+
+    def local_evaluate(local, examples, classes, confusion=False):
+        factor = model_now["factor"]
+        if examples is split["val"]:
+            return {"accuracy": 0.80 if factor is None else val[factor]}
+        return {"accuracy": tests[factor], **({"confusion": [[1, 0], [0, 1]]} if confusion else {})}
+
+    monkeypatch.setattr(apps, "local_train", local_train)
+    monkeypatch.setattr(apps, "local_evaluate", local_evaluate)
+
+    class App:  # collects the handlers as Flower's ClientApp decorators do
+        handlers = {}
+
+        def __getattr__(self, kind):
+            return lambda: (lambda handler: self.handlers.setdefault(kind, handler))
+
+    app = App()
+    apps.add_client_handlers(app, lambda message, context: (config, ["neg", "pos"], 0, split), lambda *unused: None)
+    settings = ConfigRecord({"personalise-epochs": 1, "local-only-epochs": 1, **apps.classes_record(["neg", "pos"])})
+    message = Message(RecordDict({"config": settings}), dst_node_id=1, message_type=MessageType.QUERY)
+    message.metadata.__dict__["_message_id"] = "1"
+    metrics = app.handlers["query"](message, SimpleNamespace(state=RecordDict())).content["metrics"]
+    assert [factor for factor, _ in starts[:2]] == [1.0, 0.1]
+    assert torch.equal(starts[0][1], starts[1][1])  # both factors started from the global model
+    assert metrics["personalisation_kept"] == int(kept_factor is not None)
+    assert metrics["personalised"] == (tests[kept_factor] if kept_factor else metrics["global"])
+    assert metrics.get("personalisation_lr_factor") == kept_factor and metrics["local_only"] == 0.60
+    assert config.report_timeout_s(5) == config.round_timeout_s * (1 + 2 + 5)  # two personalisations, five epochs
+
+
+def test_personalisation_lr_factors_must_be_positive():
+    for bad in ("", "1,-0.1", "0"):
+        with pytest.raises(UserError, match="personalise_lr_factors"):
+            FederatedConfig.from_dict({"model": "m", "data": {"train": "d.csv"}, "personalise_lr_factors": bad},
+                                      source="t")
+
+
 def test_a_clients_loss_takes_balanced_weights_from_its_own_label_counts(tiny_bert_dir, tmp_path, monkeypatch):
     from transferkit.data.readers import read_examples
     from transferkit.federated import local as local_module

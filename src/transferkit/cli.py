@@ -385,6 +385,8 @@ FEDERATED_HELP = {
     "min_clients": "fewest clients a round runs with; Flower waits until that many are connected (default 2)",
     "personal": "what each client keeps to itself between rounds: none, head (FedPer) or batchnorm (FedBN) (default none)",
     "personalise_epochs": "after federation each client fine-tunes the global model this long (default 1; 0: skip)",
+    "personalise_lr_factors": ("comma-separated multiples of --lr the personalisation tries, each from the global model; "
+                               "each client keeps the best on its own validation split (default 1)"),
     "client_optimizer_state": "reset: each round's local training starts a fresh AdamW; keep: each client keeps its "
                               "AdamW moments and step count between rounds, on the client (default reset)",
     "round_schedule": "how the clients' LR decays across rounds, over --max-rounds: linear, cosine, exponential or "

@@ -10,6 +10,8 @@ data alone (local-only), all on its held-out test split.
 
 from __future__ import annotations
 
+import copy
+
 import json
 import time
 from pathlib import Path
@@ -150,15 +152,22 @@ def add_client_handlers(app, setup: Callable, state_folder: Callable[[FederatedC
         # federation whose LR ended near zero is not then trained a whole epoch at its peak LR.
         decay = None if config.round_schedule == "constant" else config.round_schedule
         if int(settings["personalise-epochs"]) > 0:
-            # Fine-tune the global model on this client's data; keep it only if its validation accuracy
-            # improves (model selection on the client's validation split, never its test split).
-            before = local_evaluate(local, split["val"], classes)["accuracy"]
-            local_train(local, split, classes, int(settings["personalise-epochs"]), description=f"client {index} personalise",
-                        seed=training_seed(local.run_config.seed, index, PERSONALISE_PHASE), schedule=decay,
-                        adjust_logits=False)
-            kept = local_evaluate(local, split["val"], classes)["accuracy"] >= before
-            scores["personalised"] = local_evaluate(local, split["test"], classes)["accuracy"] if kept else scores["global"]
-            scores["personalisation_kept"] = int(kept)
+            # Fine-tune the global model on this client's data at each LR factor; keep the one whose validation
+            # accuracy is best, and only if it does not drop below the global model's (model selection on the
+            # client's validation split, never its test split; a tie between factors goes to the first).
+            start = copy.deepcopy(local.model.state_dict())
+            best = local_evaluate(local, split["val"], classes)["accuracy"]
+            scores["personalised"], scores["personalisation_kept"] = scores["global"], 0
+            for factor in config.personalise_lr_factors:
+                local.model.load_state_dict(start)
+                local_train(local, split, classes, int(settings["personalise-epochs"]), lr_factor=factor,
+                            description=f"client {index} personalise", schedule=decay, adjust_logits=False,
+                            seed=training_seed(local.run_config.seed, index, PERSONALISE_PHASE))
+                val = local_evaluate(local, split["val"], classes)["accuracy"]
+                if val > best or (val == best and not scores["personalisation_kept"]):
+                    best = val
+                    scores["personalised"] = local_evaluate(local, split["test"], classes)["accuracy"]
+                    scores["personalisation_kept"], scores["personalisation_lr_factor"] = 1, factor
         if int(settings["local-only-epochs"]) > 0:
             load_exchanged(local, None)  # from the pretrained weights, its own data only
             # Its LR decays over its epochs as the federation's did over its rounds (if it did).

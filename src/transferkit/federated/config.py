@@ -73,6 +73,9 @@ class FederatedConfig:
     min_clients: int | None = None
     personal: str = "none"  # what each client keeps to itself between rounds (federated/personal.py)
     personalise_epochs: int = 1
+    # Multiples of the recipe's LR the report's personalisation tries, each from the global model; each client keeps
+    # the one its own validation split scores best (or the global model, if every one drops its validation accuracy).
+    personalise_lr_factors: list[float] = field(default_factory=lambda: [1.0])
     client_optimizer_state: str = "reset"  # reset each round, or keep the moments on the client (optimizer_state.py)
     round_schedule: str = "constant"  # how the clients' LR decays across rounds (``round_lr_factor``)
     local_only: bool = True
@@ -89,7 +92,7 @@ class FederatedConfig:
 
     OPTIONS = ("partitioner", "num_clients", "alpha", "classes_per_client", "aggregator", "proximal_mu", "trimmed_beta",
                "krum_malicious", "server_lr", "server_momentum", "max_rounds", "local_epochs", "min_delta", "round_patience",
-               "fraction_train", "min_clients", "personal", "personalise_epochs", "client_optimizer_state", "round_schedule", "local_only", "client_cpus", "poisoned_clients",
+               "fraction_train", "min_clients", "personal", "personalise_epochs", "personalise_lr_factors", "client_optimizer_state", "round_schedule", "local_only", "client_cpus", "poisoned_clients",
                "poison_scale", "round_timeout_s", "dp_clipping_norm", "dp_epsilon", "dp_delta", "dp_sensitivity")
 
     def __post_init__(self) -> None:
@@ -127,7 +130,7 @@ class FederatedConfig:
         """How long the server waits for the clients' final reports. A report trains ``personalise_epochs`` and
         the local-only baseline's epochs besides evaluating, several rounds' work, so it gets the round timeout
         once for the evaluation plus once per round's worth of that training."""
-        training = self.personalise_epochs + self.local_only_epochs(rounds_done)
+        training = self.personalise_epochs * len(self.personalise_lr_factors) + self.local_only_epochs(rounds_done)
         return self.round_timeout_s * (1 + training / self.local_epochs)
 
     def validate(self) -> None:
@@ -165,6 +168,9 @@ class FederatedConfig:
             raise UserError(f"{source}: 'round_schedule' is '{self.round_schedule}': choose one of {', '.join(ROUND_SCHEDULES)}")
         if self.personalise_epochs < 0:
             raise UserError(f"{source}: 'personalise_epochs' is {self.personalise_epochs}: it must be >= 0")
+        if not self.personalise_lr_factors or not all(f > 0 for f in self.personalise_lr_factors):
+            raise UserError(f"{source}: 'personalise_lr_factors' is {self.personalise_lr_factors}: give one or more "
+                            f"positive multiples of the LR, e.g. 1,0.1")
         if not 0 < self.fraction_train <= 1:
             raise UserError(f"{source}: 'fraction_train' is {self.fraction_train}: it must be in (0, 1]")
         if self.round_patience is not None and self.round_patience < 1:
@@ -249,7 +255,7 @@ class FederatedConfig:
                     options[key] = value if isinstance(value, bool) else str(value).lower() in ("true", "1", "yes")
                 elif kind.startswith("list"):
                     items = value if isinstance(value, list) else [v for v in str(value).split(",") if v.strip()]
-                    options[key] = [int(v) for v in items]
+                    options[key] = [float(v) if "float" in kind else int(v) for v in items]
             except (TypeError, ValueError):
                 raise UserError(f"{source}: '{key}' is {value!r}, which is not a valid {kind.split('[')[0].split(' ')[0]}") from None
         for key in ("train", "test", "text_column", "image_column", "label_column"):
