@@ -369,16 +369,35 @@ def test_a_client_missing_a_class_pushes_its_logit_down_less_with_logit_adjustme
     assert pos_margin(logit_adjustment=1.0, adjust=False) == plain
 
 
+def client_report(config, split) -> dict:
+    """The client's final report (personalisation, local-only baseline), from its query handler registered on a
+    stand-in ClientApp: one client holding ``split``, classes neg and pos, one epoch of each fine-tune."""
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    from transferkit.federated import apps
+
+    class App:  # collects the handlers as Flower's ClientApp decorators do
+        handlers = {}
+
+        def __getattr__(self, kind):
+            return lambda: (lambda handler: self.handlers.setdefault(kind, handler))
+
+    app = App()
+    apps.add_client_handlers(app, lambda message, context: (config, ["neg", "pos"], 0, split), lambda *unused: None)
+    settings = ConfigRecord({"personalise-epochs": 1, "local-only-epochs": 1, **apps.classes_record(["neg", "pos"])})
+    message = Message(RecordDict({"config": settings}), dst_node_id=1, message_type=MessageType.QUERY)
+    message.metadata.__dict__["_message_id"] = "1"
+    return app.handlers["query"](message, SimpleNamespace(state=RecordDict())).content["metrics"]
+
+
 @pytest.mark.parametrize("round_schedule", ["constant", "cosine"])
 def test_the_reports_personalisation_and_local_only_runs_decay_as_the_rounds_did(tiny_bert_dir, tmp_path, monkeypatch,
                                                                                 round_schedule):
     """With a decay across rounds the federation ends near LR 0; the report's own fine-tunes (personalisation of the
     global model, the local-only baseline) then decay over their epochs too, instead of a whole epoch at the peak
     LR (on Fashion-MNIST under label skew: personalisation kept by 3 of 5 clients instead of none)."""
-    from types import SimpleNamespace
-
-    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-
     from transferkit.data.readers import read_examples
     from transferkit.federated import apps
     from transferkit.federated.local import held_out_split
@@ -396,21 +415,10 @@ def test_the_reports_personalisation_and_local_only_runs_decay_as_the_rounds_did
 
     monkeypatch.setattr(apps, "local_train", local_train)
 
-    class App:  # collects the handlers as Flower's ClientApp decorators do
-        handlers = {}
-
-        def __getattr__(self, kind):
-            return lambda: (lambda handler: self.handlers.setdefault(kind, handler))
-
-    app = App()
-    apps.add_client_handlers(app, lambda message, context: (config, ["neg", "pos"], 0, split), lambda *unused: None)
-    settings = ConfigRecord({"personalise-epochs": 1, "local-only-epochs": 1, **apps.classes_record(["neg", "pos"])})
-    message = Message(RecordDict({"config": settings}), dst_node_id=1, message_type=MessageType.QUERY)
-    message.metadata.__dict__["_message_id"] = "1"
-    reply = app.handlers["query"](message, SimpleNamespace(state=RecordDict()))
+    metrics = client_report(config, split)
     expected = None if round_schedule == "constant" else round_schedule
     assert schedules == [("personalise", expected), ("local-only", expected)]
-    assert {"personalised", "local_only", "global"} <= set(reply.content["metrics"])
+    assert {"personalised", "local_only", "global"} <= set(metrics)
 
 
 @pytest.mark.parametrize("val, kept_factor", [
@@ -420,10 +428,6 @@ def test_the_reports_personalisation_and_local_only_runs_decay_as_the_rounds_did
 ])
 def test_personalisation_tries_each_lr_factor_from_the_global_model_and_keeps_the_best_on_validation(
         tiny_bert_dir, tmp_path, monkeypatch, val, kept_factor):
-    from types import SimpleNamespace
-
-    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-
     from transferkit.data.readers import read_examples
     from transferkit.federated import apps
     from transferkit.federated.local import held_out_split
@@ -455,18 +459,7 @@ def test_personalisation_tries_each_lr_factor_from_the_global_model_and_keeps_th
     monkeypatch.setattr(apps, "local_train", local_train)
     monkeypatch.setattr(apps, "local_evaluate", local_evaluate)
 
-    class App:  # collects the handlers as Flower's ClientApp decorators do
-        handlers = {}
-
-        def __getattr__(self, kind):
-            return lambda: (lambda handler: self.handlers.setdefault(kind, handler))
-
-    app = App()
-    apps.add_client_handlers(app, lambda message, context: (config, ["neg", "pos"], 0, split), lambda *unused: None)
-    settings = ConfigRecord({"personalise-epochs": 1, "local-only-epochs": 1, **apps.classes_record(["neg", "pos"])})
-    message = Message(RecordDict({"config": settings}), dst_node_id=1, message_type=MessageType.QUERY)
-    message.metadata.__dict__["_message_id"] = "1"
-    metrics = app.handlers["query"](message, SimpleNamespace(state=RecordDict())).content["metrics"]
+    metrics = client_report(config, split)
     assert [factor for factor, _ in starts[:2]] == [1.0, 0.1]
     assert torch.equal(starts[0][1], starts[1][1])  # both factors started from the global model
     assert metrics["personalisation_kept"] == int(kept_factor is not None)
