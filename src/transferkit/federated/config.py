@@ -18,7 +18,8 @@ or one dataset per client (each client a different domain)::
 
 and for both: ``aggregator`` (fedavg, fedprox, fedadam, fedmedian, fedtrimmedavg, krum), ``max_rounds``,
 ``local_epochs``, ``patience``/``min_delta`` over rounds, ``personal`` (none, head: FedPer, batchnorm: FedBN),
-``personalise_epochs``, ``client_optimizer_state`` (reset: a fresh AdamW each round; keep: each client keeps its
+``personalise_epochs`` and ``personalise_lr_factors`` (the report's personalisation, each factor tried and the
+best on each client's validation kept), ``client_optimizer_state`` (reset: a fresh AdamW each round; keep: each client keeps its
 AdamW moments between rounds), ``round_schedule`` (how the clients' LR decays across rounds: linear, cosine,
 exponential or constant).
 """
