@@ -11,7 +11,6 @@ data alone (local-only), all on its held-out test split.
 from __future__ import annotations
 
 import copy
-
 import json
 import time
 from pathlib import Path

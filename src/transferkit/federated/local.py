@@ -273,14 +273,14 @@ def local_train(local: LocalModel, split: dict[str, Examples], classes: list[str
     unknown = sorted(set(split["train"].labels) - set(classes))
     if unknown:
         raise UserError(f"client labels {unknown[:5]} are not classes of the global model")
+    labels = encode_labels(split["train"].labels, classes)
     # Balanced weights come from this client's own label counts: under label skew they keep its majority
     # classes from pulling the shared head towards them every round.
-    weight = (balanced_class_weights(encode_labels(split["train"].labels, classes), len(classes))
-              if config.class_weights == "balanced" else None)
+    weight = balanced_class_weights(labels, len(classes)) if config.class_weights == "balanced" else None
     # The logit-adjusted loss uses this client's label counts too (FedLC): a class the client rarely or never
     # sees is explained by its prior, so its updates stop pushing that class's logit down in the shared head.
     # It acts through the gradients' size, so under SGD; AdamW's per-parameter scaling undoes much of it.
-    offset = (class_log_prior(encode_labels(split["train"].labels, classes), len(classes), config.logit_adjustment)
+    offset = (class_log_prior(labels, len(classes), config.logit_adjustment)
               if adjust_logits and config.logit_adjustment is not None else None)
     objective = CrossEntropyObjective(label_smoothing=config.label_smoothing, weight=weight, logit_offset=offset)
     if proximal_mu > 0:

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .supervised import cross_entropy
+
 ADAPTATION_METHODS: dict[str, type["AdaptationMethod"]] = {}
 
 
@@ -281,8 +283,7 @@ class DomainAdaptationObjective:
     def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         fs = model.backbone(**batch["inputs"])
         logits_s = model.head(fs)
-        weight = None if self.class_weight is None else self.class_weight.to(logits_s.device)
-        loss = F.cross_entropy(logits_s.float(), batch["labels"], weight=weight, label_smoothing=self.label_smoothing)
+        loss = cross_entropy(logits_s, batch["labels"], self.class_weight, self.label_smoothing)
         if self.method.needs_target and torch.is_grad_enabled():
             coefficient = self.weight * ramp(self.step / self.total_steps)
             ft = model.backbone(**self.target.next())

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .supervised import cross_entropy
 
 
 class MixupObjective:
@@ -29,9 +30,7 @@ class MixupObjective:
         self.logit_offset = logit_offset
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        weight = None if self.weight is None else self.weight.to(logits.device)
-        adjusted = logits.float() if self.logit_offset is None else logits.float() + self.logit_offset.to(logits.device)
-        return F.cross_entropy(adjusted, labels, weight=weight, label_smoothing=self.label_smoothing)
+        return cross_entropy(logits, labels, self.weight, self.label_smoothing, self.logit_offset)
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, labels = batch["inputs"], batch["labels"]

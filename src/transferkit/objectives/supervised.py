@@ -21,10 +21,18 @@ class CrossEntropyObjective:
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(**batch["inputs"])
-        weight = None if self.weight is None else self.weight.to(logits.device)
-        adjusted = logits.float() if self.logit_offset is None else logits.float() + self.logit_offset.to(logits.device)
-        loss = F.cross_entropy(adjusted, batch["labels"], weight=weight, label_smoothing=self.label_smoothing)
-        return loss, logits
+        return cross_entropy(logits, batch["labels"], self.weight, self.label_smoothing, self.logit_offset), logits
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None,
+                  label_smoothing: float = 0.0, logit_offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy in float32 on ``logits + logit_offset``, with optional class weights and label smoothing:
+    the loss every supervised objective here takes."""
+    logits = logits.float()
+    if logit_offset is not None:
+        logits = logits + logit_offset.to(logits.device)
+    return F.cross_entropy(logits, labels, weight=None if weight is None else weight.to(logits.device),
+                           label_smoothing=label_smoothing)
 
 
 def balanced_class_weights(labels, num_classes: int) -> torch.Tensor:
